@@ -146,7 +146,7 @@ def torch_bwd(
     upstream gradients. Returns ``(dX [N,H], dW [V,H], db [V])`` in the input dtypes, each
     None where ``needs_grad`` says so. Ignored rows get exactly zero gradient.
     """
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     dev, f32 = hidden.device, torch.float32
     dx = torch.zeros(hidden.shape, dtype=f32, device=dev) if needs_grad[0] else None
     dw = torch.zeros(weight.shape, dtype=f32, device=dev) if needs_grad[1] else None

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import fused, grads_of, make_problem, reference, rel_rms
 
+from kernel_helpers import fused, grads_of, make_problem, reference, rel_rms
 from prefix_rft.kernels import linear_logprob_entropy
 from prefix_rft.kernels.reference import torch_bwd, torch_fwd
 
