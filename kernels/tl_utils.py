@@ -1,0 +1,49 @@
+"""Shared ``tl`` helpers of the Triton kernels (house rule: one file, CCE style).
+
+Every helper is a ``@triton.jit`` function inlined into its caller kernel.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tl_max_nan(a, b):
+    """Elementwise max that returns NaN when either side is NaN (``tl.maximum`` default drops it)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def tl_row_max(z):
+    """``z.max(dim=1)`` of a 2-D fp32 tile, NaN-propagating (``tl.max`` would drop NaN)."""
+    return tl.reduce(z, 1, tl_max_nan)
+
+
+@triton.jit
+def tl_logit_tile(
+    x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H,
+    stride_xn, stride_xk, stride_wv, stride_wk, inv_temp,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """fp32 ``(x[rows] @ w[cols].T + b[cols]) * inv_temp`` as a ``[BLOCK_N, BLOCK_V]`` tile.
+
+    Rows outside ``row_mask`` read x as 0 (so NaN in ignored rows cannot leak into shared
+    gradients), columns outside ``col_mask`` read w and b as 0; the caller masks them.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < H
+        x = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    return acc * inv_temp
