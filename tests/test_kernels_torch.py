@@ -15,7 +15,11 @@ FP32_TOL = 1e-5
 
 
 def check_against_fp64(n, h, v, *, temperature=1.0, with_bias=False, ignore_frac=0.2,
-                       grads=("lp", "ent"), impl="torch", seed=0, tol=FP32_TOL):
+                       grads=("lp", "ent"), impl="torch", seed=0, tol=FP32_TOL,
+                       allow_fp32_torch_error=False):
+    """Kernel vs fp64 truth. With ``allow_fp32_torch_error`` the bound is the house rule
+    err(kernel) <= err(fp32 full-logits torch) + tol, for degenerate random cases (e.g. one
+    row with a near-one-hot softmax, where fp32 log(sum) itself loses the tiny entropy)."""
     hidden, weight, labels, bias = make_problem(n, h, v, with_bias=with_bias,
                                                 ignore_frac=ignore_frac, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -26,11 +30,17 @@ def check_against_fp64(n, h, v, *, temperature=1.0, with_bias=False, ignore_frac
                                  weight.double(), None if bias is None else bias.double(),
                                  g_lp, g_ent)
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (n,)
-    assert rel_rms(lp, lp64) <= tol, rel_rms(lp, lp64)
-    assert rel_rms(ent, ent64) <= tol, rel_rms(ent, ent64)
-    for name, a, e in zip(("dX", "dW", "db"), got, want):
+    bounds = [tol] * 5
+    if allow_fp32_torch_error:
+        lp32, ent32, ref32 = grads_of(reference(labels, temperature, torch.float32), hidden,
+                                      weight, bias, g_lp, g_ent)
+        bounds = [tol + rel_rms(a, e) if e is not None else tol
+                  for a, e in zip((lp32, ent32, *ref32), (lp64, ent64, *want))]
+    assert rel_rms(lp, lp64) <= bounds[0], rel_rms(lp, lp64)
+    assert rel_rms(ent, ent64) <= bounds[1], rel_rms(ent, ent64)
+    for name, a, e, bound in zip(("dX", "dW", "db"), got, want, bounds[2:]):
         if e is not None:
-            assert rel_rms(a, e) <= tol, (name, rel_rms(a, e))
+            assert rel_rms(a, e) <= bound, (name, rel_rms(a, e))
     ignored = labels == -100
     assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
     assert (got[0][ignored] == 0).all(), "ignored rows must receive no gradient"
@@ -141,7 +151,8 @@ def test_custom_ignore_index_and_int32_labels():
 @given(n=st.integers(1, 40), h=st.integers(1, 24), v=st.integers(1, 90),
        temperature=st.floats(0.3, 2.0), with_bias=st.booleans(), seed=st.integers(0, 1000))
 def test_property_random_shapes(n, h, v, temperature, with_bias, seed):
-    check_against_fp64(n, h, v, temperature=temperature, with_bias=with_bias, seed=seed)
+    check_against_fp64(n, h, v, temperature=temperature, with_bias=with_bias, seed=seed,
+                       allow_fp32_torch_error=True)
 
 
 def _bad(**overrides):
