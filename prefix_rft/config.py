@@ -1,0 +1,463 @@
+"""Run configuration: one dataclass per area, YAML file + dotted CLI overrides.
+
+    cfg = load_config("configs/demo.yaml", ["--loss.clip_high=0.28", "--train.steps=3"])
+    save_config(cfg, run_dir / "config.yaml")      # the resolved config of the run
+
+Every field carries a comment with its unit or sentinel. ``load_config`` type-converts
+overrides from the field types (lists and nulls in YAML syntax: ``--data.train_files=[a,b]``,
+``--loss.clip_c=null``), rejects unknown keys naming close matches, fills the sentinels
+(``resolve_config``) and validates: a bad value is a one-line ``ValueError`` naming the
+field and what is allowed. Defaults follow DESIGN §3 (the paper's settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The paper's (and verl's MATH preprocessing's) instruction, appended to the question.
+DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local HF model directory (required to train); never a hub name
+    tokenizer_path: str = ""  # local tokenizer directory; "" = model.path
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    gradient_checkpointing: bool = True  # recompute decoder layers in backward
+    liger: str = "auto"  # auto (when liger-kernel is installed and on CUDA) | true | false
+    trust_remote_code: bool = False  # passed to from_pretrained; keep off unless needed
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # local .jsonl/.parquet files or saved dirs
+    format: str = "auto"  # auto (by extension / directory) | jsonl | parquet | disk
+    schema: str = "flat"  # flat (problem/solution/answer) | verl (prompt/target/reward_model)
+    problem_key: str = "problem"  # flat: question text
+    solution_key: str = "solution"  # flat: demonstration text (the expert's response)
+    answer_key: str = "answer"  # flat: gold final answer
+    prompt_key: str = "prompt"  # verl: list of chat messages; the last user message is the question
+    target_key: str = "target"  # verl: list of demonstration messages (assistant content)
+    ground_truth_key: str = "reward_model.ground_truth"  # verl: dotted path to the gold answer
+    instruction: str = DEFAULT_INSTRUCTION  # appended to the question after a space; "" = none
+    system_prompt: str | None = None  # None = the dataset's own (verl) / none (flat); "" = none
+    max_prompt_tokens: int = 1024  # templated prompt length limit, tokens
+    overlong_prompts: str = "skip"  # skip (counted in the summary) | error
+    max_rows: int = 0  # read at most this many rows per file; 0 = all
+    shuffle: bool = True  # reshuffle the sampler every epoch
+    seed: int | None = None  # sampler seed; None = train.seed
+
+
+@dataclass
+class PrefixConfig:
+    schedule: str = "cosine"  # cosine | linear | constant (= uniform: low stays at end)
+    start: float = 0.95  # low bound of the prefix ratio at step 0, fraction of the demonstration
+    end: float = 0.05  # low bound after decay_steps, fraction
+    high: float = 0.95  # upper bound of the prefix ratio, fraction
+    decay_steps: int = 0  # T of the schedule, steps; 0 = train.steps
+    beta_alpha: float = 1.0  # ratio ~ low + (high - low) * Beta(alpha, beta); (1, 1) = uniform
+    beta_beta: float = 1.0
+    min_prefix_tokens: int = 1  # lower clamp of the prefix length, tokens
+    num_prefixed: int = 1  # hybrid rollouts per group; forced to 0 for loss.algo = rft
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf (built-in generate) | vllm
+    group_size: int = 8  # rollouts per question (G), hybrids included
+    temperature: float = 1.0  # sampling temperature; the loss uses the same value
+    top_p: float = 1.0  # nucleus sampling, (0, 1]; 1.0 = off
+    top_k: int = 0  # 0 = off
+    max_response_tokens: int = 8192  # response cap incl. prefix, tokens; also Dr. GRPO's L_max
+    gpu_memory_utilization: float = 0.4  # vllm: share of GPU memory for weights + KV cache
+    enforce_eager: bool = False  # vllm: no CUDA graphs (slower, less memory, faster start)
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine
+    hf_batch_size: int = 0  # hf engine: sequences generated together; 0 = all at once
+    seed: int | None = None  # sampling seed; None = train.seed
+
+
+@dataclass
+class LossConfig:
+    algo: str = "prefix_rft"  # sft | rft | prefix_rft
+    clip_low: float = 0.2  # PPO ratio clip 1 - clip_low
+    clip_high: float = 0.2  # PPO ratio clip 1 + clip_high (clip-higher allowed)
+    clip_c: float | None = None  # dual clip constant (> 1, e.g. 3.0); None = off
+    entropy_top_fraction: float = 0.2  # prefix tokens kept by entropy, fraction in (0, 1]
+    entropy_mask_scope: str = "micro_batch"  # micro_batch (official code) | mini_batch
+    entropy_coef: float = 0.0  # entropy bonus on continuation tokens; 0 = off
+    kl_coef: float = 0.0  # KL penalty coefficient; 0 = off (no reference model)
+    baseline: str = "group"  # group (all G rewards) | on_policy (official code's variant)
+    kernel_impl: str = "auto"  # fused logprob/entropy: auto (triton on CUDA) | torch | triton
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6  # AdamW peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    warmup_steps: int = 0  # linear warmup from 0, optimizer steps
+    lr_schedule: str = "constant"  # constant | cosine (to min_lr_ratio at the last step)
+    min_lr_ratio: float = 0.0  # cosine floor, fraction of lr
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500  # training steps (one rollout batch each)
+    prompts_per_step: int = 64  # questions per step, global (each gives group_size rollouts)
+    mini_batch_size: int = 0  # questions per optimizer step, global; 0 = prompts_per_step
+    micro_batch_tokens: int = 16384  # token budget of one forward/backward per rank
+    ppo_epochs: int = 1  # passes over each step's rollouts
+    seed: int = 0  # global seed (model init, sampling, data order)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    run_dir: str = "runs/prefix-rft"  # config, metrics, checkpoints, plots go here
+    max_steps_per_run: int = 0  # stop (after checkpointing) after this many steps; 0 = no limit
+
+
+@dataclass
+class LogConfig:
+    every: int = 1  # log metrics every N steps
+    tensorboard: str = "auto"  # auto (when installed) | true | false
+    plots: bool = True  # PNG plots in the run directory at the end
+    progress: bool = True  # progress bar with ETA
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # save every N steps; 0 = only at the end / on a signal
+    keep_last: int = 2  # keep the newest K checkpoints; 0 = keep all
+    resume: str = "none"  # none | auto (latest in train.run_dir) | a checkpoint directory
+    save_final: bool = True  # final model as a plain HF directory (run_dir/final)
+
+
+@dataclass
+class EvalConfig:
+    files: list[str] = field(default_factory=list)  # benchmark jsonl files (flat schema)
+    every: int = 0  # evaluate during training every N steps; 0 = never
+    k: int = 1  # samples per question during training (prefix-rft eval uses --k)
+    temperature: float = 0.6  # sampling temperature
+    top_p: float = 0.95  # nucleus sampling
+    max_response_tokens: int = 0  # tokens; 0 = rollout.max_response_tokens
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# section name -> its dataclass, e.g. "loss" -> LossConfig
+SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
+
+# Allowed values of the string fields that are choices (validated in validate_config).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("auto", "fp32", "bf16"),
+    "model.attn_implementation": ("sdpa", "flash_attention_2", "eager"),
+    "model.liger": ("auto", "true", "false"),
+    "data.format": ("auto", "jsonl", "parquet", "disk"),
+    "data.schema": ("flat", "verl"),
+    "data.overlong_prompts": ("skip", "error"),
+    "prefix.schedule": ("cosine", "linear", "constant", "uniform"),
+    "rollout.engine": ("hf", "vllm"),
+    "loss.algo": ("sft", "rft", "prefix_rft"),
+    "loss.entropy_mask_scope": ("micro_batch", "mini_batch"),
+    "loss.baseline": ("group", "on_policy"),
+    "loss.kernel_impl": ("auto", "torch", "triton"),
+    "optim.lr_schedule": ("constant", "cosine"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "log.tensorboard": ("auto", "true", "false"),
+}
+
+
+# ---------------------------------------------------------------- conversion
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``"loss.clip_high"``."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown_key_error(key: str) -> ValueError:
+    candidates = all_keys() if "." in key else list(SECTIONS)
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    if not close and "." in key:  # a right field name under the wrong section
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in candidates if k.rsplit(".", 1)[-1] == leaf]
+    hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _field_type(section: str, name: str) -> Any:
+    return typing.get_type_hints(SECTIONS[section])[name]
+
+
+def _bad(key: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"{key} must be {expected}, got {value!r}")
+
+
+def _coerce_scalar(key: str, tp: Any, value: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise _bad(key, "true or false", value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:  # "1e3" or 1000.0 are fine as long as they are whole numbers
+            number = float(value) if isinstance(value, (str, float)) else None
+        except ValueError:
+            number = None
+        if number is not None and number.is_integer():
+            return int(number)
+        raise _bad(key, "an integer", value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _bad(key, "a number", value)
+    if tp is str:
+        if isinstance(value, bool):  # `liger: true` in YAML is a bool; the field is a choice
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise _bad(key, "a string", value)
+    raise TypeError(f"config field {key} has an unsupported type {tp!r}")
+
+
+def coerce_value(key: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (parsed YAML) to the field type ``tp``; ValueError names ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce_value(key, inner[0], value)
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single file name is a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise _bad(key, "a list", value)
+        return [coerce_value(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if value is None:
+        raise _bad(key, f"a {getattr(tp, '__name__', tp)} (not null)", value)
+    return _coerce_scalar(key, tp, value)
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise _unknown_key_error(key)
+    names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    if name not in names:
+        raise _unknown_key_error(key)
+    setattr(getattr(cfg, section), name, coerce_value(key, _field_type(section, name), value))
+
+
+def config_from_dict(raw: dict[str, Any] | None, base: Config | None = None) -> Config:
+    """Build a Config from ``{section: {field: value}}``, starting from ``base`` (defaults)."""
+    cfg = base if base is not None else Config()
+    if raw is None:
+        return cfg
+    if not isinstance(raw, dict):
+        raise ValueError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise _unknown_key_error(str(section))
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """``{section: {field: value}}`` with plain Python values (YAML/JSON serializable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _is_text_field(key: str) -> bool:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        return False
+    tp = _field_type(section, name)
+    return tp is str or tp == (str | None)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"--loss.clip_high=0.28"`` -> ``("loss.clip_high", 0.28)``.
+
+    The value is read as YAML (``[a, b]`` lists, ``null``), except for text fields, which
+    take the text literally (an instruction may contain ``:`` or ``{}``); ``null``/``none``
+    still clear an optional text field and matching outer quotes are removed.
+    """
+    import yaml
+
+    body = text[2:] if text.startswith("--") else text
+    key, sep, raw = body.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        raise ValueError(f"override must look like --section.field=value, got {text!r}")
+    if _is_text_field(key):
+        if raw.lower() in ("null", "none", "~"):
+            return key, None
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            raw = raw[1:-1]
+        return key, raw
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {key}: cannot parse value {raw!r} ({err.problem})") from None
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``--section.field=value`` strings in order (a later one wins)."""
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    return cfg
+
+
+# ---------------------------------------------------------------- resolve + validate
+def resolve_config(cfg: Config) -> Config:
+    """Fill the sentinels that point at other fields, so the saved config says what ran."""
+    if cfg.data.seed is None:
+        cfg.data.seed = cfg.train.seed
+    if cfg.rollout.seed is None:
+        cfg.rollout.seed = cfg.train.seed
+    if cfg.prefix.decay_steps == 0:
+        cfg.prefix.decay_steps = cfg.train.steps
+    if cfg.train.mini_batch_size == 0:
+        cfg.train.mini_batch_size = cfg.train.prompts_per_step
+    if cfg.eval.max_response_tokens == 0:
+        cfg.eval.max_response_tokens = cfg.rollout.max_response_tokens
+    if not cfg.model.tokenizer_path:
+        cfg.model.tokenizer_path = cfg.model.path
+    if cfg.loss.algo == "rft":  # plain RFT has no demonstration prefixes by definition
+        cfg.prefix.num_prefixed = 0
+    return cfg
+
+
+def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+                 *, lo_open: bool = False, hi_open: bool = False) -> None:
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ValueError(f"{key} must be in {span}, got {value!r}")
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check every field; raise a one-line ValueError naming the first bad one."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {'|'.join(allowed)}, got {value!r}")
+    m, d, p, r, lo, o, t = cfg.model, cfg.data, cfg.prefix, cfg.rollout, cfg.loss, cfg.optim, cfg.train
+    for key, value in [
+        ("data.max_prompt_tokens", d.max_prompt_tokens), ("rollout.group_size", r.group_size),
+        ("rollout.max_response_tokens", r.max_response_tokens),
+        ("rollout.tensor_parallel_size", r.tensor_parallel_size), ("train.steps", t.steps),
+        ("train.prompts_per_step", t.prompts_per_step), ("train.ppo_epochs", t.ppo_epochs),
+        ("train.micro_batch_tokens", t.micro_batch_tokens), ("log.every", cfg.log.every),
+        ("eval.k", cfg.eval.k), ("prefix.min_prefix_tokens", p.min_prefix_tokens),
+    ]:
+        _check_range(key, value, 1)
+    for key, value in [
+        ("data.max_rows", d.max_rows), ("prefix.decay_steps", p.decay_steps),
+        ("prefix.num_prefixed", p.num_prefixed), ("rollout.top_k", r.top_k),
+        ("rollout.hf_batch_size", r.hf_batch_size), ("optim.warmup_steps", o.warmup_steps),
+        ("train.mini_batch_size", t.mini_batch_size), ("train.max_steps_per_run", t.max_steps_per_run),
+        ("checkpoint.every", cfg.checkpoint.every), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+        ("eval.every", cfg.eval.every), ("eval.max_response_tokens", cfg.eval.max_response_tokens),
+        ("loss.entropy_coef", lo.entropy_coef), ("loss.kl_coef", lo.kl_coef),
+        ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+    ]:
+        _check_range(key, value, 0)
+    for key, value in [("prefix.start", p.start), ("prefix.end", p.end), ("prefix.high", p.high),
+                       ("optim.min_lr_ratio", o.min_lr_ratio)]:
+        _check_range(key, value, 0.0, 1.0)
+    _check_range("prefix.beta_alpha", p.beta_alpha, 0.0, lo_open=True)
+    _check_range("prefix.beta_beta", p.beta_beta, 0.0, lo_open=True)
+    if p.end > p.start:
+        raise ValueError(f"prefix.end must be <= prefix.start ({p.start}), got {p.end}")
+    if p.high < p.start:
+        raise ValueError(f"prefix.high must be >= prefix.start ({p.start}), got {p.high}")
+    if p.num_prefixed > r.group_size:
+        raise ValueError(
+            f"prefix.num_prefixed must be <= rollout.group_size ({r.group_size}), got {p.num_prefixed}")
+    _check_range("rollout.temperature", r.temperature, 0.0, lo_open=True)
+    _check_range("rollout.top_p", r.top_p, 0.0, 1.0, lo_open=True)
+    _check_range("rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0.0, 1.0, lo_open=True)
+    _check_range("eval.temperature", cfg.eval.temperature, 0.0)
+    _check_range("eval.top_p", cfg.eval.top_p, 0.0, 1.0, lo_open=True)
+    _check_range("loss.clip_low", lo.clip_low, 0.0, 1.0, hi_open=True)
+    _check_range("loss.clip_high", lo.clip_high, 0.0)
+    if lo.clip_c is not None:
+        _check_range("loss.clip_c", lo.clip_c, 1.0, lo_open=True)
+    _check_range("loss.entropy_top_fraction", lo.entropy_top_fraction, 0.0, 1.0, lo_open=True)
+    _check_range("optim.lr", o.lr, 0.0, lo_open=True)
+    _check_range("optim.eps", o.eps, 0.0, lo_open=True)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
+    if t.mini_batch_size and t.prompts_per_step % t.mini_batch_size:
+        raise ValueError(f"train.mini_batch_size must divide train.prompts_per_step "
+                         f"({t.prompts_per_step}), got {t.mini_batch_size}")
+    if m.path == "" and m.tokenizer_path:
+        raise ValueError(f"model.path must be set when model.tokenizer_path is, got {m.path!r}")
+    return cfg
+
+
+# ---------------------------------------------------------------- load / save
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file ``path`` (optional) <- ``--section.field=value`` overrides;
+    then sentinels are resolved and every field validated."""
+    cfg = Config()
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        with open(path, encoding="utf-8") as handle:
+            config_from_dict(yaml.safe_load(handle), cfg)
+    apply_overrides(cfg, list(overrides or []))
+    return validate_config(resolve_config(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the config as YAML (sections in dataclass order); returns the path."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    path.write_text(text, encoding="utf-8")
+    return path
