@@ -248,8 +248,8 @@ def _linear_logprob_entropy_bwd_kernel(
         keep = True
         if FILTER:
             # NaN compares false, so a NaN tile is never filtered away.
-            small = tl.abs(dz) < filter_eps
-            keep = tl.sum((~small).to(tl.int32), axis=0) > 0
+            big = tl.where(tl.abs(dz) < filter_eps, 0, 1)
+            keep = tl.sum(tl.sum(big, axis=1), axis=0) > 0
         if keep:
             if NEED_DB:
                 tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_in)

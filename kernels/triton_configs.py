@@ -38,8 +38,8 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "bwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP_N=4, num_warps=4, num_stages=2),
     },
     "interpreter": {
-        "fwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_K=32, num_warps=1, num_stages=1),
-        "bwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_K=32, GROUP_N=2, num_warps=1, num_stages=1),
+        "fwd": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_K=64, num_warps=1, num_stages=1),
+        "bwd": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_K=64, GROUP_N=2, num_warps=1, num_stages=1),
     },
 }
 
