@@ -1,0 +1,270 @@
+"""Atomic checkpoints and exact resume.
+
+Layout of ``run_dir/checkpoints/step_000042/``:
+
+    model.pt        full (unsharded) model state dict, fp32 masters, written by rank 0
+    optimizer.pt    full optimizer state dict keyed by parameter names (DCP state_dict API)
+    scheduler.pt    LR scheduler state dict (when one is given)
+    rng_rank{r}.pt  python / numpy / torch CPU / CUDA RNG states of rank r
+    state.json      {"step", "world_size", "sampler", "extra"}: JSON, human-readable
+
+A checkpoint is written into ``.tmp-step_000042`` and renamed into place only when every
+file is complete, so a kill mid-write leaves the previous checkpoint as the latest;
+leftover ``.tmp-*`` directories are ignored by ``find_latest`` and removed by the next save.
+Under FSDP2 every rank must call ``save_checkpoint`` / ``load_checkpoint`` /
+``save_hf_model`` (they gather and scatter the full state dicts collectively).
+
+    stop = install_signal_handlers()               # SIGTERM/SIGINT -> flag, not death
+    for step in ...:
+        ...
+        if step % every == 0 or stop_requested(stop):
+            save_checkpoint(run_dir, step, model=model, optimizer=opt, scheduler=sched,
+                            sampler_state=sampler.state_dict(), extra={"metrics": m},
+                            keep_last=cfg.checkpoint.keep_last)
+        if stop_requested(stop): break
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as D
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# ---------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and (when available) all CUDA generators of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``: the next random draws repeat those after capture."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- finding checkpoints
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``run_dir/checkpoints`` as (step, path), oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and (path / "state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None (for ``--resume auto``)."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """``checkpoint.resume`` -> a checkpoint directory or None.
+
+    ``none``: start fresh. ``auto``: the latest checkpoint in ``run_dir`` (None when there is
+    none yet, so the same command starts or continues a run). Otherwise a path to a
+    checkpoint directory, or to a run directory (its latest checkpoint is used).
+    """
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        return find_latest(run_dir)
+    path = Path(resume)
+    if (path / "state.json").is_file():
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise ValueError(f"checkpoint.resume must be none|auto|a checkpoint or run directory; "
+                         f"no checkpoint found at {str(path)!r}")
+    return latest
+
+
+# ---------------------------------------------------------------- save / load
+def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=D.is_distributed())
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    found = list_checkpoints(run_dir)
+    if keep_last > 0:
+        for _, path in found[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    sampler_state: dict | None = None, extra: dict | None = None,
+                    keep_last: int = 0) -> Path:
+    """Write checkpoint ``step`` atomically; keep only the newest ``keep_last`` (0 = all).
+
+    ``sampler_state`` and ``extra`` must be JSON-serializable. Returns the final directory.
+    Collective under FSDP2 (call on every rank).
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 (0 = keep all), got {keep_last}")
+    root = checkpoint_dir(run_dir)
+    final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
+    meta = {"step": step, "world_size": D.get_world_size(), "sampler": sampler_state,
+            "extra": extra if extra is not None else {}}
+    meta_text = json.dumps(meta, indent=1)  # fail early on non-JSON data, before any write
+    if D.is_main():
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    D.barrier()
+    torch.save(capture_rng_state(), tmp / f"rng_rank{D.get_rank()}.pt")
+    model_state = D.gather_full_state_dict(model)  # collective
+    optim_state = _full_optimizer_state(model, optimizer) if optimizer is not None else None
+    if D.is_main():
+        torch.save(model_state, tmp / "model.pt")
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(meta_text)  # last: marks the directory complete
+    D.barrier()
+    if D.is_main():
+        if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _prune(Path(run_dir), keep_last)
+    D.barrier()
+    return final
+
+
+def _load_model_state(model: nn.Module, path: Path) -> None:
+    if not D.is_fsdp(model):
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # Only rank 0 reads the file; FSDP2 scatters the shards (no N copies in host memory).
+    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if D.is_main() else {}
+    set_model_state_dict(model, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+
+
+def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    broadcast = D.is_distributed()
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
+        if (D.is_main() or not broadcast) else {}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=broadcast))
+
+
+def load_checkpoint(path: str | Path, *, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote into the given objects (model already wrapped
+    the same way, optimizer built over its parameters); returns ``{"step", "sampler",
+    "extra", "world_size"}``. RNG states are restored last, so the draws after loading repeat
+    those after saving. Collective under FSDP2.
+    """
+    path = Path(path)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise ValueError(f"path must be a checkpoint directory with state.json, got {str(path)!r}")
+    meta = json.loads(state_file.read_text())
+    _load_model_state(model, path)
+    if optimizer is not None:
+        if not (path / "optimizer.pt").is_file():
+            raise ValueError(f"checkpoint {str(path)!r} has no optimizer.pt to restore")
+        _load_optimizer_state(model, optimizer, path)
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if restore_rng:
+        rng_file = path / f"rng_rank{D.get_rank()}.pt"
+        if rng_file.is_file():  # absent when resuming with more ranks than were saved
+            restore_rng_state(torch.load(rng_file, weights_only=False))
+    return meta
+
+
+# ---------------------------------------------------------------- final HF model
+def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write the model (full weights, safetensors) and tokenizer as a plain HF directory,
+    loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)``. Atomic like checkpoints;
+    collective under FSDP2 (rank 0 writes)."""
+    out_dir = Path(out_dir)
+    state = D.gather_full_state_dict(model)
+    if D.is_main():
+        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    D.barrier()
+    return out_dir
+
+
+# ---------------------------------------------------------------- signals
+@dataclass
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it, checkpoints and exits cleanly."""
+
+    requested: bool = False
+    signals: list[int] = field(default_factory=list)
+
+
+def install_signal_handlers(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> StopFlag:
+    """Turn the first SIGTERM/SIGINT into ``flag.requested = True`` instead of dying (so the
+    loop saves a checkpoint before exiting); a second SIGINT raises KeyboardInterrupt as
+    usual, for an impatient Ctrl-C. Call from the main thread."""
+    flag = StopFlag()
+
+    def handler(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = True
+        flag.signals.append(signum)
+
+    for signum in signums:
+        signal.signal(signum, handler)
+    return flag
+
+
+def stop_requested(flag: StopFlag) -> bool:
+    """True when any rank got a stop signal (all ranks agree, so they stop at the same step).
+    Collective under torchrun: call it at the same point on every rank."""
+    if not D.is_distributed():
+        return flag.requested
+    return D.all_reduce_mean(1.0 if flag.requested else 0.0) > 0.0
