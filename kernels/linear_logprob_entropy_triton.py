@@ -257,20 +257,21 @@ def _linear_logprob_entropy_bwd_kernel(
             # does with its bf16 grad-logits); accumulation stays fp32.
             dz_in = dz.to(x_ptr.dtype.element_ty)
             offs_k = tl.arange(0, BLOCK_K)
+            rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)  # V * H may pass 2^31
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + offs_k
                 k_in = ks < H
                 if NEED_DX:
-                    w_blk = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                    w_blk = tl.load(w_ptr + cols64[:, None] * stride_wv + ks[None, :] * stride_wk,
                                     mask=col_in[:, None] & k_in[None, :], other=0.0)
                     dx_part = tl.dot(dz_in, w_blk, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dx_ptr + rows[:, None] * H + ks[None, :], dx_part,
+                    tl.atomic_add(dx_ptr + rows64[:, None] * H + ks[None, :], dx_part,
                                   mask=valid[:, None] & k_in[None, :])
                 if NEED_DW:
-                    x_blk = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
+                    x_blk = tl.load(x_ptr + rows64[:, None] * stride_xn + ks[None, :] * stride_xk,
                                     mask=valid[:, None] & k_in[None, :], other=0.0)
                     dw_part = tl.dot(tl.trans(dz_in), x_blk, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw_part,
+                    tl.atomic_add(dw_ptr + cols64[:, None] * H + ks[None, :], dw_part,
                                   mask=col_in[:, None] & k_in[None, :])
 
 

@@ -35,12 +35,15 @@ def tl_logit_tile(
     """
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
+    # int64 row offsets: V * H passes 2^31 for vocabularies of 256k at H = 8192.
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wv
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < H
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
+        x = tl.load(x_rows + ks[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+        w = tl.load(w_rows + ks[None, :] * stride_wk,
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
