@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from collections.abc import Sequence
 
@@ -44,7 +45,8 @@ def _check_unit_interval(name: str, value: float) -> None:
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    # numbers.Integral also admits numpy integers (e.g. a step read from a dataloader).
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
@@ -155,7 +157,7 @@ def prefix_length(num_demo_tokens: int, ratio: float, *, min_prefix_tokens: int 
     _check_int("min_prefix_tokens", min_prefix_tokens, 0)
     if num_demo_tokens <= 1:
         return 0
-    return min(max(int(ratio * num_demo_tokens), min_prefix_tokens), num_demo_tokens - 1)
+    return int(min(max(int(ratio * num_demo_tokens), min_prefix_tokens), num_demo_tokens - 1))
 
 
 def _as_id_list(name: str, ids: Sequence[int] | torch.Tensor) -> list[int]:

@@ -101,8 +101,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_module_matches_fp64_reference(case):
+@pytest.mark.parametrize(
+    "case, impl",
+    [(c, "torch") for c in CASES] + [("dual_clip_bonus_temp_bias", "triton")],  # triton: interpreter on CPU
+)
+def test_module_matches_fp64_reference(case, impl):
     spec = CASES[case]
     hidden, weight, ids, rmask, pmask, adv = _batch(1, spec["with_prefix"])
     bias = torch.randn(V) * 0.3 if spec.get("bias") else None
@@ -118,7 +121,7 @@ def test_module_matches_fp64_reference(case):
     ref.backward()
 
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss_fn = PrefixRFTLoss(max_response_tokens=L_MAX, impl="torch", **opts)
+    loss_fn = PrefixRFTLoss(max_response_tokens=L_MAX, impl=impl, **opts)
     loss, metrics = loss_fn(h, w, ids, old, adv, rmask, pmask, bias)
     loss.backward()
 

@@ -49,6 +49,8 @@ def test_cosine_matches_formula_and_linear_is_linear():
 
 @pytest.mark.parametrize("schedule", ["constant", "uniform"])
 def test_constant_schedule_is_fixed_at_end(schedule):
+    np = pytest.importorskip("numpy", reason="numpy step types are optional")
+    assert prefix_low_bound(np.int64(250), decay_steps=500) == pytest.approx(0.5)
     assert {prefix_low_bound(t, schedule=schedule, end=0.2) for t in (0, 5, 10_000)} == {0.2}
 
 
