@@ -256,3 +256,17 @@ def test_logprob_mismatch_against_direct_computation():
         logprob_mismatch([[-1.0, -2.0], [-0.5, -0.1]], trainer, mask)
     with pytest.raises(ValueError):
         logprob_mismatch(engine, trainer, mask.float())
+
+
+def test_benchmark_smoke_runs_hf_engine():
+    """benchmarks/rollout.py --smoke (HF engine only here; the vLLM file covers vLLM)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.rollout import main
+
+    (row,) = main(["--smoke", "--engines", "hf"])
+    extra = dict(item.split("=") for item in row["extra"].split(";"))
+    assert float(extra["tokens_per_s"]) > 0
+    assert float(extra["mismatch_max"]) < 1e-4

@@ -28,8 +28,9 @@
   ``load_weights`` after ``wake()`` must send every tensor). On CPU both are no-ops.
 - Distributed: one engine per rank under torchrun, each on its own ``LOCAL_RANK`` GPU,
   each generating its own share of the prompts (data parallel; no tensor parallelism).
-- Side effects of vLLM in this process: on CPU it binds OpenMP threads and may lower
-  ``torch.get_num_threads()``; the global RNG states it reseeds at start are restored.
+- Side effects of vLLM on this process are undone after start-up: the global RNG states
+  it reseeds, and on CPU the torch thread count it lowers to 1 (and the no-op it installs
+  as ``torch.set_num_threads``). In-process, vLLM pins no OpenMP threads.
 """
 
 from __future__ import annotations
@@ -61,13 +62,17 @@ def _read_json(path: str) -> dict:
         return {}
 
 
-class _RngStatesKept:
-    """Restore python/torch RNG states after vLLM's start-up reseeding."""
+class _ProcessStateKept:
+    """Undo vLLM's start-up side effects on the (shared) trainer process: the reseeded
+    python/torch RNGs, and on CPU the torch thread count it lowers to 1 plus the
+    ``torch.set_num_threads`` it replaces with a no-op."""
 
     def __enter__(self):
         self.python = random.getstate()
         self.torch = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.set_num_threads = torch.set_num_threads
+        self.num_threads = torch.get_num_threads()
         return self
 
     def __exit__(self, *exc):
@@ -75,6 +80,8 @@ class _RngStatesKept:
         torch.set_rng_state(self.torch)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+        torch.set_num_threads = self.set_num_threads
+        torch.set_num_threads(self.num_threads)
         return False
 
 
@@ -141,7 +148,7 @@ class VLLMEngine(RolloutEngine):
         import vllm  # noqa: PLC0415  (only when this engine is chosen)
 
         self._vllm = vllm
-        with _RngStatesKept():
+        with _ProcessStateKept():
             self.llm = vllm.LLM(
                 model=model_dir, skip_tokenizer_init=True, dtype=dtype,
                 gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,

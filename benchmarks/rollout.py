@@ -1,0 +1,216 @@
+"""Rollout throughput: tokens/s of the HF engine and the vLLM engine, plus their log-prob
+mismatch against the trainer.
+
+Workload: ``--prompts`` random prompts of ``--prompt-len`` tokens, ``--n`` samples each, a
+prefix of ``--prefix-len`` tokens on every other prompt (the hybrid rollouts), sampling at
+temperature 1.0 with no stop ids, so every sample generates exactly
+``--max-new-tokens - prefix`` tokens: the same token count for both engines. tokens/s =
+generated (continuation) tokens / wall time of one ``engine.generate`` call, p50 over
+``--repeats`` timed calls after one warm-up call. The engine's start-up is reported
+separately (``startup_s``).
+
+Mismatch: after the timed calls, the last call's samples are re-scored by the "trainer"
+(one unpadded forward per sample + ``linear_logprob_entropy`` at the sampling temperature)
+and ``logprob_mismatch`` gives mean / max |engine - trainer| over continuation tokens.
+
+Models (random init, never downloaded):
+- default: a tiny fp32 Qwen2 on CPU (hidden 256, 4 layers, head_dim 64, vocab 4096);
+- ``--gpu-shape``: a Qwen2.5-1.5B-shaped bf16 model on CUDA (hidden 1536, 28 layers,
+  12/2 heads, vocab 151936, tied embeddings), saved to a temp dir for vLLM.
+
+    python benchmarks/rollout.py                 # tiny model on CPU, both engines
+    python benchmarks/rollout.py --smoke         # seconds; CI
+    python benchmarks/rollout.py --gpu-shape     # on a GPU machine (vLLM if importable)
+
+Rows append to ``benchmarks/results/rollout.csv`` and the CSV renders to ``rollout.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+from benchmarks.results_io import (  # noqa: E402
+    RESULTS_DIR,
+    append_rows,
+    make_row,
+    read_rows,
+    render_markdown,
+)
+
+TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            max_position_embeddings=2048, tie_word_embeddings=False)
+QWEN25_1P5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                   num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                   head_dim=128, max_position_embeddings=32768, tie_word_embeddings=True,
+                   rope_theta=1000000.0, rms_norm_eps=1e-6)
+
+
+def build_model(gpu_shape: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = QWEN25_1P5B if gpu_shape else TINY
+    dtype = torch.bfloat16 if gpu_shape else torch.float32
+    device = "cuda" if gpu_shape else "cpu"
+    config = Qwen2Config(**shape, eos_token_id=2, bos_token_id=1, pad_token_id=0,
+                         initializer_range=0.05, torch_dtype=dtype)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype).eval()
+    return model
+
+
+def make_requests(args, vocab: int):
+    from prefix_rft.rollout import RolloutRequest, SamplingSettings
+
+    gen = torch.Generator().manual_seed(0)
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=args.max_new_tokens)
+    requests = []
+    for i in range(args.prompts):
+        prompt = torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()
+        prefix_len = args.prefix_len if i % 2 == 1 else 0
+        prefix = torch.randint(3, vocab, (prefix_len,), generator=gen).tolist()
+        requests.append(RolloutRequest(prompt, prefix, n=args.n, sampling=sampling))
+    return requests
+
+
+def trainer_mismatch(model, requests, results, temperature: float) -> dict:
+    """Re-score every sample with the trainer's path and compare (see module docstring)."""
+    from prefix_rft.kernels import linear_logprob_entropy
+    from prefix_rft.rollout import continuation_mask_for, logprob_mismatch
+
+    samples = [s for per_request in results for s in per_request]
+    owners = [r for r, per_request in zip(requests, results) for _ in per_request]
+    width = max(len(s.response_ids) for s in samples)
+    trainer = torch.zeros(len(samples), width, dtype=torch.float32)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for b, (request, sample) in enumerate(zip(owners, samples)):
+            ids = torch.tensor([list(request.prompt_ids) + sample.response_ids], device=device)
+            hidden = model.model(input_ids=ids).last_hidden_state[0, :-1]
+            logprob, _ = linear_logprob_entropy(hidden, model.lm_head.weight, ids[0, 1:],
+                                                temperature=temperature)
+            first = len(request.prompt_ids) + sample.prefix_len - 1
+            trainer[b, sample.prefix_len:len(sample.response_ids)] = logprob[first:].float().cpu()
+    return logprob_mismatch([s.logprobs for s in samples], trainer,
+                            continuation_mask_for(samples, width))
+
+
+def build_engine(name: str, model, model_dir: str | None, args):
+    from prefix_rft.rollout import make_engine
+
+    if name == "hf":
+        return make_engine("hf", model, None, eos_token_ids=(), max_batch_rows=args.max_batch_rows)
+    settings = dict(eos_token_ids=(), seed=0,
+                    max_model_len=args.prompt_len + args.max_new_tokens + 16)
+    if torch.cuda.is_available():
+        settings.update(dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization)
+    else:
+        settings.update(dtype="float32")
+    return make_engine("vllm", model_dir, None, **settings)
+
+
+def bench_engine(name: str, model, model_dir, requests, args) -> dict | None:
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as err:
+            print(f"skipping vllm: cannot import it ({err})")
+            return None
+    start = time.perf_counter()
+    engine = build_engine(name, model, model_dir, args)
+    startup_s = time.perf_counter() - start
+    engine.generate(requests[:2])  # warm-up (kernels, allocator)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    samples_ms, results = [], None
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        results = engine.generate(requests)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples_ms.append((time.perf_counter() - start) * 1e3)
+    tokens = sum(len(s.logprobs) for per_request in results for s in per_request)
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    stats = trainer_mismatch(model, requests, results, temperature=1.0)
+    engine.close()
+    p50_s = sorted(samples_ms)[len(samples_ms) // 2] / 1e3
+    return dict(samples_ms=samples_ms, tokens=tokens, tokens_per_s=tokens / p50_s,
+                startup_s=startup_s, peak_mb=peak_mb, **stats)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
+    parser.add_argument("--gpu-shape", action="store_true",
+                        help="Qwen2.5-1.5B-shaped bf16 model on CUDA")
+    parser.add_argument("--smoke", action="store_true", help="tiny workload, no results saved")
+    parser.add_argument("--prompts", type=int, default=None)
+    parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--prompt-len", type=int, default=None)
+    parser.add_argument("--prefix-len", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--max-batch-rows", type=int, default=256)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.6)
+    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "rollout.csv"))
+    args = parser.parse_args(argv)
+    if args.gpu_shape:
+        defaults = dict(prompts=32, n=8, prompt_len=256, prefix_len=128, max_new_tokens=512,
+                        repeats=3)
+    elif args.smoke:
+        defaults = dict(prompts=2, n=2, prompt_len=8, prefix_len=4, max_new_tokens=8,
+                        repeats=1)
+    else:
+        defaults = dict(prompts=16, n=4, prompt_len=32, prefix_len=16, max_new_tokens=64,
+                        repeats=3)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.gpu_shape and not torch.cuda.is_available():
+        parser.error("--gpu-shape needs a CUDA device")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    model = build_model(args.gpu_shape)
+    requests = make_requests(args, model.config.vocab_size)
+    shape = (f"{'qwen2.5-1.5b-shape bf16' if args.gpu_shape else 'tiny-qwen2 fp32 h256 l4 v4096'}"
+             f" prompts={args.prompts} n={args.n} prompt={args.prompt_len} "
+             f"prefix={args.prefix_len}/2 new<={args.max_new_tokens}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rollout_bench_") as model_dir:
+        if "vllm" in args.engines:
+            model.save_pretrained(model_dir)
+        for name in args.engines:
+            result = bench_engine(name, model, model_dir, requests, args)
+            if result is None:
+                continue
+            extra = (f"tokens_per_s={result['tokens_per_s']:.1f};tokens={result['tokens']};"
+                     f"startup_s={result['startup_s']:.1f};"
+                     f"mismatch_mean={result['mismatch_mean']:.2e};"
+                     f"mismatch_max={result['mismatch_max']:.2e}")
+            print(f"{name:5s} {extra}", flush=True)
+            rows.append(make_row("rollout", name, "generate", shape, result["samples_ms"],
+                                 result["peak_mb"], extra))
+    if not args.smoke and rows:
+        append_rows(args.out, rows)
+        md_path = os.path.splitext(args.out)[0] + ".md"
+        with open(md_path, "w") as f:
+            f.write(render_markdown(read_rows(args.out), "Rollout engines: tokens/s and "
+                                    "log-prob mismatch vs the trainer"))
+        print(f"wrote {args.out} and {md_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
