@@ -24,8 +24,16 @@ BASELINES = ("group", "on_policy")
 
 
 def _check_inputs(rewards, group_ids, baseline, is_prefixed) -> None:
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
-        got = f"{rewards.dtype} {tuple(rewards.shape)}" if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+    if (
+        not isinstance(rewards, torch.Tensor)
+        or rewards.dim() != 1
+        or not rewards.is_floating_point()
+    ):
+        got = (
+            f"{rewards.dtype} {tuple(rewards.shape)}"
+            if isinstance(rewards, torch.Tensor)
+            else type(rewards).__name__
+        )
         raise ValueError(f"rewards must be a 1-D floating tensor [B], got {got}")
     if (
         not isinstance(group_ids, torch.Tensor)
@@ -33,8 +41,14 @@ def _check_inputs(rewards, group_ids, baseline, is_prefixed) -> None:
         or group_ids.is_floating_point()
         or group_ids.dtype == torch.bool
     ):
-        got = f"{group_ids.dtype} {tuple(group_ids.shape)}" if isinstance(group_ids, torch.Tensor) else type(group_ids).__name__
-        raise ValueError(f"group_ids must be an integer tensor of shape {tuple(rewards.shape)}, got {got}")
+        got = (
+            f"{group_ids.dtype} {tuple(group_ids.shape)}"
+            if isinstance(group_ids, torch.Tensor)
+            else type(group_ids).__name__
+        )
+        raise ValueError(
+            f"group_ids must be an integer tensor of shape {tuple(rewards.shape)}, got {got}"
+        )
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if is_prefixed is not None and (
@@ -42,7 +56,9 @@ def _check_inputs(rewards, group_ids, baseline, is_prefixed) -> None:
         or is_prefixed.dtype != torch.bool
         or is_prefixed.shape != rewards.shape
     ):
-        raise ValueError(f"is_prefixed must be None or a bool tensor of shape {tuple(rewards.shape)}")
+        raise ValueError(
+            f"is_prefixed must be None or a bool tensor of shape {tuple(rewards.shape)}"
+        )
     if baseline == "on_policy" and is_prefixed is None:
         raise ValueError("is_prefixed is required with baseline='on_policy'")
     devices = {t.device for t in (rewards, group_ids, is_prefixed) if t is not None}
@@ -84,8 +100,12 @@ def group_advantages(
     n_groups = int(inverse.max().item()) + 1
 
     def group_mean(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sums = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, inverse, r * weight)
-        counts = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, inverse, weight)
+        sums = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(
+            0, inverse, r * weight
+        )
+        counts = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(
+            0, inverse, weight
+        )
         return sums / counts.clamp_min(1.0), counts
 
     mean_all, _ = group_mean(torch.ones_like(r))
@@ -115,11 +135,19 @@ def advantage_stats(advantages: torch.Tensor) -> dict[str, float]:
         raise ValueError("advantages must be a floating torch.Tensor")
     a = advantages.detach().double().reshape(-1)
     if a.numel() == 0:
-        return dict(adv_mean=0.0, adv_std=0.0, adv_min=0.0, adv_max=0.0, adv_frac_zero=0.0, adv_count=0.0)
+        return dict(
+            adv_mean=0.0, adv_std=0.0, adv_min=0.0, adv_max=0.0, adv_frac_zero=0.0, adv_count=0.0
+        )
     # One device->host transfer for all six numbers.
     values = torch.stack(
-        [a.mean(), a.std(unbiased=False), a.min(), a.max(), (a == 0).double().mean(),
-         torch.tensor(float(a.numel()), dtype=torch.float64, device=a.device)]
+        [
+            a.mean(),
+            a.std(unbiased=False),
+            a.min(),
+            a.max(),
+            (a == 0).double().mean(),
+            torch.tensor(float(a.numel()), dtype=torch.float64, device=a.device),
+        ]
     ).tolist()
     keys = ("adv_mean", "adv_std", "adv_min", "adv_max", "adv_frac_zero", "adv_count")
     return dict(zip(keys, values))

@@ -2,11 +2,11 @@
 
 Per response token t of rollout i (advantage ``A_i``, one scalar per rollout)::
 
-    ρ_t   = exp(logπθ(y_t) − logπ_old(y_t))              # log-ratio clamped to ±20 as in verl
+    ρ_t   = exp(logπθ(y_t) − logπ_old(y_t))        # log-ratio clamped to ±20 as in verl
     A_t   = A_i   on continuation tokens and on kept prefix tokens, 0 on other prefix tokens
     ℓ_t   = −min(ρ_t·A_t, clip(ρ_t, 1 − clip_low, 1 + clip_high)·A_t)
     ℓ_t   = min(ℓ_t, −clip_c·A_t)   where A_t < 0       # dual clip, only if clip_c is set
-    loss  = loss_scale · [ Σ ℓ_t·m_t − entropy_coef · Σ H_t·c_t ] / (num_sequences · max_response_tokens)
+    loss  = loss_scale · [Σ ℓ_t·m_t − entropy_coef·Σ H_t·c_t] / (num_sequences·max_response_tokens)
 
 ``m`` = response_mask, ``c`` = continuation tokens (``m & ~prefix_mask``). The kept prefix
 tokens are the top ``entropy_top_fraction`` of the batch's prefix tokens by (detached)
@@ -105,6 +105,13 @@ def _check_bt(name: str, t, shape: tuple[int, ...], device, floating: bool | Non
         raise ValueError(f"{name} is on {t.device}, expected {device} (the device of logprob)")
 
 
+def _check_float_tensor(name: str, t, dims: str) -> None:
+    ndim = dims.count(",") + 1
+    if not isinstance(t, torch.Tensor) or t.dim() != ndim or not t.is_floating_point():
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a floating {dims} tensor, got {got}")
+
+
 def _as_mask(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.bool else t != 0
 
@@ -135,7 +142,9 @@ def compute_keep_prefix_mask(
     rms = [response_mask] if single else list(response_mask)
     pms = [prefix_mask] if single else list(prefix_mask)
     if not (len(ents) == len(rms) == len(pms)) or not ents:
-        raise ValueError("entropy, response_mask and prefix_mask must be tensors or equal, non-empty lists")
+        raise ValueError(
+            "entropy, response_mask and prefix_mask must be tensors or equal, non-empty lists"
+        )
     if not _is_number(entropy_top_fraction) or not 0.0 < entropy_top_fraction <= 1.0:
         raise ValueError(f"entropy_top_fraction must be in (0, 1], got {entropy_top_fraction!r}")
     for k, (e, r, p) in enumerate(zip(ents, rms, pms)):
@@ -147,7 +156,8 @@ def compute_keep_prefix_mask(
     flat_c = torch.cat([c.reshape(-1) for c in cands])
     flat_e = torch.cat([e.detach().float().reshape(-1) for e in ents])
     keep = entropy_topk_mask(flat_e, flat_c, entropy_top_fraction)
-    out = [piece.reshape(c.shape) for piece, c in zip(keep.split([c.numel() for c in cands]), cands)]
+    pieces = keep.split([c.numel() for c in cands])
+    out = [piece.reshape(c.shape) for piece, c in zip(pieces, cands)]
     return out[0] if single else out
 
 
@@ -178,7 +188,7 @@ def prefix_rft_loss(
         logprob: ``[B, T]`` log π_θ(y_t) of the response tokens, with gradient.
         old_logprob: ``[B, T]`` log π_old(y_t) from the policy before the update (same
             temperature), no gradient needed.
-        advantages: ``[B]`` one advantage per rollout (:func:`prefix_rft.advantage.group_advantages`).
+        advantages: ``[B]`` one advantage per rollout (``advantage.group_advantages``).
         response_mask: ``[B, T]`` bool (or 0/1), True on real response tokens.
         prefix_mask: ``[B, T]`` bool (or 0/1), True on demonstration-prefix tokens.
         entropy: ``[B, T]`` token entropies; detached for the mask, differentiated for the
@@ -209,8 +219,7 @@ def prefix_rft_loss(
         ...                           torch.rand(B, T), max_response_tokens=8)
         >>> loss.backward()
     """
-    if not isinstance(logprob, torch.Tensor) or logprob.dim() != 2 or not logprob.is_floating_point():
-        raise ValueError("logprob must be a floating [B, T] tensor")
+    _check_float_tensor("logprob", logprob, "[B, T]")
     B, T = logprob.shape
     dev = logprob.device
     check_loss_options(
@@ -252,7 +261,8 @@ def prefix_rft_loss(
     clipped = -token_adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     token_loss = torch.maximum(unclipped, clipped)
     if clip_c is not None:
-        token_loss = torch.where(token_adv < 0, torch.minimum(token_loss, -token_adv * clip_c), token_loss)
+        capped = torch.minimum(token_loss, -token_adv * clip_c)
+        token_loss = torch.where(token_adv < 0, capped, token_loss)
     denom = float((num_sequences or B) * max_response_tokens)
     pg_loss = torch.where(valid, token_loss, 0.0).sum() / denom
     loss = pg_loss
@@ -298,13 +308,15 @@ def _policy_metrics(
     low = valid & (token_adv < 0) & (ratio < 1.0 - clip_low)
     high = valid & (token_adv > 0) & (ratio > 1.0 + clip_high)
     if clip_c is not None:
-        # For A < 0 the clipped loss is |A|·max(ρ, 1 − clip_low); the cap bites when ρ > clip_c.
+        # For A < 0 the clipped loss is |A|·max(ρ, 1 − clip_low): the cap bites when ρ > clip_c.
         dual = valid & (token_adv < 0) & (ratio > clip_c)
     else:
         dual = torch.zeros_like(valid)
     ent = entropy.detach() if entropy is not None else torch.zeros_like(ratio)
     zero = torch.zeros((), dtype=f, device=ratio.device)
-    r_valid = torch.where(valid, ratio.to(f), torch.nan)
+    r_valid = ratio.to(f).reshape(-1)[valid.reshape(-1)]
+    r_low = r_valid.min() if r_valid.numel() else zero
+    r_high = r_valid.max() if r_valid.numel() else zero
     any_valid = n_valid > 0
     adv = advantages.detach().to(f)
     values = {
@@ -315,8 +327,8 @@ def _policy_metrics(
         "clip_frac_high": frac(high.sum().to(f), n_valid),
         "clip_frac_dual": frac(dual.sum().to(f), n_valid),
         "ratio_mean": masked_mean(ratio, valid),
-        "ratio_min": torch.where(any_valid, r_valid.nan_to_num(torch.inf).min(), zero) if ratio.numel() else zero,
-        "ratio_max": torch.where(any_valid, r_valid.nan_to_num(-torch.inf).max(), zero) if ratio.numel() else zero,
+        "ratio_min": torch.where(any_valid, r_low, zero),
+        "ratio_max": torch.where(any_valid, r_high, zero),
         "prefix_token_frac": frac(n_pre, n_valid),
         "kept_prefix_frac": frac(n_kept, n_pre),
         "kept_prefix_token_frac": frac(n_kept, n_valid),
@@ -415,7 +427,10 @@ class PrefixRFTLoss(torch.nn.Module):
         if impl not in ("auto", "torch", "triton"):
             raise ValueError(f"impl must be one of ('auto', 'torch', 'triton'), got {impl!r}")
         if entropy_mask_scope not in ENTROPY_MASK_SCOPES:
-            raise ValueError(f"entropy_mask_scope must be one of {ENTROPY_MASK_SCOPES}, got {entropy_mask_scope!r}")
+            raise ValueError(
+                f"entropy_mask_scope must be one of {ENTROPY_MASK_SCOPES}, "
+                f"got {entropy_mask_scope!r}"
+            )
         self.max_response_tokens = max_response_tokens
         self.clip_low, self.clip_high, self.clip_c = clip_low, clip_high, clip_c
         self.entropy_top_fraction, self.entropy_coef = entropy_top_fraction, entropy_coef
@@ -439,11 +454,11 @@ class PrefixRFTLoss(torch.nn.Module):
         Only the ``response_mask`` rows reach the kernel (``hidden[response_mask]``), so
         padding costs no lm_head work. Differentiable w.r.t. hidden, weight and bias.
         """
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not hidden.is_floating_point():
-            raise ValueError("hidden must be a floating [B, T, H] tensor")
+        _check_float_tensor("hidden", hidden, "[B, T, H]")
         B, T, H = hidden.shape
-        if not isinstance(lm_head_weight, torch.Tensor) or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != H:
-            got = tuple(lm_head_weight.shape) if isinstance(lm_head_weight, torch.Tensor) else type(lm_head_weight).__name__
+        weight = lm_head_weight
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != H:
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"lm_head_weight must be [V, H] with H = {H}, got {got}")
         _check_bt("response_ids", response_ids, (B, T), hidden.device, floating=False)
         if response_ids.dtype == torch.bool:
@@ -461,7 +476,8 @@ class PrefixRFTLoss(torch.nn.Module):
     @torch.no_grad()
     def token_entropy(self, hidden, lm_head_weight, response_ids, response_mask, lm_head_bias=None):
         """No-grad ``[B, T]`` entropies, e.g. for the ``mini_batch`` mask pass."""
-        return self.token_logprob_entropy(hidden, lm_head_weight, response_ids, response_mask, lm_head_bias)[1]
+        args = (hidden, lm_head_weight, response_ids, response_mask, lm_head_bias)
+        return self.token_logprob_entropy(*args)[1]
 
     def forward(
         self,
@@ -478,9 +494,10 @@ class PrefixRFTLoss(torch.nn.Module):
         loss_scale: float = 1.0,
         keep_prefix_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.entropy_mask_scope == "micro_batch" and keep_prefix_mask is not None:
-            raise ValueError("keep_prefix_mask is only accepted with entropy_mask_scope='mini_batch'")
-        if self.entropy_mask_scope == "mini_batch" and keep_prefix_mask is None and self.entropy_top_fraction < 1:
+        scope = self.entropy_mask_scope
+        if scope == "micro_batch" and keep_prefix_mask is not None:
+            raise ValueError("keep_prefix_mask needs entropy_mask_scope='mini_batch'")
+        if scope == "mini_batch" and keep_prefix_mask is None and self.entropy_top_fraction < 1:
             raise ValueError(
                 "keep_prefix_mask is required with entropy_mask_scope='mini_batch' "
                 "(see compute_keep_prefix_mask)"
@@ -572,10 +589,10 @@ def sft_loss(
     Returns:
         ``(loss, {"loss", "nll_per_token", "num_tokens", "num_sequences"})``.
     """
-    if not isinstance(logprob, torch.Tensor) or logprob.dim() != 2 or not logprob.is_floating_point():
-        raise ValueError("logprob must be a floating [B, T] tensor")
+    _check_float_tensor("logprob", logprob, "[B, T]")
     B, T = logprob.shape
-    _check_bt("response_mask", response_mask, (B, T), logprob.device, floating=False)
+    dev = logprob.device
+    _check_bt("response_mask", response_mask, (B, T), dev, floating=False)
     if normalizer not in SFT_NORMALIZERS:
         raise ValueError(f"normalizer must be one of {SFT_NORMALIZERS}, got {normalizer!r}")
     _check_positive_int("num_sequences", num_sequences, allow_none=True)
@@ -588,13 +605,15 @@ def sft_loss(
     nll_sum = -torch.where(valid, logprob.float(), 0.0).sum()
     n_valid = valid.sum()
     if normalizer == "max_tokens":
-        denom = torch.tensor(float((num_sequences or B) * max_response_tokens), device=logprob.device)
+        denom = torch.tensor(float((num_sequences or B) * max_response_tokens), device=dev)
     elif normalizer == "sequences":
-        denom = torch.tensor(float(num_sequences or B), device=logprob.device)
+        denom = torch.tensor(float(num_sequences or B), device=dev)
     else:
-        denom = n_valid.float().clamp_min(1.0) if num_tokens is None else torch.tensor(float(num_tokens), device=logprob.device)
+        denom = n_valid.float().clamp_min(1.0)
+        if num_tokens is not None:
+            denom = torch.tensor(float(num_tokens), device=dev)
     loss = nll_sum / denom * loss_scale
     with torch.no_grad():
         vals = torch.stack([loss.detach(), nll_sum.detach() / n_valid.float().clamp_min(1.0),
-                            n_valid.float(), torch.tensor(float(B), device=logprob.device)]).tolist()
+                            n_valid.float(), torch.tensor(float(B), device=dev)]).tolist()
     return loss, dict(zip(("loss", "nll_per_token", "num_tokens", "num_sequences"), vals))

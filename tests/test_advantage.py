@@ -47,7 +47,9 @@ def test_mixed_sizes_noncontiguous():
     r = torch.tensor([0.0, 1.0, 1.0, 0.5, 0.0, 1.0, 0.0, 0.2])
     g = torch.tensor([3, 1, 3, 7, 1, 3, 9, 9])  # sizes 3, 2, 1, 2; interleaved
     adv = group_advantages(r, g)
-    torch.testing.assert_close(adv, torch.tensor(_reference(r.tolist(), g.tolist())), rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        adv, torch.tensor(_reference(r.tolist(), g.tolist())), rtol=0, atol=1e-7
+    )
     assert adv[3] == 0.0  # singleton group
 
 
@@ -116,8 +118,16 @@ def test_empty_batch():
         ((torch.ones(3), torch.zeros(2, dtype=torch.long)), {}, "group_ids"),
         ((torch.ones(3), torch.zeros(3)), {}, "group_ids"),
         ((torch.ones(3), torch.zeros(3, dtype=torch.long)), dict(baseline="mean"), "baseline"),
-        ((torch.ones(3), torch.zeros(3, dtype=torch.long)), dict(baseline="on_policy"), "is_prefixed"),
-        ((torch.ones(3), torch.zeros(3, dtype=torch.long)), dict(is_prefixed=torch.ones(3)), "is_prefixed"),
+        (
+            (torch.ones(3), torch.zeros(3, dtype=torch.long)),
+            dict(baseline="on_policy"),
+            "is_prefixed",
+        ),
+        (
+            (torch.ones(3), torch.zeros(3, dtype=torch.long)),
+            dict(is_prefixed=torch.ones(3)),
+            "is_prefixed",
+        ),
     ],
 )
 def test_bad_inputs(args, kwargs, name):
@@ -134,3 +144,14 @@ def test_stats():
     assert advantage_stats(torch.zeros(0))["adv_count"] == 0.0
     with pytest.raises(ValueError, match="advantages"):
         advantage_stats(torch.ones(3, dtype=torch.long))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import prefix_rft.advantage as module
+
+    result = doctest.testmod(
+        module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE
+    )
+    assert result.attempted > 0 and result.failed == 0

@@ -96,14 +96,17 @@ CASES = {
     "dual_clip_bonus_temp_bias": dict(
         with_prefix=True,
         bias=True,
-        opts=dict(clip_c=1.3, entropy_coef=0.05, temperature=0.7, clip_high=0.28, entropy_top_fraction=0.4),
+        opts=dict(
+            clip_c=1.3, entropy_coef=0.05, temperature=0.7, clip_high=0.28, entropy_top_fraction=0.4
+        ),
     ),
 }
 
 
 @pytest.mark.parametrize(
     "case, impl",
-    [(c, "torch") for c in CASES] + [("dual_clip_bonus_temp_bias", "triton")],  # triton: interpreter on CPU
+    [(c, "torch") for c in CASES]
+    + [("dual_clip_bonus_temp_bias", "triton")],  # triton: interpreter on CPU
 )
 def test_module_matches_fp64_reference(case, impl):
     spec = CASES[case]
@@ -113,7 +116,12 @@ def test_module_matches_fp64_reference(case, impl):
     # old log-probs: the current fp64 ones plus noise wide enough to hit both clip sides.
     with torch.no_grad():
         z = hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0.0)
-        lp0 = (z / opts.get("temperature", 1.0)).log_softmax(-1).gather(-1, ids.clamp_min(0)[..., None]).squeeze(-1)
+        lp0 = (
+            (z / opts.get("temperature", 1.0))
+            .log_softmax(-1)
+            .gather(-1, ids.clamp_min(0)[..., None])
+            .squeeze(-1)
+        )
     old = (lp0 + (torch.rand(B, T, generator=torch.Generator().manual_seed(5)) - 0.5) * 1.2).float()
 
     h_ref, w_ref = hidden.double().requires_grad_(), weight.double().requires_grad_()
@@ -143,10 +151,28 @@ def test_clip_metrics_match_definitions():
     old = -torch.log(torch.tensor([[0.5, 0.9, 1.5, 3.0, 1.5, 0.5]]))  # ratios
     rmask = torch.ones(1, 6, dtype=torch.bool)
     pmask = torch.zeros(1, 6, dtype=torch.bool)
-    _, m_pos = prefix_rft_loss(lp, old, torch.tensor([1.0]), rmask, pmask, None,
-                               max_response_tokens=6, entropy_top_fraction=1.0, clip_c=2.0)
-    _, m_neg = prefix_rft_loss(lp, old, torch.tensor([-1.0]), rmask, pmask, None,
-                               max_response_tokens=6, entropy_top_fraction=1.0, clip_c=2.0)
+    _, m_pos = prefix_rft_loss(
+        lp,
+        old,
+        torch.tensor([1.0]),
+        rmask,
+        pmask,
+        None,
+        max_response_tokens=6,
+        entropy_top_fraction=1.0,
+        clip_c=2.0,
+    )
+    _, m_neg = prefix_rft_loss(
+        lp,
+        old,
+        torch.tensor([-1.0]),
+        rmask,
+        pmask,
+        None,
+        max_response_tokens=6,
+        entropy_top_fraction=1.0,
+        clip_c=2.0,
+    )
     assert m_pos["clip_frac_high"] == pytest.approx(3 / 6) and m_pos["clip_frac_low"] == 0
     assert m_neg["clip_frac_low"] == pytest.approx(2 / 6) and m_neg["clip_frac_high"] == 0
     assert m_neg["clip_frac_dual"] == pytest.approx(1 / 6) and m_pos["clip_frac_dual"] == 0
@@ -164,11 +190,21 @@ def test_entropy_mask_keeps_exactly_expected_tokens():
     expected_kept[0, 1] = expected_kept[1, 0] = expected_kept[0, 2] = True
     continuation = rmask & ~pmask
     lp = torch.zeros(2, 6, requires_grad=True)
-    loss, m = prefix_rft_loss(lp, lp.detach(), torch.tensor([1.0, 2.0]), rmask, pmask, ent,
-                              max_response_tokens=6, entropy_top_fraction=0.5)
+    loss, m = prefix_rft_loss(
+        lp,
+        lp.detach(),
+        torch.tensor([1.0, 2.0]),
+        rmask,
+        pmask,
+        ent,
+        max_response_tokens=6,
+        entropy_top_fraction=0.5,
+    )
     loss.backward()
     assert torch.equal(lp.grad != 0, continuation | expected_kept)
-    assert torch.equal(compute_keep_prefix_mask(ent, rmask, pmask, entropy_top_fraction=0.5), expected_kept)
+    assert torch.equal(
+        compute_keep_prefix_mask(ent, rmask, pmask, entropy_top_fraction=0.5), expected_kept
+    )
     assert m["num_kept_prefix_tokens"] == 3 and m["kept_prefix_frac"] == 0.5
     assert m["entropy_prefix"] == pytest.approx((0.1 + 0.9 + 0.5 + 0.3 + 0.7 + 0.2) / 6)
     assert m["entropy_continuation"] == pytest.approx((2.0 + 0.8 + 5.0) / 3)
@@ -179,8 +215,16 @@ def test_entropy_mask_keeps_exactly_expected_tokens():
     override = torch.zeros(2, 6, dtype=torch.bool)
     override[0, 0] = True
     lp.grad = None
-    loss, _ = prefix_rft_loss(lp, lp.detach(), torch.tensor([1.0, 2.0]), rmask, pmask, None,
-                              max_response_tokens=6, keep_prefix_mask=override)
+    loss, _ = prefix_rft_loss(
+        lp,
+        lp.detach(),
+        torch.tensor([1.0, 2.0]),
+        rmask,
+        pmask,
+        None,
+        max_response_tokens=6,
+        keep_prefix_mask=override,
+    )
     loss.backward()
     assert torch.equal(lp.grad != 0, continuation | override)
 
@@ -194,8 +238,16 @@ def test_padding_garbage_never_leaks():
     rmask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     ent = torch.rand(2, 4)
     ent[1, 3] = torch.nan
-    loss, m = prefix_rft_loss(lp, old, torch.tensor([1.0, -1.0]), rmask, torch.zeros_like(rmask), ent,
-                              max_response_tokens=4, entropy_coef=0.1)
+    loss, m = prefix_rft_loss(
+        lp,
+        old,
+        torch.tensor([1.0, -1.0]),
+        rmask,
+        torch.zeros_like(rmask),
+        ent,
+        max_response_tokens=4,
+        entropy_coef=0.1,
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
     assert (lp.grad[~rmask] == 0).all()
@@ -206,8 +258,13 @@ def _micro_batch_grads(scope, fraction, max_tokens):
     hidden, weight, ids, rmask, pmask, adv = _batch(3)
     old = torch.randn(B, T) * 0.3 - 3.0
     lengths = rmask.sum(1)
-    opts = dict(max_response_tokens=L_MAX, impl="torch", entropy_top_fraction=fraction,
-                clip_c=2.0, entropy_coef=0.01)
+    opts = dict(
+        max_response_tokens=L_MAX,
+        impl="torch",
+        entropy_top_fraction=fraction,
+        clip_c=2.0,
+        entropy_coef=0.01,
+    )
     full_fn = PrefixRFTLoss(**opts)
     h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     full_loss, _ = full_fn(h_full, w_full, ids, old, adv, rmask, pmask)
@@ -223,19 +280,37 @@ def _micro_batch_grads(scope, fraction, max_tokens):
         slices.append((idx, width))
     keeps = [None] * len(parts)
     if scope == "mini_batch" and fraction < 1:
-        ents = [mb_fn.token_entropy(hidden[idx, :wd], weight, ids[idx, :wd], rmask[idx, :wd]) for idx, wd in slices]
-        keeps = compute_keep_prefix_mask(ents, [rmask[i, :wd] for i, wd in slices],
-                                         [pmask[i, :wd] for i, wd in slices], entropy_top_fraction=fraction)
+        ents = [
+            mb_fn.token_entropy(hidden[idx, :wd], weight, ids[idx, :wd], rmask[idx, :wd])
+            for idx, wd in slices
+        ]
+        keeps = compute_keep_prefix_mask(
+            ents,
+            [rmask[i, :wd] for i, wd in slices],
+            [pmask[i, :wd] for i, wd in slices],
+            entropy_top_fraction=fraction,
+        )
     total = 0.0
     for (idx, wd), keep in zip(slices, keeps):
-        loss, _ = mb_fn(h[idx, :wd], w, ids[idx, :wd], old[idx, :wd], adv[idx], rmask[idx, :wd],
-                        pmask[idx, :wd], num_sequences=B, keep_prefix_mask=keep)
+        loss, _ = mb_fn(
+            h[idx, :wd],
+            w,
+            ids[idx, :wd],
+            old[idx, :wd],
+            adv[idx],
+            rmask[idx, :wd],
+            pmask[idx, :wd],
+            num_sequences=B,
+            keep_prefix_mask=keep,
+        )
         loss.backward()
         total += loss.item()
     return (full_loss.item(), h_full.grad, w_full.grad), (total, h.grad, w.grad)
 
 
-@pytest.mark.parametrize("scope, fraction", [("mini_batch", 0.2), ("mini_batch", 0.5), ("micro_batch", 1.0)])
+@pytest.mark.parametrize(
+    "scope, fraction", [("mini_batch", 0.2), ("mini_batch", 0.5), ("micro_batch", 1.0)]
+)
 def test_micro_batch_accumulation_equals_full_batch(scope, fraction):
     (l_full, gh_full, gw_full), (l_acc, gh, gw) = _micro_batch_grads(scope, fraction, max_tokens=14)
     assert l_acc == pytest.approx(l_full, rel=1e-5, abs=1e-7)
@@ -277,26 +352,41 @@ def test_sft_loss_normalizers():
         assert m["nll_per_token"] == pytest.approx(nll / 7, rel=1e-6) and m["num_tokens"] == 7
 
 
-@given(counts=st.lists(st.integers(0, 30), max_size=25), budget=st.integers(1, 60),
-       count=st.sampled_from(["padded", "tokens"]))
+@given(
+    counts=st.lists(st.integers(0, 30), max_size=25),
+    budget=st.integers(1, 60),
+    count=st.sampled_from(["padded", "tokens"]),
+)
 @settings(max_examples=200, deadline=None)
 def test_split_micro_batches_property(counts, budget, count):
     parts = split_micro_batches(counts, max_tokens=budget, count=count)
     assert [i for p in parts for i in p] == list(range(len(counts)))
     for p in parts:
         assert p
-        cost = len(p) * max(counts[i] for i in p) if count == "padded" else sum(counts[i] for i in p)
+        cost = (
+            len(p) * max(counts[i] for i in p) if count == "padded" else sum(counts[i] for i in p)
+        )
         assert cost <= budget or len(p) == 1
     for a, b in zip(parts, parts[1:]):  # greedy: the next sequence did not fit
         joined = a + [b[0]]
-        cost = len(joined) * max(counts[i] for i in joined) if count == "padded" else sum(counts[i] for i in joined)
+        cost = (
+            len(joined) * max(counts[i] for i in joined)
+            if count == "padded"
+            else sum(counts[i] for i in joined)
+        )
         assert cost > budget
 
 
 def test_hf_alignment_of_documented_slice():
     transformers = pytest.importorskip("transformers", reason="alignment check needs transformers")
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1)
+    cfg = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = transformers.Qwen2ForCausalLM(cfg).eval()
     prompt, response = torch.randint(0, 64, (2, 4)), torch.randint(0, 64, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.bool)
@@ -308,15 +398,24 @@ def test_hf_alignment_of_documented_slice():
     fn = PrefixRFTLoss(max_response_tokens=8, impl="torch", temperature=0.9)
     lp, ent = fn.token_logprob_entropy(hidden, model.lm_head.weight, response, mask)
     ref = (logits / 0.9).log_softmax(-1)
-    torch.testing.assert_close(lp.double(), ref.gather(-1, response[..., None]).squeeze(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        lp.double(), ref.gather(-1, response[..., None]).squeeze(-1), atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(ent.double(), -(ref.exp() * ref).sum(-1), atol=1e-5, rtol=1e-5)
 
 
 def _good_args():
     lp = torch.zeros(2, 3)
     m = torch.ones(2, 3, dtype=torch.bool)
-    return dict(logprob=lp, old_logprob=lp, advantages=torch.ones(2), response_mask=m,
-                prefix_mask=~m, entropy=lp, max_response_tokens=4)
+    return dict(
+        logprob=lp,
+        old_logprob=lp,
+        advantages=torch.ones(2),
+        response_mask=m,
+        prefix_mask=~m,
+        entropy=lp,
+        max_response_tokens=4,
+    )
 
 
 @pytest.mark.parametrize(
@@ -342,7 +441,10 @@ def _good_args():
 )
 def test_policy_loss_bad_inputs(change, name):
     kwargs = {**_good_args(), **change}
-    args = [kwargs.pop(k) for k in ("logprob", "old_logprob", "advantages", "response_mask", "prefix_mask", "entropy")]
+    args = [
+        kwargs.pop(k)
+        for k in ("logprob", "old_logprob", "advantages", "response_mask", "prefix_mask", "entropy")
+    ]
     with pytest.raises(ValueError, match=name):
         prefix_rft_loss(*args, **kwargs)
 
@@ -368,7 +470,9 @@ def test_module_and_helpers_bad_inputs():
     with pytest.raises(ValueError, match="keep_prefix_mask"):
         fn(h, w, ids, z, torch.ones(2), m, ~m, keep_prefix_mask=m)
     with pytest.raises(ValueError, match="keep_prefix_mask"):
-        PrefixRFTLoss(max_response_tokens=4, entropy_mask_scope="mini_batch")(h, w, ids, z, torch.ones(2), m, ~m)
+        PrefixRFTLoss(max_response_tokens=4, entropy_mask_scope="mini_batch")(
+            h, w, ids, z, torch.ones(2), m, ~m
+        )
     with pytest.raises(ValueError, match="max_tokens"):
         split_micro_batches([1, 2], max_tokens=0)
     with pytest.raises(ValueError, match="token_counts"):
@@ -383,3 +487,22 @@ def test_module_and_helpers_bad_inputs():
         sft_loss(z, m[:, :2], max_response_tokens=4)
     with pytest.raises(ValueError, match="entropy_top_fraction"):
         compute_keep_prefix_mask(z, m, m, entropy_top_fraction=2.0)
+
+
+def test_docstring_examples_run():
+    import doctest
+    import inspect
+    import textwrap
+
+    import prefix_rft.loss as loss_module
+
+    result = doctest.testmod(
+        loss_module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE
+    )
+    assert result.attempted > 0 and result.failed == 0
+    pytest.importorskip("transformers", reason="the PrefixRFTLoss example builds a tiny HF model")
+    doc = inspect.getdoc(PrefixRFTLoss)
+    example = textwrap.dedent(doc.split("stands in for yours)::", 1)[1])
+    scope: dict = {}
+    exec(compile(example, "PrefixRFTLoss docstring", "exec"), scope)  # the pasteable example
+    assert torch.isfinite(scope["loss"]) and scope["model"].lm_head.weight.grad is not None

@@ -230,3 +230,14 @@ def test_build_response_bad_inputs():
         build_response([1], [2], max_response_tokens=0)
     with pytest.raises(ValueError, match="continuation_ids"):
         build_response([1], None, max_response_tokens=4)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import prefix_rft.prefix as module
+
+    result = doctest.testmod(
+        module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE
+    )
+    assert result.attempted > 0 and result.failed == 0
