@@ -163,7 +163,9 @@ def prefix_length(num_demo_tokens: int, ratio: float, *, min_prefix_tokens: int 
 def _as_id_list(name: str, ids: Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
-            raise ValueError(f"{name} must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+            raise ValueError(
+                f"{name} must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}"
+            )
         return [int(x) for x in ids.tolist()]
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         raise ValueError(f"{name} must be a sequence of token ids, got {type(ids).__name__}")
