@@ -1,0 +1,136 @@
+"""Padded update batches of (prompt, response) sequences and the fused-head forward over them.
+
+Layout. Each row is ``prompt + response`` packed from position 0 and right-padded to the
+longest row (no left padding: a left-padded query row would attend to nothing, and SDPA's
+NaNs there could leak into weight gradients as ``0 * NaN``). Response token ``t`` of row
+``b`` is predicted by the hidden state at position ``len(prompt_b) - 1 + t``;
+``response_index [B, T]`` holds those positions, so
+
+    hidden = model.model(input_ids, attention_mask).last_hidden_state          # [B, W, H]
+    resp_hidden = hidden.gather(1, response_index[..., None].expand(-1, -1, H))  # [B, T, H]
+
+and ``resp_hidden[b, t]`` predicts ``response_ids[b, t]``. Padded response slots point at
+position 0 and are masked by ``response_mask``. :func:`response_logprob_entropy` and the
+trainer's loss call go through :func:`prefix_rft.distributed.forward_with_head`, so under
+FSDP2 the lm_head weight is the gathered one and no ``[tokens x vocab]`` tensor exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .distributed import forward_with_head
+
+
+@dataclass
+class Rollout:
+    """One sequence of the update: a rollout (or, for SFT, a demonstration).
+
+    ``response_ids = prefix + continuation`` (``prefix_len`` leading demonstration tokens);
+    ``engine_logprobs`` has one entry per continuation token (empty for demonstrations).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    prefix_len: int = 0
+    group: int = 0  # question id: rollouts of one question share it
+    is_prefixed: bool = False  # a hybrid rollout (started from a demonstration prefix)
+    advantage: float = 0.0
+    reward: float = 0.0
+    engine_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "stop"
+    old_logprob: torch.Tensor | None = None  # [len(response_ids)] fp32, policy before the update
+    old_entropy: torch.Tensor | None = None  # [len(response_ids)] fp32, same pass
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class UpdateBatch:
+    """Tensors of one micro-batch (see the module docstring for the layout)."""
+
+    input_ids: torch.Tensor  # [B, W] long, right-padded
+    attention_mask: torch.Tensor  # [B, W] long
+    response_index: torch.Tensor  # [B, T] long: position of the hidden state predicting token t
+    response_ids: torch.Tensor  # [B, T] long
+    response_mask: torch.Tensor  # [B, T] bool, real response tokens
+    prefix_mask: torch.Tensor  # [B, T] bool, demonstration-prefix tokens
+    advantages: torch.Tensor  # [B] fp32
+    rows: list[int]  # indices of these rows in the list given to collate
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+def collate(rollouts: Sequence[Rollout], rows: Sequence[int], *, pad_token_id: int,
+            device: torch.device | str = "cpu") -> UpdateBatch:
+    """Build the micro-batch of ``rollouts[i] for i in rows``."""
+    picked = [rollouts[i] for i in rows]
+    if not picked:
+        raise ValueError("rows must select at least one rollout")
+    for i, r in zip(rows, picked):
+        if not r.prompt_ids or not r.response_ids:
+            raise ValueError(f"rollouts[{i}] must have a non-empty prompt and response")
+    width = max(r.num_tokens for r in picked)
+    T = max(len(r.response_ids) for r in picked)
+    B = len(picked)
+    input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, width), dtype=torch.long)
+    response_index = torch.zeros((B, T), dtype=torch.long)
+    response_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.bool)
+    prefix_mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, r in enumerate(picked):
+        P, n = len(r.prompt_ids), len(r.response_ids)
+        input_ids[b, :P + n] = torch.tensor(r.prompt_ids + r.response_ids, dtype=torch.long)
+        attention_mask[b, :P + n] = 1
+        response_index[b, :n] = torch.arange(P - 1, P - 1 + n)
+        response_ids[b, :n] = torch.tensor(r.response_ids, dtype=torch.long)
+        response_mask[b, :n] = True
+        prefix_mask[b, :min(r.prefix_len, n)] = True
+    advantages = torch.tensor([r.advantage for r in picked], dtype=torch.float32)
+    return UpdateBatch(*(t.to(device) for t in (input_ids, attention_mask, response_index,
+                                                 response_ids, response_mask, prefix_mask,
+                                                 advantages)), rows=list(rows))
+
+
+def response_hidden(hidden: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:
+    """``hidden [B, W, H]`` -> ``[B, T, H]``: the states that predict the response tokens."""
+    return hidden.gather(1, response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def run_head(model: torch.nn.Module, batch: UpdateBatch,
+             head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], object]) -> object:
+    """``head(resp_hidden [B, T, H], lm_head_weight [V, H], bias | None)`` inside one model
+    forward (FSDP2-safe; see ``distributed.forward_with_head``). Returns what ``head`` returns."""
+    def head_fn(hidden, weight, bias):
+        return head(response_hidden(hidden, batch.response_index), weight, bias)
+
+    return forward_with_head(model, head_fn, batch.input_ids, attention_mask=batch.attention_mask)
+
+
+def response_logprob_entropy(model: torch.nn.Module, batch: UpdateBatch, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprob [B, T], entropy [B, T])`` fp32 of the response tokens (0 off-mask), through
+    ``loss_fn.token_logprob_entropy`` (a :class:`prefix_rft.loss.PrefixRFTLoss`) -- the
+    fused kernel at the loss's temperature. Differentiable unless called under no_grad."""
+    def head(resp_hidden, weight, bias):
+        return loss_fn.token_logprob_entropy(resp_hidden, weight, batch.response_ids,
+                                             batch.response_mask, bias)
+
+    return run_head(model, batch, head)
+
+
+def micro_batches(rollouts: Sequence[Rollout], rows: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Split ``rows`` (indices into ``rollouts``) into micro-batches of at most ``max_tokens``
+    padded tokens (``len(mb) * longest``); a row alone over budget gets its own."""
+    from .loss import split_micro_batches
+
+    rows = list(rows)
+    parts = split_micro_batches([rollouts[i].num_tokens for i in rows], max_tokens=max_tokens)
+    return [[rows[j] for j in part] for part in parts]
