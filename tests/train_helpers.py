@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from prefix_rft.config import Config, resolve_config, validate_config
 
 
@@ -62,3 +64,9 @@ def tiny_config(assets: dict[str, str], run_dir: Path, **overrides) -> Config:
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, str]:
+    """Session-wide tiny task + tokenizer + micro Qwen2 model directory (import this fixture)."""
+    return build_assets(tmp_path_factory.mktemp("tiny_assets"))

@@ -1,0 +1,232 @@
+"""avg@k and unbiased pass@k of a model on benchmark files.
+
+    prefix-rft eval --model runs/x/final --data aime24.jsonl math500.jsonl --k 32
+    prefix-rft eval --model DIR --data a.jsonl --k 8 --engine vllm --max-tokens 4096 --out DIR
+
+Per benchmark file (flat schema: ``problem`` and ``answer`` fields, names configurable):
+``n = k`` samples per question at temperature 0.6 / top-p 0.95 (defaults), rewarded with
+``prefix_rft.reward.math_reward``. With ``c_i`` correct samples out of ``n`` for question i:
+
+    avg@k    = mean_i c_i / n                                   (mean accuracy)
+    pass@j   = mean_i [1 - C(n - c_i, j) / C(n, j)]   for j = 1, 2, 4, ..., k   (Codex estimator)
+
+``pass@1`` equals ``avg@k``. Results go to ``eval_results.json`` and ``eval_results.md``
+in ``--out`` (default ``<model>/eval``). Prompts are built exactly as for training
+(``prefix_rft.data``: chat template + the instruction). Use :func:`evaluate_rows` to score
+an in-memory model (the demo and the trainer's periodic eval do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+# ---------------------------------------------------------------------------- estimators
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one question with ``c`` correct out of ``n`` samples (Chen et al.
+    2021): ``1 - C(n-c, k) / C(n, k)``, computed as a stable product."""
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    if c > n:
+        raise ValueError(f"c must be <= n={n}, got {c}")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i = n-c+1}^{n} (1 - k / i)
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def pass_ks(k: int) -> list[int]:
+    """The pass@j reported for ``k`` samples: 1, 2, 4, ... up to k (k always included)."""
+    out, j = [], 1
+    while j < k:
+        out.append(j)
+        j *= 2
+    return out + [k]
+
+
+def summarize(correct_counts: Sequence[int], n: int) -> dict[str, float]:
+    """``{"avg@n", "pass@1", "pass@2", ..., "pass@n", "num_questions"}`` from per-question counts."""
+    if not correct_counts:
+        raise ValueError("correct_counts must hold at least one question")
+    out = {f"avg@{n}": sum(correct_counts) / (n * len(correct_counts))}
+    for j in pass_ks(n):
+        out[f"pass@{j}"] = sum(pass_at_k(n, c, j) for c in correct_counts) / len(correct_counts)
+    out["num_questions"] = float(len(correct_counts))
+    return out
+
+
+# ---------------------------------------------------------------------------- sampling
+def _prompt_ids(tokenizer, rows: Sequence[dict], instruction: str, problem_key: str) -> list[list[int]]:
+    from .data import _with_instruction, prompt_text
+
+    ids = []
+    for i, row in enumerate(rows):
+        problem = row.get(problem_key)
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"rows[{i}] has no {problem_key!r} text")
+        messages = [{"role": "user", "content": _with_instruction(problem, instruction)}]
+        ids.append(tokenizer.encode(prompt_text(tokenizer, messages), add_special_tokens=False))
+    return ids
+
+
+def evaluate_rows(model, tokenizer, rows: Sequence[dict], k: int, *, temperature: float = 0.6,
+                  top_p: float = 0.95, max_response_tokens: int = 1024, engine=None,
+                  batch_questions: int = 32, seed: int = 0, instruction: str | None = None,
+                  problem_key: str = "problem", answer_key: str = "answer",
+                  progress: bool = False) -> dict[str, Any]:
+    """Sample ``k`` responses per row and score them.
+
+    Args:
+        model: a transformers causal LM (used through the HF engine when ``engine`` is None).
+        tokenizer: its tokenizer (chat template used when present).
+        rows: dicts with ``problem_key`` and ``answer_key``.
+        engine: a :class:`prefix_rft.rollout.RolloutEngine` to sample with instead.
+        batch_questions: questions per ``generate`` call.
+        seed: question i is sampled with seed ``seed + i`` (reproducible, batch-independent).
+        instruction: appended to each question; None = the training default.
+
+    Returns ``summarize(...)`` plus ``"correct"`` (per-row counts), ``"k"``,
+    ``"mean_response_tokens"``, ``"seconds"``.
+    """
+    from .config import DEFAULT_INSTRUCTION
+    from .reward import math_rewards
+    from .rollout import RolloutRequest, SamplingSettings, make_engine
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if not rows:
+        raise ValueError("rows must hold at least one question")
+    start = time.perf_counter()
+    engine = engine or make_engine("hf", model, tokenizer, seed=seed)
+    prompts = _prompt_ids(tokenizer, rows, DEFAULT_INSTRUCTION if instruction is None else instruction,
+                          problem_key)
+    correct, lengths = [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), desc="eval", unit="q", dynamic_ncols=True)
+    for lo in range(0, len(rows), batch_questions):
+        chunk = range(lo, min(len(rows), lo + batch_questions))
+        requests = [RolloutRequest(prompts[i], (), n=k, sampling=SamplingSettings(
+            temperature=temperature, top_p=top_p, max_new_tokens=max_response_tokens, seed=seed + i))
+            for i in chunk]
+        with torch.no_grad():
+            outputs = engine.generate(requests)
+        texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for out in outputs for s in out]
+        golds = [str(rows[i][answer_key]) for i in chunk for _ in range(k)]
+        rewards, _ = math_rewards(texts, golds)
+        lengths += [len(s.response_ids) for out in outputs for s in out]
+        correct += [int(sum(rewards[j * k:(j + 1) * k])) for j in range(len(chunk))]
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    result: dict[str, Any] = summarize(correct, k)
+    result.update(correct=correct, k=k, mean_response_tokens=sum(lengths) / len(lengths),
+                  seconds=time.perf_counter() - start)
+    return result
+
+
+# ---------------------------------------------------------------------------- reports
+def render_markdown(results: dict[str, dict[str, Any]], k: int) -> str:
+    """A Markdown table: one row per benchmark, avg@k and pass@j columns."""
+    cols = [f"avg@{k}"] + [f"pass@{j}" for j in pass_ks(k)]
+    lines = ["| benchmark | questions | " + " | ".join(cols) + " |",
+             "|---|---:|" + "|".join("---:" for _ in cols) + "|"]
+    for name, r in results.items():
+        cells = [f"{100 * r[c]:.1f}" for c in cols]
+        lines.append(f"| {name} | {int(r['num_questions'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n(percent; pass@j is the unbiased estimator from k samples)\n"
+
+
+def _read_benchmark(path: str, max_rows: int) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--data: {path!r} is not a file")
+    rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows[:max_rows] if max_rows else rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prefix-rft eval", description="avg@k and unbiased pass@k "
+                                 "of a local HF model on jsonl benchmark files (problem/answer rows).")
+    ap.add_argument("--model", required=True, help="local HF model directory")
+    ap.add_argument("--data", required=True, nargs="+", help="benchmark .jsonl files")
+    ap.add_argument("--k", type=int, default=32, help="samples per question (default 32)")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-tokens", type=int, default=8192, help="max response tokens")
+    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    ap.add_argument("--batch-questions", type=int, default=32, help="questions per generate call")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm only")
+    ap.add_argument("--problem-key", default="problem")
+    ap.add_argument("--answer-key", default="answer")
+    ap.add_argument("--instruction", default=None, help="appended to each question (default: training's)")
+    ap.add_argument("--max-rows", type=int, default=0, help="first N questions per file; 0 = all")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--out", default=None, help="output directory (default: <model>/eval)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _load(args, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model must be a local HF model directory with config.json, got {args.model!r}")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.engine == "vllm":
+        from .rollout import make_engine
+
+        engine = make_engine("vllm", args.model, tokenizer, seed=args.seed,
+                             dtype="bfloat16" if device == "cuda" else "float32",
+                             gpu_memory_utilization=args.gpu_memory_utilization)
+        return None, tokenizer, engine
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    return model, tokenizer, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``prefix-rft eval`` entry point; returns 0 (argument errors exit with status 2)."""
+    args = build_parser().parse_args(argv)
+    if args.k < 1 or args.max_tokens < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
+        raise SystemExit("prefix-rft eval: need --k >= 1, --max-tokens >= 1, 0 < --top-p <= 1, --temperature >= 0")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        benchmarks = {Path(p).stem: _read_benchmark(p, args.max_rows) for p in args.data}
+        model, tokenizer, engine = _load(args, device)
+    except ValueError as err:
+        raise SystemExit(f"prefix-rft eval: {err}") from None
+    results = {}
+    for name, rows in benchmarks.items():
+        results[name] = evaluate_rows(
+            model, tokenizer, rows, args.k, temperature=args.temperature, top_p=args.top_p,
+            max_response_tokens=args.max_tokens, engine=engine, batch_questions=args.batch_questions,
+            seed=args.seed, instruction=args.instruction, problem_key=args.problem_key,
+            answer_key=args.answer_key, progress=not args.no_progress)
+        print(f"{name}: avg@{args.k} {results[name][f'avg@{args.k}']:.4f}  "
+              f"pass@{args.k} {results[name][f'pass@{args.k}']:.4f}", flush=True)
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("no_progress",)}
+    (out / "eval_results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    (out / "eval_results.md").write_text(render_markdown(results, args.k))
+    print(f"wrote {out / 'eval_results.json'} and {out / 'eval_results.md'}", flush=True)
+    return 0 if all(math.isfinite(r[f"avg@{args.k}"]) for r in results.values()) else 1
