@@ -69,17 +69,21 @@ HARD_KILL_GRACE_S = 0.25
 # ---------------------------------------------------------------- answer extraction
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-# An escaped character (``\{``, ``\}``, ``\\``) or a grouping brace: one token each, so
-# escaped braces never count and the scan is a single linear pass.
-_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
+# An escaped brace or backslash (``\{``, ``\}``, ``\\``) or a grouping brace: one token
+# each, so escaped braces never count and the scan is a single linear pass.
+_BRACE_TOKEN = re.compile(r"\\[\\{}]|[{}]")
 _UNBRACED_ARGUMENT = re.compile(r"[^\s$]+")
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 _ANSWER_MARKERS = ("answer is", "answer:")
 _TRAILING_JUNK = ".,;:"
 
 
-def _brace_partners(text: str, start: int) -> dict[int, int]:
-    """Map each ``{`` at or after ``start`` to its matching ``}`` (unclosed ones absent)."""
+def _brace_partners(text: str, start: int, last_command_end: int) -> dict[int, int]:
+    """Map each ``{`` at or after ``start`` to its matching ``}`` (unclosed ones absent).
+
+    Stops once every brace opened before ``last_command_end`` and the one right after it
+    are resolved: later braces cannot belong to a box.
+    """
     partner: dict[int, int] = {}
     open_positions: list[int] = []
     for token in _BRACE_TOKEN.finditer(text, start):
@@ -88,6 +92,8 @@ def _brace_partners(text: str, start: int) -> dict[int, int]:
             open_positions.append(token.start())
         elif char == "}" and open_positions:
             partner[open_positions.pop()] = token.start()
+            if not open_positions and token.start() > last_command_end:
+                break
     return partner
 
 
@@ -117,7 +123,7 @@ def _last_boxed(text: str) -> str | None:
             position += 1
         if position < len(text) and text[position] == "{":
             if partners is None:  # built lazily, once, from the first box on
-                partners = _brace_partners(text, commands[0])
+                partners = _brace_partners(text, commands[0], commands[-1])
             close = partners.get(position)
             content = text[position + 1 : close].strip() if close is not None else ""
         else:
