@@ -57,6 +57,7 @@ def _linear_logprob_entropy_fwd_kernel(
     row_in = rows < N
     labels = tl.load(labels_ptr + rows, mask=row_in, other=ignore_index)
     valid = row_in & (labels != ignore_index)
+    labels = labels.to(tl.int32)  # 32-bit compares against whole tiles of column ids (V < 2^31)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     w = tl.zeros((BLOCK_N,), tl.float32)
@@ -227,6 +228,7 @@ def _linear_logprob_entropy_bwd_kernel(
     row_in = rows < N
     labels = tl.load(labels_ptr + rows, mask=row_in, other=ignore_index)
     valid = row_in & (labels != ignore_index)
+    labels = labels.to(tl.int32)  # 32-bit compares against whole tiles of column ids (V < 2^31)
     if tl.sum(valid.to(tl.int32), axis=0) > 0:
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         col_in = cols < V
@@ -258,21 +260,27 @@ def _linear_logprob_entropy_bwd_kernel(
             dz_in = dz.to(x_ptr.dtype.element_ty)
             offs_k = tl.arange(0, BLOCK_K)
             rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)  # V * H may pass 2^31
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + offs_k
-                k_in = ks < H
-                if NEED_DX:
+            # Two H sweeps rather than one doing both: only one set of [tile, BLOCK_K]
+            # pointers/accumulators is live at a time (128x128 tiles spill registers otherwise).
+            if NEED_DX:
+                for k0 in range(0, H, BLOCK_K):
+                    ks = k0 + offs_k
+                    k_in = ks < H
                     w_blk = tl.load(w_ptr + cols64[:, None] * stride_wv + ks[None, :] * stride_wk,
                                     mask=col_in[:, None] & k_in[None, :], other=0.0)
                     dx_part = tl.dot(dz_in, w_blk, input_precision=DOT_PRECISION)
                     tl.atomic_add(dx_ptr + rows64[:, None] * H + ks[None, :], dx_part,
-                                  mask=valid[:, None] & k_in[None, :])
-                if NEED_DW:
+                                  mask=valid[:, None] & k_in[None, :], sem="relaxed")
+            if NEED_DW:
+                dz_t = tl.trans(dz_in)
+                for k0 in range(0, H, BLOCK_K):
+                    ks = k0 + offs_k
+                    k_in = ks < H
                     x_blk = tl.load(x_ptr + rows64[:, None] * stride_xn + ks[None, :] * stride_xk,
                                     mask=valid[:, None] & k_in[None, :], other=0.0)
-                    dw_part = tl.dot(tl.trans(dz_in), x_blk, input_precision=DOT_PRECISION)
+                    dw_part = tl.dot(dz_t, x_blk, input_precision=DOT_PRECISION)
                     tl.atomic_add(dw_ptr + cols64[:, None] * H + ks[None, :], dw_part,
-                                  mask=col_in[:, None] & k_in[None, :])
+                                  mask=col_in[:, None] & k_in[None, :], sem="relaxed")
 
 
 def triton_bwd(
@@ -344,7 +352,7 @@ def triton_bwd(
 def _launch_config(kernel: str, hidden: torch.Tensor, weight: torch.Tensor) -> dict[str, int]:
     """Checked-in config, or (PREFIX_RFT_TRITON_AUTOTUNE=1) the fastest candidate, cached."""
     if not autotune_enabled():
-        return get_config(kernel, hidden.device)
+        return get_config(kernel, hidden.device, hidden.dtype)
     return _autotuned(kernel, hidden.dtype, hidden.shape[1], weight.shape[0], hidden.device)
 
 
@@ -373,7 +381,7 @@ def _autotuned(kernel: str, dtype: torch.dtype, h_dim: int, vocab: int,
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    return dict(best) if best is not None else get_config(kernel, device)
+    return dict(best) if best is not None else get_config(kernel, device, dtype)
 
 
 def _pinned_config(cfg, kernel, hidden, weight):
