@@ -145,7 +145,7 @@ def triton_fwd(
     dtype = _compute_dtype(hidden, weight)
     if dtype == torch.float64:
         return torch_fwd(hidden, weight, bias, labels, temperature, ignore_index)
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    hidden, weight, labels = hidden.to(dtype), weight.to(dtype), labels.contiguous()
     n_rows, h_dim = hidden.shape
     vocab = weight.shape[0]
     cfg = _launch_config("fwd", hidden, weight)
@@ -310,6 +310,11 @@ def triton_bwd(
         return torch_bwd(hidden, weight, bias, labels, lse, entropy, grad_logprob,
                          grad_entropy, temperature, ignore_index, needs_grad)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
+    # The kernel indexes per-row vectors as contiguous; upstream grads of `lp.sum()` arrive
+    # as stride-0 expanded views.
+    labels, lse, entropy = labels.contiguous(), lse.contiguous(), entropy.contiguous()
+    grad_logprob = None if grad_logprob is None else grad_logprob.contiguous()
+    grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
     n_rows, h_dim = hidden.shape
     vocab = weight.shape[0]
     dev, f32 = hidden.device, torch.float32

@@ -140,6 +140,20 @@ def test_forward_vocab_splits_merge_exactly(n_splits):
     assert_close_to_fp64((lp, ent, lse), (ref_lp, ref_ent, ref_lse), 1e-5)
 
 
+def test_strided_inputs_and_stride0_upstream_gradients():
+    """Non-contiguous hidden/labels, and `lp.sum()` whose upstream grad is an expanded view."""
+    x, w, b, y, _, _ = make_problem(30, 40, 200)
+    x_t = x.T.contiguous().T.requires_grad_()  # column-major [N, H]
+    y_s = torch.stack([y, y], 1)[:, 0]  # stride-2 labels
+    w_g = w.clone().requires_grad_()
+    lp, ent = triton_fn(x_t, w_g, y_s, b, 1.0)
+    got = torch.autograd.grad(lp.sum() + ent.sum(), (x_t, w_g))
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref_lp, ref_ent = ref64_fn(x64, w64, y, b, 1.0)
+    ref = torch.autograd.grad(ref_lp.sum() + ref_ent.sum(), (x64, w64))
+    assert_close_to_fp64((lp, ent) + got, (ref_lp, ref_ent) + ref, 1e-5)
+
+
 def test_ignored_rows_get_zero_and_their_nans_do_not_leak():
     x, w, b, y, g_lp, g_h = make_problem(20, 30, 200, ignore_frac=0.0)
     y[::3] = IGNORE
