@@ -6,7 +6,10 @@ prefix of ``--prefix-len`` tokens on every other prompt (the hybrid rollouts), s
 temperature 1.0 with no stop ids, so every sample generates exactly
 ``--max-new-tokens - prefix`` tokens: the same token count for both engines. tokens/s =
 generated (continuation) tokens / wall time of one ``engine.generate`` call, p50 over
-``--repeats`` timed calls after one warm-up call. The engine's start-up is reported
+``--repeats`` timed calls after one warm-up call; the engines' calls are interleaved so
+that both see the same load on a shared machine. On CUDA, peak MB is
+``torch.cuda.max_memory_allocated`` during a call; vLLM's pre-allocated KV cache and
+sleep-mode weights live outside that counter, so its budget is ``gpu_memory_utilization``. The engine's start-up is reported
 separately (``startup_s``).
 
 Mismatch: after the timed calls, the last call's samples are re-scored by the "trainer"
@@ -117,34 +120,53 @@ def build_engine(name: str, model, model_dir: str | None, args):
     return make_engine("vllm", model_dir, None, **settings)
 
 
-def bench_engine(name: str, model, model_dir, requests, args) -> dict | None:
-    if name == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as err:
-            print(f"skipping vllm: cannot import it ({err})")
-            return None
-    start = time.perf_counter()
-    engine = build_engine(name, model, model_dir, args)
-    startup_s = time.perf_counter() - start
-    engine.generate(requests[:2])  # warm-up (kernels, allocator)
+def vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        print(f"skipping vllm: cannot import it ({err})")
+        return False
+    return True
+
+
+def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    samples_ms, results = [], None
-    for _ in range(args.repeats):
+
+
+def bench_engines(names, model, model_dir, requests, args) -> dict[str, dict]:
+    """Time ``generate`` for every engine, interleaving the engines' calls so that both see
+    the same machine load (this matters on a shared CPU machine)."""
+    engines, startup_s = {}, {}
+    for name in names:
+        if name == "vllm" and not vllm_importable():
+            continue
         start = time.perf_counter()
-        results = engine.generate(requests)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        samples_ms.append((time.perf_counter() - start) * 1e3)
-    tokens = sum(len(s.logprobs) for per_request in results for s in per_request)
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    stats = trainer_mismatch(model, requests, results, temperature=1.0)
-    engine.close()
-    p50_s = sorted(samples_ms)[len(samples_ms) // 2] / 1e3
-    return dict(samples_ms=samples_ms, tokens=tokens, tokens_per_s=tokens / p50_s,
-                startup_s=startup_s, peak_mb=peak_mb, **stats)
+        engines[name] = build_engine(name, model, model_dir, args)
+        startup_s[name] = time.perf_counter() - start
+        engines[name].generate(requests[:2])  # warm-up (kernels, allocator)
+    samples_ms = {name: [] for name in engines}
+    results, peak_mb = {}, {}
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            _sync()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            results[name] = engine.generate(requests)
+            _sync()
+            samples_ms[name].append((time.perf_counter() - start) * 1e3)
+            if torch.cuda.is_available():
+                peak_mb[name] = torch.cuda.max_memory_allocated() / 2**20
+    out = {}
+    for name, engine in engines.items():
+        tokens = sum(len(s.logprobs) for per_request in results[name] for s in per_request)
+        p50_s = sorted(samples_ms[name])[len(samples_ms[name]) // 2] / 1e3
+        stats = trainer_mismatch(model, requests, results[name], temperature=1.0)
+        engine.close()
+        out[name] = dict(samples_ms=samples_ms[name], tokens=tokens, tokens_per_s=tokens / p50_s,
+                         startup_s=startup_s[name], peak_mb=peak_mb.get(name), **stats)
+    return out
 
 
 def parse_args(argv=None):
@@ -161,6 +183,10 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--max-batch-rows", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.6)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for both engines (1: robust on a shared "
+                        "machine, where OpenMP spin-waits make 2+ threads up to 10x slower; "
+                        "vLLM's CPU worker also serves with 1)")
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "rollout.csv"))
     args = parser.parse_args(argv)
     if args.gpu_shape:
@@ -171,7 +197,7 @@ def parse_args(argv=None):
                         repeats=1)
     else:
         defaults = dict(prompts=16, n=4, prompt_len=32, prefix_len=16, max_new_tokens=64,
-                        repeats=3)
+                        repeats=5)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -182,19 +208,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     model = build_model(args.gpu_shape)
     requests = make_requests(args, model.config.vocab_size)
     shape = (f"{'qwen2.5-1.5b-shape bf16' if args.gpu_shape else 'tiny-qwen2 fp32 h256 l4 v4096'}"
              f" prompts={args.prompts} n={args.n} prompt={args.prompt_len} "
-             f"prefix={args.prefix_len}/2 new<={args.max_new_tokens}")
+             f"prefix={args.prefix_len}/2 new<={args.max_new_tokens} threads={args.threads}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="rollout_bench_") as model_dir:
         if "vllm" in args.engines:
             model.save_pretrained(model_dir)
-        for name in args.engines:
-            result = bench_engine(name, model, model_dir, requests, args)
-            if result is None:
-                continue
+        for name, result in bench_engines(args.engines, model, model_dir, requests,
+                                          args).items():
             extra = (f"tokens_per_s={result['tokens_per_s']:.1f};tokens={result['tokens']};"
                      f"startup_s={result['startup_s']:.1f};"
                      f"mismatch_mean={result['mismatch_mean']:.2e};"

@@ -68,6 +68,16 @@ def greedy_reference(model, context: list[int], steps: int, stop_ids=()) -> list
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on 1 thread; on a busy 2-core machine OpenMP spin-waits make
+    2 threads up to 10x slower. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_qwen2()

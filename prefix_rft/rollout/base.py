@@ -201,11 +201,11 @@ class RolloutEngine(ABC):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Bring the engine's weights up to date with the policy (HF-style names)."""
 
-    def sleep(self) -> None:
+    def sleep(self) -> None:  # noqa: B027  (optional hook, no-op by default)
         """Release accelerator memory before the policy update (no-op where not needed)."""
 
-    def wake(self) -> None:
+    def wake(self) -> None:  # noqa: B027  (optional hook, no-op by default)
         """Reclaim what :meth:`sleep` released; call before ``load_weights``/``generate``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook, no-op by default)
         """Free the engine's resources (optional)."""

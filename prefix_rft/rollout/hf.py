@@ -108,6 +108,7 @@ class HFEngine(RolloutEngine):
         self.pad_token_id = int(pad) if pad is not None else (
             self.eos_token_ids[0] if self.eos_token_ids else 0)
         self.max_batch_rows = max_batch_rows
+        self._seed = seed
         self._device = next(model.parameters()).device
         self._generator = torch.Generator(device=self._device).manual_seed(seed)
 
@@ -121,7 +122,10 @@ class HFEngine(RolloutEngine):
         # Similar context lengths in one chunk keep left padding (wasted compute) small.
         rows.sort(key=lambda row: len(row.request.context_ids))
         results: list[list[RolloutSample | None]] = [[None] * r.n for r in requests]
-        self._device = next(self.model.parameters()).device
+        device = next(self.model.parameters()).device
+        if device != self._device:  # the policy moved: the shared stream follows it
+            self._device = device
+            self._generator = torch.Generator(device=device).manual_seed(self._seed)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -227,6 +231,7 @@ class HFEngine(RolloutEngine):
         for i, generator in enumerate(generators):
             if generator is not None:
                 noise[i].exponential_(generator=generator)
-        sampled = (logprobs_all.exp() / noise).argmax(dim=-1)
+        # An exact 0 draw would give 0/0 = NaN for a masked token; 1e-30 still wins.
+        sampled = (logprobs_all.exp() / noise.clamp_(min=1e-30)).argmax(dim=-1)
         tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
         return tokens, logprobs_all.gather(1, tokens.unsqueeze(1)).squeeze(1)

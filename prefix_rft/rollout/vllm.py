@@ -26,8 +26,12 @@
   built with ``enable_sleep_mode=True`` and ``sleep()`` / ``wake()`` call ``llm.sleep(level)``
   / ``llm.wake_up()`` (level 1 keeps the weights in CPU RAM, level 2 drops them -- then
   ``load_weights`` after ``wake()`` must send every tensor). On CPU both are no-ops.
-- Distributed: one engine per rank under torchrun, each on its own ``LOCAL_RANK`` GPU,
-  each generating its own share of the prompts (data parallel; no tensor parallelism).
+- Distributed: one engine per rank under torchrun, each on its own ``LOCAL_RANK`` GPU
+  (``torch.cuda.set_device`` first), each generating its own share of the prompts (data
+  parallel; no tensor parallelism). When ``WORLD_SIZE > 1`` the engine defaults to
+  ``distributed_executor_backend="external_launcher"``, vLLM's mode for engines living in
+  torchrun-launched processes; pass ``seed=rank`` so unseeded streams differ per rank.
+  (Not exercised by the CPU tests: single process only.)
 - Side effects of vLLM on this process are undone after start-up: the global RNG states
   it reseeds, and on CPU the torch thread count it lowers to 1 (and the no-op it installs
   as ``torch.set_num_threads``). In-process, vLLM pins no OpenMP threads.
@@ -148,6 +152,10 @@ class VLLMEngine(RolloutEngine):
         import vllm  # noqa: PLC0415  (only when this engine is chosen)
 
         self._vllm = vllm
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Under torchrun each rank runs its own engine (TP=1) inside the launcher's
+            # process group, as vLLM's RL colocation examples (and TRL's colocate mode) do.
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         with _ProcessStateKept():
             self.llm = vllm.LLM(
                 model=model_dir, skip_tokenizer_init=True, dtype=dtype,
