@@ -1,7 +1,7 @@
-"""Math reward: final-answer extraction + math-verify checking, safe on any string.
+r"""Math reward: final-answer extraction + math-verify checking, safe on any string.
 
 ``math_reward(response, gold)`` is 1.0 when the response's final answer (the last
-``\\boxed{...}``, else a configured fallback) is mathematically equal to the gold answer
+``\boxed{...}``, else a configured fallback) is mathematically equal to the gold answer
 according to math-verify, and 0.0 otherwise. It never raises: garbage, parser errors,
 crashes and timeouts all give 0.0 and are counted in :class:`RewardStats`.
 
@@ -28,15 +28,16 @@ after ``os.fork`` the child forgets the parent's helpers and starts its own.
 
 Example::
 
-    >>> math_reward(r"so the answer is \\boxed{\\dfrac{1}{2}}.", "0.5")
+    >>> math_reward(r"so the answer is \boxed{\dfrac{1}{2}}.", "0.5")
     1.0
-    >>> math_rewards(["\\boxed{3}", "no idea"], ["3", "4"])[1].no_answer
+    >>> math_rewards([r"\boxed{3}", "no idea"], ["3", "4"])[1].no_answer
     1
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import dataclasses
 import os
@@ -44,19 +45,11 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from multiprocessing.connection import Connection
 from typing import Sequence
 
-__all__ = [
-    "FALLBACKS",
-    "RewardStats",
-    "extract_answer",
-    "math_reward",
-    "math_rewards",
-    "shutdown_workers",
-    "warmup",
-]
+__all__ = ["FALLBACKS", "HARD_KILL_GRACE_S", "RewardStats", "extract_answer", "math_reward",
+           "math_rewards", "shutdown_workers", "warmup"]
 
 FALLBACKS = ("none", "last_number", "answer_is")
 DEFAULT_TIMEOUT_S = 5.0  # math-verify's own default per operation
@@ -74,7 +67,8 @@ _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _BRACE_TOKEN = re.compile(r"\\[\\{}]|[{}]")
 _UNBRACED_ARGUMENT = re.compile(r"[^\s$]+")
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
-_ANSWER_MARKERS = ("answer is", "answer:")
+_ANSWER_MARKER = re.compile(r"answer(?:\s+is\b|\s*:)", re.IGNORECASE)  # no .lower(): it
+# may change the length of some unicode strings, and with it the offsets
 _TRAILING_JUNK = ".,;:"
 
 
@@ -98,7 +92,7 @@ def _brace_partners(text: str, start: int, last_command_end: int) -> dict[int, i
 
 
 def _clean_unbraced(argument: str) -> str:
-    """Trim sentence punctuation and a closing ``\\]``/``\\)`` off a ``\\boxed x`` argument."""
+    r"""Trim sentence punctuation and a closing ``\]``/``\)`` off a ``\boxed x`` argument."""
     for closer in ("\\]", "\\)"):
         cut = argument.find(closer)
         if cut >= 0:
@@ -107,7 +101,7 @@ def _clean_unbraced(argument: str) -> str:
 
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last complete, non-empty ``\\boxed``/``\\fbox``; None if there is none.
+    r"""Content of the last complete, non-empty ``\boxed``/``\fbox``; None if there is none.
 
     Boxes whose brace never closes (a truncated response) or that are empty are skipped in
     favour of the previous box. Linear time: one regex pass for the commands and one for
@@ -136,26 +130,19 @@ def _last_boxed(text: str) -> str | None:
 
 def _last_number(text: str) -> str | None:
     """The last number in ``text`` (``-1,234.5`` -> ``-1234.5``; ``3/4`` kept), or None."""
-    last = None
-    for last in _NUMBER.finditer(text):
-        pass
-    return last.group().replace(",", "") if last is not None else None
+    last = collections.deque(_NUMBER.finditer(text), maxlen=1)  # O(1) memory
+    return last[0].group().replace(",", "") if last else None
 
 
 def _after_answer_marker(text: str) -> str | None:
     """The rest of the line after the last "answer is" / "answer:" (any case), or None."""
-    lowered = text.lower()
-    best_end = -1
-    for marker in _ANSWER_MARKERS:
-        found = lowered.rfind(marker)
-        if found >= 0:
-            best_end = max(best_end, found + len(marker))
-    if best_end < 0:
+    last = collections.deque(_ANSWER_MARKER.finditer(text), maxlen=1)
+    if not last:
         return None
+    best_end = last[0].end()
     line_end = text.find("\n", best_end)
     rest = text[best_end : line_end if line_end >= 0 else len(text)]
-    rest = rest.strip().lstrip(":").strip().strip("$").strip().rstrip(_TRAILING_JUNK).strip()
-    return rest.strip("$").strip() or None
+    return rest.strip(" \t:$").rstrip(_TRAILING_JUNK + " \t$") or None
 
 
 _FALLBACK_FUNCTIONS = {"last_number": _last_number, "answer_is": _after_answer_marker}
@@ -172,10 +159,10 @@ def _check_fallback(fallback: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def extract_answer(text: str, fallback: str | Sequence[str] = "none") -> str | None:
-    """The final answer of a response, or None when it states none.
+    r"""The final answer of a response, or None when it states none.
 
-    Rule: the content of the last complete, non-empty ``\\boxed{...}`` / ``\\fbox{...}``
-    (nested braces handled, escaped ``\\{ \\}`` ignored; ``\\boxed x`` without braces takes
+    Rule: the content of the last complete, non-empty ``\boxed{...}`` / ``\fbox{...}``
+    (nested braces handled, escaped ``\{ \}`` ignored; ``\boxed x`` without braces takes
     the run up to whitespace or ``$``). With no such box, the fallbacks are tried in order:
     ``"none"`` (give up), ``"last_number"`` (last number in the text),
     ``"answer_is"`` (rest of the line after the last "answer is" / "Answer:").
@@ -183,8 +170,8 @@ def extract_answer(text: str, fallback: str | Sequence[str] = "none") -> str | N
     Linear in ``len(text)`` (no backtracking-prone regexes); a 1 MB string takes well under
     a second. Raises ValueError only for an unknown ``fallback`` name.
 
-    >>> extract_answer(r"first \\boxed{1}, then \\boxed{\\frac{1}{2}}")
-    '\\\\frac{1}{2}'
+    >>> extract_answer(r"first \boxed{1}, then \boxed{\frac{1}{2}}")
+    '\\frac{1}{2}'
     >>> extract_answer("so 3 + 4 = 7", fallback="last_number")
     '7'
     """
@@ -216,9 +203,9 @@ def _balanced(text: str) -> bool:
 
 
 def _parse_latex_or_plain(text: str) -> list:
-    """math-verify parse of an answer string, trying the wrappings it understands.
+    r"""math-verify parse of an answer string, trying the wrappings it understands.
 
-    ``\\boxed{...}`` first (only if braces balance, else the box would swallow the rest),
+    ``\boxed{...}`` first (only if braces balance, else the box would swallow the rest),
     then ``$...$``, then the raw string: plain-expression parsing alone misreads things
     like ``1,2`` (as 1.2) or ``(1,2]``. An already delimited string is parsed as is first.
     """
@@ -263,18 +250,18 @@ def _verify_in_helper(answer: str, gold: str, soft_timeout_s: float, spec, parse
             signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
             gold_parsed = parse_gold(gold)
             if not gold_parsed:
-                return "parse_failure"
+                return "parse_failures"
             answer_parsed = _parse_latex_or_plain(answer)
             if not answer_parsed:
-                return "parse_failure"
+                return "parse_failures"
             verify_fn = _load_verify_fn(spec)
             return "correct" if verify_fn(gold_parsed, answer_parsed) else "wrong"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _SoftTimeout:  # also catches a timer firing inside the finally above
-        return "timeout"
+        return "timeouts"
     except Exception:  # noqa: BLE001 -- any parser/sympy failure is a 0.0, by contract
-        return "error"
+        return "errors"
 
 
 def _helper_main(read_fd: int, write_fd: int) -> None:
@@ -314,11 +301,8 @@ def _helper_main(read_fd: int, write_fd: int) -> None:
 
 
 class _HelperFailed(Exception):
-    """The helper died, missed its deadline, or could not start; it has been killed."""
-
-    def __init__(self, outcome: str):
-        super().__init__(outcome)
-        self.outcome = outcome
+    """The helper died, missed its deadline, or could not start; it has been killed.
+    ``args[0]`` is the outcome name to count ("timeouts" or "errors")."""
 
 
 class _Helper:
@@ -330,8 +314,8 @@ class _Helper:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        code = "import sys; from prefix_rft.reward import _helper_main; " \
-               "_helper_main(int(sys.argv[1]), int(sys.argv[2]))"
+        code = ("import sys; from prefix_rft.reward import _helper_main; "
+                "_helper_main(int(sys.argv[1]), int(sys.argv[2]))")
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", code, str(child_read), str(child_write)],
@@ -344,7 +328,6 @@ class _Helper:
         self.requests = Connection(parent_write, readable=False)
         self.replies = Connection(parent_read, writable=False)
         self.ready = False
-        self.owner_pid = os.getpid()
 
     def _wait_ready(self) -> None:
         if not self.ready:
@@ -360,11 +343,11 @@ class _Helper:
             self.requests.send((answer, gold, timeout_s, spec))
             if not self.replies.poll(timeout_s + HARD_KILL_GRACE_S):
                 self.kill()
-                raise _HelperFailed("timeout")
+                raise _HelperFailed("timeouts")
             return self.replies.recv()
         except (EOFError, OSError) as error:  # died, or never started
             self.kill()
-            raise _HelperFailed("error") from error
+            raise _HelperFailed("errors") from error
 
     def forget(self) -> None:
         """Close our ends of the pipes (in a forked child: the helper stays the parent's)."""
@@ -422,7 +405,10 @@ class _HelperPool:
     def replace(self, dead: _Helper) -> None:
         """Drop a killed helper and start its successor now, so it warms up meanwhile."""
         self.discard(dead)
-        self.release(self._start())
+        try:
+            self.release(self._start())
+        except OSError:  # the next call will try again
+            pass
 
     def shutdown(self) -> None:
         with self.lock:
@@ -448,9 +434,15 @@ def shutdown_workers() -> None:
     _POOL.shutdown()
 
 
-def warmup(num_workers: int = 1) -> None:
-    """Start ``num_workers`` helpers now and wait until they have imported math-verify."""
-    helpers = [_POOL.acquire() for _ in range(num_workers)]
+def warmup(num_workers: int = 1) -> int:
+    """Have ``num_workers`` helpers started and done importing math-verify; returns how
+    many are ready (fewer if some could not start; never raises)."""
+    helpers, ready = [], 0
+    try:
+        for _ in range(num_workers):
+            helpers.append(_POOL.acquire())
+    except OSError:
+        pass
     for helper in helpers:
         try:
             helper._wait_ready()
@@ -458,7 +450,9 @@ def warmup(num_workers: int = 1) -> None:
             helper.kill()
             _POOL.discard(helper)
             continue
+        ready += 1
         _POOL.release(helper)
+    return ready
 
 
 # ---------------------------------------------------------------- public reward API
@@ -483,14 +477,10 @@ class RewardStats:
     timeouts: int = 0
     errors: int = 0
 
-    _FIELD_OF = {"correct": "correct", "wrong": "wrong", "no_answer": "no_answer",
-                 "parse_failure": "parse_failures", "timeout": "timeouts", "error": "errors"}
-
     def record(self, outcome: str) -> None:
-        """Count one response with outcome name ``outcome`` (e.g. ``"timeout"``)."""
+        """Count one response whose outcome is ``outcome``, a field name (``"timeouts"``)."""
         self.total += 1
-        field = self._FIELD_OF[outcome]
-        setattr(self, field, getattr(self, field) + 1)
+        setattr(self, outcome, getattr(self, outcome) + 1)
 
     def merge(self, other: RewardStats) -> None:
         """Add ``other``'s counts into this one."""
@@ -502,9 +492,12 @@ class RewardStats:
         return dataclasses.asdict(self)
 
 
-def _check_timeout(timeout_s: float) -> None:
+def _check_options(fallback, timeout_s, verify_fn) -> None:
+    _check_fallback(fallback)
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
         raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+    if verify_fn is not None and not (isinstance(verify_fn, str) and ":" in verify_fn):
+        raise ValueError(f"verify_fn: expected 'module:function' or None, got {verify_fn!r}")
 
 
 def _score(response, gold, fallback, timeout_s, max_answer_chars, verify_fn) -> str:
@@ -512,22 +505,25 @@ def _score(response, gold, fallback, timeout_s, max_answer_chars, verify_fn) -> 
     if isinstance(gold, (int, float)) and not isinstance(gold, bool):
         gold = str(gold)
     if not isinstance(response, str) or not isinstance(gold, str):
-        return "error"
+        return "errors"
     try:
         answer = extract_answer(response, fallback)
     except Exception:  # noqa: BLE001 -- cannot happen for str input; belt and braces
-        return "error"
+        return "errors"
     if answer is None:
         return "no_answer"
     gold = gold.strip()
     if not gold or len(answer) > max_answer_chars:
-        return "parse_failure"
-    helper = _POOL.acquire()
+        return "parse_failures"
+    try:
+        helper = _POOL.acquire()
+    except OSError:  # cannot start a process (fd or memory exhaustion)
+        return "errors"
     try:
         outcome = helper.verify(answer, gold, timeout_s, verify_fn)
     except _HelperFailed as failure:
         _POOL.replace(helper)
-        return failure.outcome
+        return failure.args[0]
     except BaseException:  # e.g. KeyboardInterrupt mid-call: do not return a busy pipe
         helper.kill()
         _POOL.discard(helper)
@@ -540,11 +536,11 @@ def math_reward(response_text: str, gold_answer: str, *, fallback="none",
                 timeout_s: float = DEFAULT_TIMEOUT_S,
                 max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
                 verify_fn: str | None = None, stats: RewardStats | None = None) -> float:
-    """1.0 if the response's final answer equals ``gold_answer`` per math-verify, else 0.0.
+    r"""1.0 if the response's final answer equals ``gold_answer`` per math-verify, else 0.0.
 
     Args:
         response_text: the model's response (any string; non-strings score 0.0).
-        gold_answer: reference answer, LaTeX (``\\frac{1}{2}``, ``$...$``, ``\\boxed{..}``)
+        gold_answer: reference answer, LaTeX (``\frac{1}{2}``, ``$...$``, ``\boxed{..}``)
             or plain (``0.5``, ``(1, 2]``); numbers are accepted and stringified.
         fallback: what to use when there is no box: a name from ``FALLBACKS`` or a
             sequence of them tried in order (see :func:`extract_answer`).
@@ -560,8 +556,7 @@ def math_reward(response_text: str, gold_answer: str, *, fallback="none",
     Returns 0.0 on every failure (no answer, parse failure, timeout, error); never raises
     except ValueError for an invalid ``fallback`` / ``timeout_s``.
     """
-    _check_fallback(fallback)
-    _check_timeout(timeout_s)
+    _check_options(fallback, timeout_s, verify_fn)
     outcome = _score(response_text, gold_answer, fallback, timeout_s, max_answer_chars,
                      verify_fn)
     if stats is not None:
@@ -586,8 +581,7 @@ def math_rewards(responses: Sequence[str], golds: Sequence[str], *, fallback="no
         )
     if not (isinstance(num_workers, int) and num_workers >= 1):
         raise ValueError(f"num_workers: expected an int >= 1, got {num_workers!r}")
-    _check_fallback(fallback)
-    _check_timeout(timeout_s)
+    _check_options(fallback, timeout_s, verify_fn)
 
     def score(pair) -> str:
         return _score(pair[0], pair[1], fallback, timeout_s, max_answer_chars, verify_fn)

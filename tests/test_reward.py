@@ -229,6 +229,8 @@ def test_extract_answer_fallbacks():
     assert extract_answer(text, fallback="answer_is") == "-4.5"
     assert extract_answer(text, fallback="last_number") == "99"
     assert extract_answer(r"\boxed{1} answer is 2", fallback="answer_is") == "1"
+    # "İ".lower() is two characters: offsets must not come from a lowered copy
+    assert extract_answer("İİİ final ANSWER IS: 42.\nmore", fallback="answer_is") == "42"
     with pytest.raises(ValueError, match="fallback"):
         extract_answer("x", fallback="first_number")
 
@@ -344,14 +346,17 @@ def test_slow_verifier_is_cut_by_the_helpers_timer():
 
 
 def test_stuck_verifier_is_killed_and_replaced():
+    warmup()
     pids_before = _helper_pids()
+    victim = reward._POOL.idle[-1].process.pid  # the helper the next call checks out
     stats = RewardStats()
     value, elapsed = _timed(math_reward, r"\boxed{1}", "1", timeout_s=0.5,
                             verify_fn="fake_verifiers:stuck", stats=stats)
     assert value == 0.0 and stats.timeouts == 1
     assert elapsed <= 0.5 + SLACK_S
-    assert not (pids_before & _helper_pids())  # the stuck helper is gone
-    assert math_reward(r"\boxed{1}", "1") == 1.0  # and a fresh one serves
+    assert victim in pids_before and not psutil.pid_exists(victim)  # killed and reaped
+    assert len(_helper_pids()) == len(pids_before)  # one successor, nothing leaked
+    assert math_reward(r"\boxed{1}", "1") == 1.0  # and it serves
 
 
 def test_real_slow_input_times_out():
@@ -427,15 +432,15 @@ def test_stats_counts_on_a_hand_made_batch():
 
 
 def test_parallel_batch_matches_serial_and_is_fast():
-    responses = [rf"\boxed{{{i}/7}}" for i in range(100)]
-    golds = [rf"\frac{{{i if i % 3 else i + 1}}}{{7}}" for i in range(100)]
+    responses = [rf"\boxed{{{i}/7}}" for i in range(60)]
+    golds = [rf"\frac{{{i if i % 3 else i + 1}}}{{7}}" for i in range(60)]
     serial, serial_stats = math_rewards(responses, golds)
     parallel, parallel_stats = math_rewards(responses, golds, num_workers=2)
     assert serial == parallel and serial_stats == parallel_stats
-    expected = [0.0 if i % 3 == 0 else 1.0 for i in range(100)]
+    expected = [0.0 if i % 3 == 0 else 1.0 for i in range(60)]
     assert serial == expected
     _, elapsed = _timed(math_rewards, responses, golds)  # gold parses now cached
-    assert elapsed < 5.0
+    assert elapsed < 3.0
 
 
 def test_bad_arguments_raise_value_error():
@@ -445,6 +450,8 @@ def test_bad_arguments_raise_value_error():
         math_reward("a", "a", timeout_s=0)
     with pytest.raises(ValueError, match="fallback"):
         math_rewards(["a"], ["a"], fallback="guess")
+    with pytest.raises(ValueError, match="verify_fn"):
+        math_reward("a", "a", verify_fn="math_verify.verify")
     with pytest.raises(ValueError, match="num_workers"):
         math_rewards(["a"], ["a"], num_workers=0)
 
