@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .reference import torch_bwd, torch_fwd
-from .tl_utils import tl_logit_tile, tl_row_max
+from .tl_utils import tl_atomic_add_tile_product, tl_logit_tile, tl_row_max
 from .triton_configs import AUTOTUNE_CANDIDATES, autotune_enabled, get_config, interpreter_mode
 
 # Gradient filtering (Cut Cross-Entropy's trick) is off unless a caller passes filter_eps > 0.
@@ -258,29 +258,15 @@ def _linear_logprob_entropy_bwd_kernel(
             # Tensor cores take the operands in the input dtype (as the torch bf16 backward
             # does with its bf16 grad-logits); accumulation stays fp32.
             dz_in = dz.to(x_ptr.dtype.element_ty)
-            offs_k = tl.arange(0, BLOCK_K)
-            rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)  # V * H may pass 2^31
             # Two H sweeps rather than one doing both: only one set of [tile, BLOCK_K]
             # pointers/accumulators is live at a time (128x128 tiles spill registers otherwise).
-            if NEED_DX:
-                for k0 in range(0, H, BLOCK_K):
-                    ks = k0 + offs_k
-                    k_in = ks < H
-                    w_blk = tl.load(w_ptr + cols64[:, None] * stride_wv + ks[None, :] * stride_wk,
-                                    mask=col_in[:, None] & k_in[None, :], other=0.0)
-                    dx_part = tl.dot(dz_in, w_blk, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dx_ptr + rows64[:, None] * H + ks[None, :], dx_part,
-                                  mask=valid[:, None] & k_in[None, :], sem="relaxed")
-            if NEED_DW:
-                dz_t = tl.trans(dz_in)
-                for k0 in range(0, H, BLOCK_K):
-                    ks = k0 + offs_k
-                    k_in = ks < H
-                    x_blk = tl.load(x_ptr + rows64[:, None] * stride_xn + ks[None, :] * stride_xk,
-                                    mask=valid[:, None] & k_in[None, :], other=0.0)
-                    dw_part = tl.dot(dz_t, x_blk, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dw_ptr + cols64[:, None] * H + ks[None, :], dw_part,
-                                  mask=col_in[:, None] & k_in[None, :], sem="relaxed")
+            if NEED_DX:  # dX[rows] += dz @ W[cols]
+                tl_atomic_add_tile_product(dz_in, w_ptr, cols, col_in, stride_wv, stride_wk,
+                                           dx_ptr, rows, valid, H, BLOCK_K, DOT_PRECISION)
+            if NEED_DW:  # dW[cols] += dz.T @ X[rows]
+                tl_atomic_add_tile_product(tl.trans(dz_in), x_ptr, rows, valid, stride_xn,
+                                           stride_xk, dw_ptr, cols, col_in, H, BLOCK_K,
+                                           DOT_PRECISION)
 
 
 def triton_bwd(

@@ -50,3 +50,27 @@ def tl_logit_tile(
         bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc += bias[None, :]
     return acc * inv_temp
+
+
+@triton.jit
+def tl_atomic_add_tile_product(
+    a, b_ptr, b_rows, b_row_mask, stride_br, stride_bk,
+    out_ptr, out_rows, out_row_mask, H, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``out[out_rows, :] += a @ b[b_rows, :]`` in BLOCK_K column steps, fp32 atomics.
+
+    ``a`` is a ``[R, C]`` register tile (input dtype), ``b`` a strided ``[*, H]`` matrix
+    whose rows ``b_rows`` (C of them) are read, ``out`` a contiguous fp32 ``[*, H]``.
+    Relaxed atomics: only the sum matters, not the order of the adds.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    b_base = b_ptr + b_rows.to(tl.int64)[:, None] * stride_br  # int64: V * H may pass 2^31
+    out_base = out_ptr + out_rows.to(tl.int64)[:, None] * H
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + offs_k
+        k_in = ks < H
+        b = tl.load(b_base + ks[None, :] * stride_bk, mask=b_row_mask[:, None] & k_in[None, :],
+                    other=0.0)
+        part = tl.dot(a, b, input_precision=DOT_PRECISION)
+        tl.atomic_add(out_base + ks[None, :], part, mask=out_row_mask[:, None] & k_in[None, :],
+                      sem="relaxed")
