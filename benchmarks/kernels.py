@@ -42,6 +42,12 @@ SMOKE_SHAPES = [(64, 32, 1000), (33, 17, 515)]
 ALL_IMPLS = ["naive", "compile", "torch", "triton", "liger", "cce", "gemm"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 LOGPROB_ONLY = {"liger", "cce"}
+# Said in the table: what differs in the work each impl does.
+IMPL_NOTES = {
+    "liger": ";grads computed inside fwd (bwd only rescales)",
+    "cce": ";filter_eps=auto (CCE default gradient filtering)",
+    "gemm": ";[N,V] grad G is a given input",
+}
 IGNORE = -100
 
 
@@ -218,7 +224,7 @@ def bench_shape(shape, impls, modes, dtype, device, warmup, reps):
             print(f"skip {impl}: not importable ({err})", flush=True)
             continue
         for mode in modes:
-            extra = f"dtype={str(dtype).replace('torch.', '')}"
+            extra = f"dtype={str(dtype).replace('torch.', '')}" + IMPL_NOTES.get(impl, "")
             try:
                 if impl == "gemm":
                     samples, peak = run_gemm(mode, x, w, warmup, reps)
