@@ -97,16 +97,19 @@ def test_gather_full_state_dict_plain_model_is_a_cpu_copy():
 
 @pytest.mark.distributed
 def test_fsdp2_two_ranks_match_single_process(tmp_path):
-    out = tmp_path / "fsdp.pt"
+    out, ckpt_root = tmp_path / "fsdp.pt", tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS.parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "dist_worker.py"), str(out)]
+           str(TESTS / "dist_worker.py"), str(out), str(ckpt_root)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = torch.load(out)
     for tied in (False, True):
         ref, got = _single_process_step(tied), results[tied]
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        ref_norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g.double()) for g in ref["grads"].values()]))
+        assert got["grad_norm"] == pytest.approx(float(ref_norm), rel=1e-5)
         assert set(got["grads"]) == set(ref["grads"])
         for name, grad in ref["grads"].items():
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -115,3 +118,33 @@ def test_fsdp2_two_ranks_match_single_process(tmp_path):
             moved = (value - ref["init"][name]).abs().max()
             assert moved > 1e-3 or "rotary" in name, f"{name} did not train"
             torch.testing.assert_close(got["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+    # checkpoint written under FSDP2, resumed into a fresh sharded model: the next step matches
+    assert results["checkpoint"]["resume_max_diff"] == 0.0
+    assert results["checkpoint"]["sampler"] == {"epoch": 0, "position": 2}
+    # ... and the same files load into a plain single-process model + AdamW: the full
+    # optimizer state is keyed by parameter names and equals a single-process run's
+    _check_fsdp_checkpoint_loads_in_one_process(ckpt_root)
+
+
+def _check_fsdp_checkpoint_loads_in_one_process(ckpt_root):
+    from prefix_rft.checkpoint import find_latest, load_checkpoint
+
+    model = dist_worker.build_model(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
+    load_checkpoint(find_latest(ckpt_root), model=model, optimizer=optimizer, restore_rng=False)
+    ref = dist_worker.build_model(False)
+    ref_optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
+    input_ids, labels = dist_worker.global_batch()
+    hidden = ref.model(input_ids=input_ids).last_hidden_state
+    logprob, entropy = linear_logprob_entropy(
+        hidden.flatten(0, 1), ref.lm_head.weight, labels.flatten(), impl="torch")
+    total, count = dist_worker.loss_terms(logprob, entropy, labels)
+    (total / count).backward()
+    ref_optimizer.step()
+    for (name, p), ref_p in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+        state, ref_state = optimizer.state[p], ref_optimizer.state[ref_p]
+        assert float(state["step"]) == float(ref_state["step"]) == 1.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-9, msg=name)
