@@ -66,6 +66,7 @@ _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # each, so escaped braces never count and the scan is a single linear pass.
 _BRACE_TOKEN = re.compile(r"\\[\\{}]|[{}]")
 _UNBRACED_ARGUMENT = re.compile(r"[^\s$]+")
+_SPACES = re.compile(r"\s*")
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 _ANSWER_MARKER = re.compile(r"answer(?:\s+is\b|\s*:)", re.IGNORECASE)  # no .lower(): it
 # may change the length of some unicode strings, and with it the offsets
@@ -112,9 +113,7 @@ def _last_boxed(text: str) -> str | None:
         return None
     partners: dict[int, int] | None = None
     for after_command in reversed(commands):
-        position = after_command
-        while position < len(text) and text[position].isspace():
-            position += 1
+        position = _SPACES.match(text, after_command).end()
         if position < len(text) and text[position] == "{":
             if partners is None:  # built lazily, once, from the first box on
                 partners = _brace_partners(text, commands[0], commands[-1])
@@ -345,7 +344,9 @@ class _Helper:
                 self.kill()
                 raise _HelperFailed("timeouts")
             return self.replies.recv()
-        except (EOFError, OSError) as error:  # died, or never started
+        except _HelperFailed:
+            raise
+        except Exception as error:  # died, never started, or sent something unreadable
             self.kill()
             raise _HelperFailed("errors") from error
 
@@ -494,8 +495,8 @@ class RewardStats:
 
 def _check_options(fallback, timeout_s, verify_fn) -> None:
     _check_fallback(fallback)
-    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-        raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+    if not (isinstance(timeout_s, (int, float)) and 0 < timeout_s < float("inf")):
+        raise ValueError(f"timeout_s: expected a positive finite number, got {timeout_s!r}")
     if verify_fn is not None and not (isinstance(verify_fn, str) and ":" in verify_fn):
         raise ValueError(f"verify_fn: expected 'module:function' or None, got {verify_fn!r}")
 

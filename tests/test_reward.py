@@ -33,7 +33,7 @@ SLACK_S = 0.75
 
 FAKE_VERIFIERS = textwrap.dedent(
     """
-    import signal, time
+    import os, signal, time
 
     def sleepy(gold, answer):          # slow in Python: the helper's own timer cuts it
         time.sleep(60)
@@ -43,6 +43,9 @@ FAKE_VERIFIERS = textwrap.dedent(
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(60)
         return True
+
+    def crash(gold, answer):           # the helper process dies mid-call
+        os._exit(3)
 
     def selective(gold, answer):       # normal, except gold 999 hangs and gold 666 raises
         from math_verify import verify
@@ -359,6 +362,13 @@ def test_stuck_verifier_is_killed_and_replaced():
     assert math_reward(r"\boxed{1}", "1") == 1.0  # and it serves
 
 
+def test_crashed_helper_is_an_error_and_replaced():
+    stats = RewardStats()
+    value = math_reward(r"\boxed{1}", "1", verify_fn="fake_verifiers:crash", stats=stats)
+    assert value == 0.0 and stats.errors == 1 and stats.total == 1
+    assert math_reward(r"\boxed{1}", "1") == 1.0
+
+
 def test_real_slow_input_times_out():
     stats = RewardStats()
     value, elapsed = _timed(math_reward, r"\boxed{9^{9^{9^{9}}}}", "5", timeout_s=0.5,
@@ -448,6 +458,8 @@ def test_bad_arguments_raise_value_error():
         math_rewards(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="timeout_s"):
         math_reward("a", "a", timeout_s=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        math_reward("a", "a", timeout_s=float("nan"))
     with pytest.raises(ValueError, match="fallback"):
         math_rewards(["a"], ["a"], fallback="guess")
     with pytest.raises(ValueError, match="verify_fn"):
