@@ -32,7 +32,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.results_io import (  # noqa: E402
-    RESULTS_DIR, append_rows, make_row, read_rows, render_markdown, render_png,
+    RESULTS_DIR,
+    append_rows,
+    make_row,
+    read_rows,
+    render_markdown,
+    render_png,
 )
 
 OP = "linear_logprob_entropy"

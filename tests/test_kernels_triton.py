@@ -12,8 +12,8 @@ import sys
 import warnings
 
 import pytest
-import triton
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
