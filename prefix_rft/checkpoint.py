@@ -217,12 +217,16 @@ def load_checkpoint(path: str | Path, *, model: nn.Module,
 
 
 # ---------------------------------------------------------------- final HF model
-def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
+                  dtype: torch.dtype | None = None) -> Path:
     """Write the model (full weights, safetensors) and tokenizer as a plain HF directory,
-    loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)``. Atomic like checkpoints;
-    collective under FSDP2 (rank 0 writes)."""
+    loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)``. ``dtype`` (e.g.
+    ``torch.bfloat16``) casts the floating-point weights (default: as trained, fp32
+    masters). Atomic like checkpoints; collective under FSDP2 (rank 0 writes)."""
     out_dir = Path(out_dir)
     state = D.gather_full_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if D.is_main():
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -156,11 +156,20 @@ def test_signal_sets_flag_instead_of_exiting():
 
 
 def test_save_hf_model_loads_with_from_pretrained(tmp_path):
-    from transformers import AutoModelForCausalLM
+    from test_data import make_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = _tiny_qwen()
-    out = C.save_hf_model(model, None, tmp_path / "final")
+    tokenizer = make_tokenizer()
+    out = C.save_hf_model(model, tokenizer, tmp_path / "final")
     loaded = AutoModelForCausalLM.from_pretrained(out)
+    reloaded_tok = AutoTokenizer.from_pretrained(out)
+    assert reloaded_tok("2+3=5")["input_ids"] == tokenizer("2+3=5")["input_ids"]
+    assert reloaded_tok.eos_token_id == tokenizer.eos_token_id
     ids = torch.tensor([[1, 5, 9, 2]])
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert not list(tmp_path.glob(".tmp-*"))
+    half = C.save_hf_model(model, None, tmp_path / "final_bf16", dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(half, dtype=torch.bfloat16)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.to(torch.bfloat16)), key
