@@ -140,6 +140,20 @@ def test_forward_vocab_splits_merge_exactly(n_splits):
     assert_close_to_fp64((lp, ent, lse), (ref_lp, ref_ent, ref_lse), 1e-5)
 
 
+@pytest.mark.parametrize("wanted", [(True, False, False), (False, True, True)])
+def test_only_requested_input_gradients(wanted):
+    """Frozen lm_head (dX only) and frozen trunk (dW, db only) launch only those sweeps."""
+    x, w, b, y, g_lp, g_h = make_problem(21, 30, 200)
+    ops = _ops()
+    _, ent, lse = ops.triton_fwd(x, w, b, y, 1.0, IGNORE)
+    got = ops.triton_bwd(x, w, b, y, lse, ent, g_lp, g_h, 1.0, IGNORE, wanted)
+    ref = outputs_and_grads(ref64_fn, x, w, b, y, g_lp, g_h, 1.0)[2:]
+    for name, want, g, r in zip(NAMES[2:], wanted, got, ref):
+        assert (g is not None) == want, name
+        if want:
+            assert rel_rms(g, r) <= 1e-5, name
+
+
 def test_strided_inputs_and_stride0_upstream_gradients():
     """Non-contiguous hidden/labels, and `lp.sum()` whose upstream grad is an expanded view."""
     x, w, b, y, _, _ = make_problem(30, 40, 200)
