@@ -169,6 +169,15 @@ def demo_token_ids(tokenizer: Any, demo: str) -> list[int]:
     return ids + [int(eos)]
 
 
+def _iter_rows(table: Any, batch_size: int):
+    """Rows as dicts, read a slice at a time (much faster than ``table[i]`` per row)."""
+    for start in range(0, len(table), batch_size):
+        columns = table[start:start + batch_size]
+        names = list(columns)
+        for j in range(len(columns[names[0]]) if names else 0):
+            yield {name: columns[name][j] for name in names}
+
+
 # ---------------------------------------------------------------- the dataset
 class PromptDataset:
     """Usable rows of the training files, prompts tokenized, demonstrations cached lazily.
@@ -206,9 +215,9 @@ class PromptDataset:
 
     def _scan(self, table_index: int, table: Any, batch_size: int) -> None:
         pending: list[tuple[int, int, str, str, str]] = []  # (row, global row, text, answer, problem)
-        for row_index in range(len(table)):
+        for row_index, row in enumerate(_iter_rows(table, batch_size)):
             global_row = self.num_rows + row_index
-            fields = row_fields(table[row_index], self.cfg)
+            fields = row_fields(row, self.cfg)
             if fields["problem"] is None:
                 self._skip("no problem", global_row)
             elif fields["answer"] is None:
