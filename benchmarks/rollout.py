@@ -111,6 +111,8 @@ def build_engine(name: str, model, model_dir: str | None, args):
 
     if name == "hf":
         return make_engine("hf", model, None, eos_token_ids=(), max_batch_rows=args.max_batch_rows)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # vLLM sizes its share from the free memory it sees
     settings = dict(eos_token_ids=(), seed=0,
                     max_model_len=args.prompt_len + args.max_new_tokens + 16)
     if torch.cuda.is_available():

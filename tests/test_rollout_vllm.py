@@ -34,15 +34,27 @@ MAX_MODEL_LEN = 128
 _SET_NUM_THREADS = torch.set_num_threads
 
 
+CONFIG_EOS_CONTEXT = [5, 6, 7]
+
+
 @pytest.fixture(scope="module")
 def model_and_engine(tmp_path_factory):
+    """The tiny model saved with an ``eos_token_id`` that greedy decoding of
+    ``CONFIG_EOS_CONTEXT`` emits at step 4, served by an engine told ``eos_token_ids=()``:
+    vLLM must not stop at the model dir's EOS behind the engine's back."""
     model = tiny_qwen2(seed=0)
-    model_dir = tmp_path_factory.mktemp("tiny_qwen2")
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=10)
+    free_run = make_engine("hf", model, None, eos_token_ids=()).generate(
+        [RolloutRequest(CONFIG_EOS_CONTEXT, sampling=greedy)])[0][0].continuation_ids
+    config_eos = free_run[3]
+    model.config.eos_token_id = model.generation_config.eos_token_id = config_eos
+    model_dir = str(tmp_path_factory.mktemp("tiny_qwen2"))
     model.save_pretrained(model_dir)
-    engine = make_engine("vllm", str(model_dir), None, dtype="float32",
-                         max_model_len=MAX_MODEL_LEN, seed=0)
+    engine = make_engine("vllm", model_dir, None, dtype="float32",
+                         max_model_len=MAX_MODEL_LEN, seed=0, eos_token_ids=())
     yield model, engine
     engine.close()
+    model.config.eos_token_id = model.generation_config.eos_token_id = EOS
 
 
 def _requests(sampling, n=1):
@@ -65,14 +77,27 @@ def _mismatch(model, requests, results, temperature):
 
 
 def test_default_eos_read_from_model_dir(model_and_engine):
-    _, engine = model_and_engine
-    assert engine.eos_token_ids == (EOS,)
+    from prefix_rft.rollout.vllm import default_eos_token_ids
+
+    model, engine = model_and_engine
+    assert engine.eos_token_ids == ()
+    assert default_eos_token_ids(engine.model_dir) == (model.config.eos_token_id,)
+
+
+def test_model_dir_eos_is_not_a_stop_when_engine_eos_is_empty(model_and_engine):
+    model, engine = model_and_engine
+    config_eos = model.config.eos_token_id
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=10)
+    sample = engine.generate([RolloutRequest(CONFIG_EOS_CONTEXT, sampling=greedy)])[0][0]
+    assert config_eos in sample.continuation_ids[:-1]
+    assert sample.finish_reason == "length"
+    assert len(sample.response_ids) == greedy.max_new_tokens
 
 
 def test_continues_after_prefix_with_mixed_lengths(model_and_engine):
     _, engine = model_and_engine
     sampling = SamplingSettings(temperature=1.0, max_new_tokens=12, seed=1,
-                                stop_token_ids=())
+                                stop_token_ids=(EOS,))
     requests = _requests(sampling, n=3)
     results = engine.generate(requests)
     assert [len(r) for r in results] == [3, 3, 3]
@@ -94,8 +119,6 @@ def test_stop_token_and_length_finish_reasons(model_and_engine):
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=10, stop_token_ids=())
     request = RolloutRequest([5, 6, 7], [8], sampling=greedy)
     free_run = engine.generate([request])[0][0]
-    if EOS in free_run.continuation_ids:
-        pytest.fail("the fixture model emits EOS greedily here; pick another context")
     assert free_run.finish_reason == "length"
     assert len(free_run.response_ids) == greedy.max_new_tokens
     stop_token = free_run.continuation_ids[3]
@@ -110,7 +133,7 @@ def test_greedy_agrees_with_hf_engine(model_and_engine):
     model, engine = model_and_engine
     sampling = SamplingSettings(temperature=0.0, max_new_tokens=24)
     requests = _requests(sampling)
-    hf_results = make_engine("hf", model, None).generate(requests)
+    hf_results = make_engine("hf", model, None, eos_token_ids=()).generate(requests)
     vllm_results = engine.generate(requests)
     for (hf,), (vl,) in zip(hf_results, vllm_results):
         assert vl.response_ids == hf.response_ids
@@ -150,7 +173,7 @@ def test_logprobs_match_trainer_before_and_after_weight_update(model_and_engine)
         assert _mismatch(model, requests, after, temperature)["mismatch_mean"] > 1e-2
         greedy = [RolloutRequest([5, 6, 7], sampling=SamplingSettings(temperature=0.0,
                                                                       max_new_tokens=6))]
-        old_lp = make_engine("hf", model, None).generate(greedy)[0][0].logprobs
+        old_lp = make_engine("hf", model, None, eos_token_ids=()).generate(greedy)[0][0].logprobs
         new_lp = engine.generate(greedy)[0][0].logprobs
         assert max(abs(a - b) for a, b in zip(old_lp, new_lp)) > 1e-2
     finally:

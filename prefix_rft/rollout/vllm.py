@@ -11,10 +11,11 @@
   (temperature-scaled, top-k/top-p masked and renormalized). vLLM's default,
   ``"raw_logprobs"``, would report log-probs at temperature 1; see ``base.py`` for the
   convention the HF engine matches.
-- Stops: ``generation_config="vllm"`` keeps the model dir's ``generation_config.json`` from
-  adding stop ids behind our back; every request stops at exactly ``sampling.stop_token_ids``
-  plus this engine's ``eos_token_ids`` (default: ``eos_token_id`` of the dir's config.json
-  and generation_config.json).
+- Stops: every request stops at exactly ``sampling.stop_token_ids`` plus this engine's
+  ``eos_token_ids`` (default: ``eos_token_id`` of the dir's config.json and
+  generation_config.json), passed as ``stop_token_ids`` with ``ignore_eos=True`` -- without
+  it vLLM adds the dir's generation-config EOS ids on its own (even with
+  ``generation_config="vllm"``, which still keeps that file's sampling defaults out).
 - Weight sync: ``load_weights(named_tensors)`` streams the trainer's tensors (HF names such
   as ``model.layers.0.self_attn.q_proj.weight`` are what vLLM's Qwen2 loader expects; it
   fuses q/k/v and gate/up itself) into the live model with
@@ -64,6 +65,15 @@ def _read_json(path: str) -> dict:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def default_eos_token_ids(model_dir: str, tokenizer=None) -> tuple[int, ...]:
+    """EOS ids of a model dir: ``eos_token_id`` of config.json, generation_config.json and
+    the tokenizer (each may be an int, a list or absent)."""
+    return eos_ids_from(
+        _read_json(os.path.join(model_dir, "config.json")).get("eos_token_id"),
+        _read_json(os.path.join(model_dir, "generation_config.json")).get("eos_token_id"),
+        getattr(tokenizer, "eos_token_id", None))
 
 
 class _ProcessStateKept:
@@ -133,10 +143,7 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"model must be a local Hugging Face model directory with a "
                              f"config.json, got {model_dir!r}")
         if eos_token_ids is None:
-            eos_token_ids = eos_ids_from(
-                _read_json(os.path.join(model_dir, "config.json")).get("eos_token_id"),
-                _read_json(os.path.join(model_dir, "generation_config.json")).get("eos_token_id"),
-                getattr(tokenizer, "eos_token_id", None))
+            eos_token_ids = default_eos_token_ids(model_dir, tokenizer)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.model_dir = model_dir
         self.sleep_level = sleep_level
@@ -171,7 +178,11 @@ class VLLMEngine(RolloutEngine):
             n=request.n, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else -1, max_tokens=request.continuation_budget,
             stop_token_ids=sorted(self.stop_ids_for(request)), seed=s.seed, logprobs=0,
-            detokenize=False)
+            detokenize=False,
+            # vLLM would add the model dir's generation_config eos ids to the stop ids even
+            # with generation_config="vllm"; ignore_eos keeps exactly our stop set (EOS ids
+            # included), which vLLM still honours.
+            ignore_eos=True)
 
     def generate(self, requests: Sequence[RolloutRequest]) -> list[list[RolloutSample]]:
         requests = validate_requests(requests)
