@@ -19,7 +19,7 @@ state. Inside the helper (a single-threaded process we own) a *soft* ``setitimer
 interrupts Python-level slowness at the limit, so most slow inputs cost no restart; the
 caller's kill, ``HARD_KILL_GRACE_S`` later, covers computations stuck in C. A round trip
 costs ~0.1 ms on top of math-verify's ~1-3 ms parse. Gold answers are parsed once per
-helper (``lru_cache``).
+helper (``lru_cache``) and verdicts memoized there (a group's rollouts often agree).
 
 Concurrency: each calling thread checks a helper out of a process-wide pool (a new one is
 started only when all are busy), so threads never share a pipe. Helpers exit when their
@@ -40,6 +40,7 @@ import atexit
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -55,9 +56,7 @@ FALLBACKS = ("none", "last_number", "answer_is")
 DEFAULT_TIMEOUT_S = 5.0  # math-verify's own default per operation
 DEFAULT_MAX_ANSWER_CHARS = 1000  # longer "answers" are garbage: counted as parse failures
 _STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine; not part of the call limit
-# The helper's own timer fires at the limit; the caller kills it this much later (time
-# for the helper to notice and answer, even on a loaded machine).
-HARD_KILL_GRACE_S = 0.25
+HARD_KILL_GRACE_S = 0.25  # the helper's timer fires at the limit; we kill it this much later
 
 # ---------------------------------------------------------------- answer extraction
 
@@ -151,9 +150,8 @@ def _check_fallback(fallback: str | Sequence[str]) -> tuple[str, ...]:
     names = (fallback,) if isinstance(fallback, str) else tuple(fallback)
     for name in names:
         if name not in FALLBACKS:
-            raise ValueError(
-                f"fallback: expected one of {FALLBACKS} or a sequence of them, got {name!r}"
-            )
+            raise ValueError(f"fallback: expected one of {FALLBACKS} or a sequence of "
+                             f"them, got {name!r}")
     return names
 
 
@@ -240,21 +238,32 @@ def _load_verify_fn(spec: str | None):
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def _verify_in_helper(answer: str, gold: str, soft_timeout_s: float, spec, parse_gold):
+@functools.lru_cache(maxsize=8192)
+def _parse_gold(gold: str) -> list:
+    return _parse_latex_or_plain(gold)
+
+
+@functools.lru_cache(maxsize=16384)
+def _verdict(answer: str, gold: str, spec: str | None) -> str:
+    """Outcome of a finished verification. Memoized (in the helper): a group's rollouts
+    often share an answer. Timeouts and errors are exceptions, hence never cached."""
+    gold_parsed = _parse_gold(gold)
+    if not gold_parsed:
+        return "parse_failures"
+    answer_parsed = _parse_latex_or_plain(answer)
+    if not answer_parsed:
+        return "parse_failures"
+    return "correct" if _load_verify_fn(spec)(gold_parsed, answer_parsed) else "wrong"
+
+
+def _verify_in_helper(answer: str, gold: str, soft_timeout_s: float, spec) -> str:
     """One verification inside the helper -> outcome name (see :class:`RewardStats`)."""
     import signal
 
     try:
         try:
             signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
-            gold_parsed = parse_gold(gold)
-            if not gold_parsed:
-                return "parse_failures"
-            answer_parsed = _parse_latex_or_plain(answer)
-            if not answer_parsed:
-                return "parse_failures"
-            verify_fn = _load_verify_fn(spec)
-            return "correct" if verify_fn(gold_parsed, answer_parsed) else "wrong"
+            return _verdict(answer, gold, spec)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _SoftTimeout:  # also catches a timer firing inside the finally above
@@ -265,7 +274,6 @@ def _verify_in_helper(answer: str, gold: str, soft_timeout_s: float, spec, parse
 
 def _helper_main(read_fd: int, write_fd: int) -> None:
     """Entry point of a helper process: serve requests until the pipe closes."""
-    import functools
     import logging
     import signal
 
@@ -280,7 +288,6 @@ def _helper_main(read_fd: int, write_fd: int) -> None:
 
     signal.signal(signal.SIGALRM, on_timer)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
-    parse_gold = functools.lru_cache(maxsize=8192)(_parse_latex_or_plain)
     replies.send(("ready", os.getpid()))
     while True:
         try:
@@ -289,9 +296,8 @@ def _helper_main(read_fd: int, write_fd: int) -> None:
             return
         if request is None:
             return
-        answer, gold, soft_timeout_s, spec = request
         try:
-            replies.send(_verify_in_helper(answer, gold, soft_timeout_s, spec, parse_gold))
+            replies.send(_verify_in_helper(*request))
         except OSError:  # the caller has gone
             return
 
@@ -352,11 +358,8 @@ class _Helper:
 
     def forget(self) -> None:
         """Close our ends of the pipes (in a forked child: the helper stays the parent's)."""
-        for connection in (self.requests, self.replies):
-            try:
-                connection.close()
-            except OSError:
-                pass
+        self.requests.close()  # idempotent
+        self.replies.close()
 
     def close(self) -> None:
         """Ask the helper to exit (pipe EOF), then make sure it did."""
@@ -438,21 +441,21 @@ def shutdown_workers() -> None:
 def warmup(num_workers: int = 1) -> int:
     """Have ``num_workers`` helpers started and done importing math-verify; returns how
     many are ready (fewer if some could not start; never raises)."""
-    helpers, ready = [], 0
+    helpers = []
     try:
-        for _ in range(num_workers):
+        while len(helpers) < num_workers:
             helpers.append(_POOL.acquire())
-    except OSError:
+    except OSError:  # could not start one: report fewer
         pass
+    ready = 0
     for helper in helpers:
         try:
             helper._wait_ready()
+            ready += 1
+            _POOL.release(helper)
         except (EOFError, OSError):
             helper.kill()
             _POOL.discard(helper)
-            continue
-        ready += 1
-        _POOL.release(helper)
     return ready
 
 
@@ -555,7 +558,7 @@ def math_reward(response_text: str, gold_answer: str, *, fallback="none",
         stats: if given, this call's outcome is counted into it.
 
     Returns 0.0 on every failure (no answer, parse failure, timeout, error); never raises
-    except ValueError for an invalid ``fallback`` / ``timeout_s``.
+    except ValueError for an invalid ``fallback`` / ``timeout_s`` / ``verify_fn``.
     """
     _check_options(fallback, timeout_s, verify_fn)
     outcome = _score(response_text, gold_answer, fallback, timeout_s, max_answer_chars,
@@ -577,22 +580,19 @@ def math_rewards(responses: Sequence[str], golds: Sequence[str], *, fallback="no
     helper processes at once. Raises ValueError on mismatched lengths or bad options.
     """
     if len(responses) != len(golds):
-        raise ValueError(
-            f"golds: expected one gold per response ({len(responses)}), got {len(golds)}"
-        )
+        raise ValueError(f"golds: expected one per response ({len(responses)}), got {len(golds)}")
     if not (isinstance(num_workers, int) and num_workers >= 1):
         raise ValueError(f"num_workers: expected an int >= 1, got {num_workers!r}")
     _check_options(fallback, timeout_s, verify_fn)
 
-    def score(pair) -> str:
-        return _score(pair[0], pair[1], fallback, timeout_s, max_answer_chars, verify_fn)
+    def score(response, gold) -> str:
+        return _score(response, gold, fallback, timeout_s, max_answer_chars, verify_fn)
 
-    pairs = list(zip(responses, golds))
-    if num_workers == 1 or len(pairs) <= 1:
-        outcomes = [score(pair) for pair in pairs]
+    if num_workers == 1 or len(responses) <= 1:
+        outcomes = list(map(score, responses, golds))
     else:
         with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as executor:
-            outcomes = list(executor.map(score, pairs))
+            outcomes = list(executor.map(score, responses, golds))
     stats = RewardStats()
     for outcome in outcomes:
         stats.record(outcome)

@@ -345,6 +345,9 @@ def test_slow_verifier_is_cut_by_the_helpers_timer():
     assert value == 0.0 and stats.timeouts == 1 and stats.total == 1
     assert elapsed <= 0.5 + SLACK_S
     assert reward._POOL.started == starts_before  # soft path: no restart needed
+    # verdicts are memoized, timeouts are not: the same call times out again
+    math_reward(r"\boxed{1}", "1", timeout_s=0.3, verify_fn="fake_verifiers:sleepy", stats=stats)
+    assert stats.timeouts == 2
     assert math_reward(r"\boxed{1}", "1") == 1.0
 
 
