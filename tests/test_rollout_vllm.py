@@ -54,6 +54,8 @@ def model_and_engine(tmp_path_factory):
                          max_model_len=MAX_MODEL_LEN, seed=0, eos_token_ids=())
     yield model, engine
     engine.close()
+    # close() leaves no torch.distributed state behind for later tests / a trainer.
+    assert not torch.distributed.is_initialized()
     model.config.eos_token_id = model.generation_config.eos_token_id = EOS
 
 
@@ -204,3 +206,4 @@ def test_vllm_start_up_left_torch_threads_alone(model_and_engine):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+

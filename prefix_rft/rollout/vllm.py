@@ -40,6 +40,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -159,6 +160,8 @@ class VLLMEngine(RolloutEngine):
         import vllm  # noqa: PLC0415  (only when this engine is chosen)
 
         self._vllm = vllm
+        # In-process vLLM starts a 1-rank process group unless one exists (torchrun's).
+        self._owns_process_group = not torch.distributed.is_initialized()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Under torchrun each rank runs its own engine (TP=1) inside the launcher's
             # process group, as vLLM's RL colocation examples (and TRL's colocate mode) do.
@@ -239,8 +242,18 @@ class VLLMEngine(RolloutEngine):
             self._asleep = False
 
     def close(self) -> None:
-        """Drop the engine (and the temporary model dir, if one was written)."""
+        """Drop the engine, the process group it started (if any) and the temporary model
+        dir (if one was written), so that a later engine or trainer can start cleanly."""
         self.llm = None
+        gc.collect()  # vLLM's in-process engine core shuts down when collected
+        if self._owns_process_group and torch.distributed.is_initialized():
+            from vllm.distributed.parallel_state import (  # noqa: PLC0415
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
