@@ -29,6 +29,7 @@ checkpoint and return; an exception in a single-process run saves before re-rais
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import resource
@@ -497,6 +498,23 @@ def _setup(cfg: Config) -> dict[str, Any]:
                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
 
+def periodic_eval(ctx) -> dict[str, float]:
+    """``eval.files`` scored with the rollout engine: ``eval/<file stem>/avg@k`` and ``pass@k``.
+    Every rank evaluates every question (same seeds), so FSDP2 ranks stay in step."""
+    from .evaluate import evaluate_rows
+
+    cfg, e, out = ctx["cfg"], ctx["cfg"].eval, {}
+    for path in e.files:
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        with unsharded_for_generation(ctx["model"]), compute_context(ctx["model"], ctx["device"], cfg):
+            result = evaluate_rows(ctx["model"], ctx["tokenizer"], rows, e.k, temperature=e.temperature,
+                                   top_p=e.top_p, max_response_tokens=e.max_response_tokens,
+                                   engine=ctx["engine"], seed=cfg.train.seed, instruction=cfg.data.instruction)
+        out[f"eval/{Path(path).stem}/avg@{e.k}"] = result[f"avg@{e.k}"]
+        out[f"eval/{Path(path).stem}/pass@{e.k}"] = result[f"pass@{e.k}"]
+    return out
+
+
 def _save(ctx, done: int, sampler_state: dict, metrics: dict) -> Path:
     cfg = ctx["cfg"]
     return ckpt.save_checkpoint(ctx["run_dir"], done, model=ctx["model"], optimizer=ctx["optimizer"],
@@ -541,6 +559,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 raise
             done += 1
             steps_this_run += 1
+            if cfg.eval.every and cfg.eval.files and (done % cfg.eval.every == 0 or done == total):
+                metrics.update(periodic_eval(ctx))
             if done % cfg.log.every == 0 or done == total:
                 logger.log(done, metrics)
             else:

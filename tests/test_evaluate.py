@@ -9,10 +9,16 @@ import math
 from fractions import Fraction
 
 import pytest
+from train_helpers import shared_assets
 
 from prefix_rft.evaluate import evaluate_rows, main, pass_at_k, pass_ks, summarize
 from prefix_rft.rollout import RolloutEngine, RolloutSample
-from train_helpers import tiny_assets  # noqa: F401  (session fixture)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    return shared_assets(tmp_path_factory)
+
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> Fraction:

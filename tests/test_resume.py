@@ -9,11 +9,17 @@ import signal
 
 import pytest
 import torch
+from train_helpers import read_jsonl, shared_assets, tiny_config
 
 import prefix_rft.train as train_module
 from prefix_rft.checkpoint import list_checkpoints
 from prefix_rft.train import train
-from train_helpers import read_jsonl, tiny_assets, tiny_config  # noqa: F401  (session fixture)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    return shared_assets(tmp_path_factory)
+
 
 TIMING_KEYS = {"time", "tokens_per_s", "peak_mem_gb"}
 
@@ -39,7 +45,7 @@ def _comparable(rows):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_assets, tmp_path_factory):  # noqa: F811
+def reference(tiny_assets, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
     result = train(_config(tiny_assets, run_dir))
     assert result["steps_done"] == 4

@@ -10,9 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import read_jsonl, shared_assets, tiny_config
 
 from prefix_rft.train import train
-from train_helpers import read_jsonl, tiny_assets, tiny_config  # noqa: F401  (session fixture)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    return shared_assets(tmp_path_factory)
+
 
 # DESIGN §3 "Logged each step" (plus the engine-vs-trainer mismatch), as metrics.jsonl keys.
 SECTION3_METRICS = [
@@ -67,10 +73,14 @@ def _check_run(result, run_dir: Path, steps: int, initial: dict[str, torch.Tenso
 
 def test_prefix_rft_three_steps_hf_engine(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = _prefix_rft_config(tiny_assets, run_dir, log__plots=True)
+    cfg = _prefix_rft_config(tiny_assets, run_dir, log__plots=True, eval__files=[tiny_assets["test"]],
+                             eval__every=2, eval__k=2, eval__max_response_tokens=8)
     initial = _weights(tiny_assets["model"])
     result = train(cfg)
     rows = _check_run(result, run_dir, 3, initial)
+    # periodic eval at step 2 and at the end
+    assert [("eval/test/avg@2" in r) for r in rows] == [False, True, True]
+    assert all(0 <= r["eval/test/pass@2"] <= 1 for r in rows[1:])
     # The HF engine samples from the live policy: its log-probs are the trainer's up to fp32 noise.
     assert all(r["mismatch_max"] < 1e-3 for r in rows)
     for name in PLOTS:

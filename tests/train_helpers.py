@@ -66,7 +66,11 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="session")
-def tiny_assets(tmp_path_factory) -> dict[str, str]:
-    """Session-wide tiny task + tokenizer + micro Qwen2 model directory (import this fixture)."""
-    return build_assets(tmp_path_factory.mktemp("tiny_assets"))
+_SHARED: dict[str, dict[str, str]] = {}
+
+
+def shared_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``build_assets`` once per pytest session, shared by every test file's fixture."""
+    if "assets" not in _SHARED:
+        _SHARED["assets"] = build_assets(tmp_path_factory.mktemp("tiny_assets"))
+    return _SHARED["assets"]
