@@ -416,6 +416,8 @@ def train_step(step, ctx) -> dict[str, float]:
     cfg, model, device, engine, tok = ctx["cfg"], ctx["model"], ctx["device"], ctx["engine"], ctx["tokenizer"]
     world, pad_id, loss_fn = ctx["world"], ctx["pad_id"], ctx["loss_fn"]
     ds, sampler = ctx["dataset"], ctx["sampler"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gb is this step's
     t0 = time.perf_counter()
     # ---- sample questions, build requests, roll out
     indices = sampler.next_batch(cfg.train.prompts_per_step)

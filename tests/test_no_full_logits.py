@@ -126,3 +126,21 @@ def test_lm_head_hook_catches_the_full_logits_path():
     model.lm_head.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("logits"))
     with pytest.raises(AssertionError, match="logits"):
         model(input_ids=torch.randint(0, VOCAB, (1, 8)))
+
+
+def test_train_step_benchmark_paths_compute_the_same_loss():
+    """benchmarks/train_step.py times two paths to one loss: check they agree (fp32, CPU)."""
+    from benchmarks.train_step import SHAPES, build_model, loss_of, make_inputs
+
+    model = build_model("smoke", "cpu", checkpointing=False)
+    x, P, T = make_inputs(SHAPES["smoke"][5], 4, 24, "cpu")
+    fused = loss_of(model, "fused", x, P, T, "torch")
+    full = loss_of(model, "full_logits", x, P, T, "torch")
+    assert torch.isfinite(fused) and fused.item() != 0.0
+    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-6)
+    fused.backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full.backward()
+    for g, p in zip(fused_grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
