@@ -161,10 +161,11 @@ def compute_context(model: torch.nn.Module, device: torch.device, cfg: Config):
 
 
 @contextlib.contextmanager
-def unsharded_for_generation(model: torch.nn.Module):
-    """Under FSDP2, gather the weights once for a whole generate call: ranks decode different
-    numbers of steps, so per-forward all-gathers would deadlock. No-op on a plain model."""
-    if not D.is_fsdp(model):
+def unsharded_for_generation(model: torch.nn.Module, engine):
+    """Under FSDP2, gather the weights once for a whole HF-engine generate call: ranks decode
+    different numbers of steps, so per-forward all-gathers would deadlock. No-op on a plain
+    model or for vLLM (it has its own copy of the weights)."""
+    if not D.is_fsdp(model) or engine.name != "hf":
         yield
         return
     from torch.distributed.fsdp import FSDPModule
@@ -219,7 +220,7 @@ def build_requests(cfg: Config, items: list[dict], step: int, first_position: in
 
 def roll_out(engine, model, cfg, device, items, requests, meta) -> list[Rollout]:
     """Generate and flatten into :class:`Rollout` rows, grouped by question."""
-    with torch.no_grad(), unsharded_for_generation(model), compute_context(model, device, cfg):
+    with torch.no_grad(), unsharded_for_generation(model, engine), compute_context(model, device, cfg):
         outputs = engine.generate(requests)
     rollouts = []
     for request, (q, prefixed, _), samples in zip(requests, meta, outputs):
@@ -508,7 +509,7 @@ def periodic_eval(ctx) -> dict[str, float]:
     cfg, e, out = ctx["cfg"], ctx["cfg"].eval, {}
     for path in e.files:
         rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        with unsharded_for_generation(ctx["model"]), compute_context(ctx["model"], ctx["device"], cfg):
+        with unsharded_for_generation(ctx["model"], ctx["engine"]), compute_context(ctx["model"], ctx["device"], cfg):
             result = evaluate_rows(ctx["model"], ctx["tokenizer"], rows, e.k, temperature=e.temperature,
                                    top_p=e.top_p, max_response_tokens=e.max_response_tokens,
                                    engine=ctx["engine"], seed=cfg.train.seed, instruction=cfg.data.instruction)

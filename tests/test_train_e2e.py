@@ -74,7 +74,8 @@ def _check_run(result, run_dir: Path, steps: int, initial: dict[str, torch.Tenso
 def test_prefix_rft_three_steps_hf_engine(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
     cfg = _prefix_rft_config(tiny_assets, run_dir, log__plots=True, eval__files=[tiny_assets["test"]],
-                             eval__every=2, eval__k=2, eval__max_response_tokens=8)
+                             eval__every=2, eval__k=2, eval__max_response_tokens=8,
+                             log__tensorboard="true", log__progress=True)
     initial = _weights(tiny_assets["model"])
     result = train(cfg)
     rows = _check_run(result, run_dir, 3, initial)
@@ -86,6 +87,7 @@ def test_prefix_rft_three_steps_hf_engine(tiny_assets, tmp_path):
     for name in PLOTS:
         assert (run_dir / "plots" / f"{name}.png").stat().st_size > 1000
     assert len(list((run_dir / "checkpoints").iterdir())) == 3
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.vllm
