@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-# Tile sizes of the chunked torch path: a [1024, 8192] fp32 tile is 32 MiB; the forward keeps
-# about four such temporaries alive, the backward about five.
+# Tile sizes of the chunked torch path: a [1024, 8192] fp32 tile is 32 MiB; forward and
+# backward each keep two or three such temporaries alive.
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 8192
 
@@ -112,12 +112,13 @@ def torch_fwd(
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, vocab)
             z = _logit_tile(x, weight, bias, v0, v1, temperature)
-            m = z.max(dim=1).values
-            e = torch.exp(z - m[:, None])
-            tile_stats = (m, e.sum(1), (e * (z - m[:, None])).sum(1))
-            stats = tile_stats if stats is None else merge_softmax_stats(*stats, *tile_stats)
             rows, cols = _label_hits(y, v0, v1)
             z_label[rows] = z[rows, cols]
+            m = z.amax(dim=1)
+            z -= m[:, None]  # in place: z - m is all that is needed from here on
+            e = torch.exp(z)
+            tile_stats = (m, e.sum(1), torch.linalg.vecdot(e, z))
+            stats = tile_stats if stats is None else merge_softmax_stats(*stats, *tile_stats)
         m, s, w = stats
         lse = m + torch.log(s)
         out[0][idx], out[1][idx], out[2][idx] = z_label - lse, torch.log(s) - w / s, lse
@@ -162,11 +163,16 @@ def torch_bwd(
             v1 = min(v0 + vocab_chunk, vocab)
             z = _logit_tile(x, weight, bias, v0, v1, temperature)
             p = torch.exp(z - row_lse)
-            dz = torch.zeros_like(z)
+            # dz = p * (-g_H (z - (lse - H)) - g_lp) + g_lp onehot, built in place in z's
+            # buffer so a tile costs two [rows, cols] temporaries, not five.
             if g_h is not None:
-                dz -= g_h[:, None] * p * (z - (row_lse - entropy[idx][:, None]))
+                dz = z.sub_(row_lse - entropy[idx][:, None]).mul_(-g_h[:, None])
+                if g_lp is not None:
+                    dz.sub_(g_lp[:, None])
+                dz.mul_(p)
+            else:
+                dz = p.mul_(-g_lp[:, None])
             if g_lp is not None:
-                dz -= g_lp[:, None] * p
                 rows, cols = _label_hits(y, v0, v1)
                 dz[rows, cols] += g_lp[rows]
             if temperature != 1.0:
