@@ -1,0 +1,258 @@
+"""The embedded demo task: seeded multi-step arithmetic with step-by-step demonstrations.
+
+A problem is a left-nested chain of integer operations written as one expression,
+for example ``Compute (17 + 25) * 3 - 41.``; its demonstration works it one operation
+per line and ends in ``\\boxed{answer}``::
+
+    17+25=42
+    42*3=126
+    126-41=85
+    The answer is \\boxed{85}.
+
+Every intermediate value stays in ``[0, max_value]``, so all answers are non-negative
+integers written in plain digits (``math_verify`` parses them directly). Difficulty is
+the number of operations and the operand size (``DIFFICULTIES``): a tiny model trained
+on the "easy" chains rarely finishes a "hard" chain correctly, while the worked
+demonstration of a hard chain shows exactly the intermediate results it needs.
+
+Splits are disjoint by construction: whether a problem text may appear in the
+held-out split is decided by a hash of the text alone (about ``HELD_OUT_SHARE`` of all
+problems), so no seed, difficulty or row count can ever put the same problem in both.
+
+Rows are flat dicts -- ``problem``, ``solution`` (the demonstration), ``answer`` (gold
+string) -- the schema ``prefix_rft.data`` reads, plus ``difficulty`` and ``num_steps``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+# The trainer's default instruction (``prefix_rft.config.DEFAULT_INSTRUCTION``, appended
+# to the question after a space). The base step trains on prompts with and without it,
+# so the demo works with ``data.instruction`` at its default or "" (shorter, faster).
+INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+# Share of the problem space (by text hash) that may only ever appear in held-out splits.
+HELD_OUT_SHARE = 0.1
+
+_PROBLEM_TEMPLATES = ("Compute {expr}.", "What is {expr}?", "Evaluate {expr}.")
+_OPS = ("+", "-", "*")
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard a problem is: number of operations and operand / value ranges."""
+
+    min_steps: int  # fewest operations in a chain (>= 1)
+    max_steps: int  # most operations in a chain (>= min_steps)
+    max_operand: int  # largest addend / subtrahend and the largest starting number
+    max_multiplier: int  # largest factor k in "x * k" (0 disables multiplication)
+    max_value: int  # every intermediate and final value stays in [0, max_value]
+
+    def validate(self) -> None:
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(
+                f"difficulty: expected 1 <= min_steps <= max_steps, got "
+                f"{self.min_steps}, {self.max_steps}"
+            )
+        if self.max_operand < 2 or self.max_value < self.max_operand:
+            raise ValueError(
+                f"difficulty: expected 2 <= max_operand <= max_value, got "
+                f"max_operand={self.max_operand}, max_value={self.max_value}"
+            )
+        if self.max_multiplier == 1 or self.max_multiplier < 0:
+            raise ValueError(
+                f"difficulty.max_multiplier: expected 0 (off) or >= 2, got {self.max_multiplier}"
+            )
+
+
+DIFFICULTIES: dict[str, Difficulty] = {
+    # what the base step mostly trains on: short chains
+    "easy": Difficulty(min_steps=1, max_steps=2, max_operand=9, max_multiplier=5, max_value=99),
+    "medium": Difficulty(min_steps=2, max_steps=3, max_operand=9, max_multiplier=5, max_value=99),
+    # the demo's target: longer chains of the same operations; a tiny model's errors are
+    # mostly in reading the chain (which operand, which operation comes next), which the
+    # demonstration's lines spell out
+    "hard": Difficulty(min_steps=3, max_steps=4, max_operand=9, max_multiplier=5, max_value=99),
+    # two-digit operands: far slower for a tiny model to learn (kept for bigger models)
+    "hard_big": Difficulty(min_steps=3, max_steps=4, max_operand=50, max_multiplier=9,
+                           max_value=999),
+}
+
+
+def get_difficulty(difficulty: str | Difficulty) -> Difficulty:
+    """Return a ``Difficulty`` for a preset name or pass one through (validated)."""
+    if isinstance(difficulty, Difficulty):
+        difficulty.validate()
+        return difficulty
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(
+            f"difficulty: expected one of {sorted(DIFFICULTIES)} or a Difficulty, got {difficulty!r}"
+        )
+    return DIFFICULTIES[difficulty]
+
+
+def is_held_out_problem(problem: str) -> bool:
+    """True when ``problem`` belongs to the held-out part of the problem space (by hash)."""
+    digest = hashlib.sha256(problem.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < HELD_OUT_SHARE
+
+
+def _apply(value: int, op: str, operand: int) -> int:
+    if op == "+":
+        return value + operand
+    if op == "-":
+        return value - operand
+    return value * operand
+
+
+def _pick_step(rng: random.Random, value: int, d: Difficulty) -> tuple[str, int]:
+    """One operation keeping the running value in [0, max_value] (why: plain answers)."""
+    choices = []
+    if value + 1 <= d.max_value:
+        choices.append("+")
+    if value >= 1:
+        choices.append("-")
+    if d.max_multiplier >= 2 and 2 <= value and value * 2 <= d.max_value:
+        choices.append("*")
+    op = rng.choice(choices)
+    if op == "+":
+        return op, rng.randint(1, min(d.max_operand, d.max_value - value))
+    if op == "-":
+        return op, rng.randint(1, min(d.max_operand, value))
+    return op, rng.randint(2, min(d.max_multiplier, d.max_value // value))
+
+
+def render_expression(start: int, steps: list[tuple[str, int]]) -> str:
+    """Left-nested chain as a minimal-parenthesis expression: ``(17 + 25) * 3 - 41``."""
+    expr, top_level_additive = str(start), False
+    for op, operand in steps:
+        if op == "*" and top_level_additive:
+            expr = f"({expr})"  # why: '*' binds tighter, the chain is evaluated left to right
+        expr = f"{expr} {op} {operand}"
+        top_level_additive = op in "+-"
+    return expr
+
+
+def make_problem(rng: random.Random, difficulty: str | Difficulty) -> dict:
+    """One row drawn from ``rng``: {problem, solution, answer, difficulty, num_steps}."""
+    d = get_difficulty(difficulty)
+    num_steps = rng.randint(d.min_steps, d.max_steps)
+    value = rng.randint(2, d.max_operand)
+    start, steps, lines = value, [], []
+    for _ in range(num_steps):
+        op, operand = _pick_step(rng, value, d)
+        new_value = _apply(value, op, operand)
+        lines.append(f"{value}{op}{operand}={new_value}")  # why no spaces: fewer tokens
+        steps.append((op, operand))
+        value = new_value
+    expr = render_expression(start, steps)
+    template = rng.choice(_PROBLEM_TEMPLATES)
+    lines.append(f"The answer is \\boxed{{{value}}}.")
+    name = difficulty if isinstance(difficulty, str) else "custom"
+    return {
+        "problem": template.format(expr=expr),
+        "solution": "\n".join(lines),
+        "answer": str(value),
+        "difficulty": name,
+        "num_steps": num_steps,
+    }
+
+
+def make_split(
+    split: str, num_rows: int, difficulty: str | Difficulty, seed: int,
+    exclude: Iterable[str] = (),
+) -> list[dict]:
+    """``num_rows`` distinct problems of one split ("train" or "test"), seeded.
+
+    "test" rows come only from the held-out part of the problem space and "train" rows
+    never do, so splits are disjoint for any seeds. ``exclude`` drops given problem texts
+    (e.g. to keep two train sets apart). Raises ValueError when the space runs dry.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    if num_rows < 0:
+        raise ValueError(f"num_rows: expected >= 0, got {num_rows}")
+    want_held_out = split == "test"
+    # why the string seed: independent streams per (seed, split, difficulty)
+    rng = random.Random(f"{seed}/{split}/{difficulty}")
+    seen, rows = set(exclude), []
+    misses = 0  # draws since the last new row: many in a row means the space is used up
+    while len(rows) < num_rows and misses < 20_000:
+        row = make_problem(rng, difficulty)
+        if row["problem"] in seen or is_held_out_problem(row["problem"]) != want_held_out:
+            misses += 1
+            continue
+        seen.add(row["problem"])
+        rows.append(row)
+        misses = 0
+    if len(rows) < num_rows:
+        raise ValueError(
+            f"num_rows: only {len(rows)} distinct {split} problems of difficulty "
+            f"{difficulty!r} found, asked for {num_rows}"
+        )
+    for i, row in enumerate(rows):
+        row["id"] = f"{split}-{row['difficulty']}-{seed}-{i}"
+    return rows
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (balanced braces), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
+
+
+_INT_RE = re.compile(r"^\s*[+]?0*(\d+)\s*$")
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """Quick demo check: last boxed content equals the gold integer (leading zeros ok).
+
+    The trainer's reward (``prefix_rft.reward``) uses math-verify; on this task's plain
+    integer answers the two agree (tested on gold rows).
+    """
+    boxed = extract_boxed(response)
+    if boxed is None:
+        return False
+    got, gold = _INT_RE.match(boxed), _INT_RE.match(answer)
+    if got is None or gold is None:
+        return boxed.strip() == answer.strip()
+    return got.group(1) == gold.group(1)
+
+
+def write_jsonl(rows: Iterable[dict], path: str) -> str:
+    """Write rows one JSON object per line (atomic: temp file then rename); returns path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Read rows written by ``write_jsonl``."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def difficulty_dict(difficulty: str | Difficulty) -> dict:
+    """Plain dict of a difficulty's settings (for manifests)."""
+    return asdict(get_difficulty(difficulty))
