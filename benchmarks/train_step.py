@@ -83,14 +83,15 @@ def loss_of(model, impl: str, x: dict, P: int, T: int, kernel_impl: str):
     """The Prefix-RFT loss of the batch through ``impl`` (see the module docstring)."""
     import torch
 
+    from prefix_rft.batching import head_inputs
     from prefix_rft.loss import PrefixRFTLoss, prefix_rft_loss
 
     labels = x["ids"][:, P:]
     if impl == "fused":
         hidden = model.model(input_ids=x["ids"]).last_hidden_state[:, P - 1 : P - 1 + T]
         loss_fn = PrefixRFTLoss(max_response_tokens=T, impl=kernel_impl)
-        weight = model.lm_head.weight
-        loss, _ = loss_fn(hidden, weight.to(hidden.dtype), labels, x["old_logprob"], x["advantages"],
+        hidden, weight, _ = head_inputs(hidden, model.lm_head.weight, None)  # the trainer's dtypes
+        loss, _ = loss_fn(hidden, weight, labels, x["old_logprob"], x["advantages"],
                           x["response_mask"], x["prefix_mask"])
         return loss
     logits = model(input_ids=x["ids"]).logits[:, P - 1 : P - 1 + T]

@@ -105,12 +105,27 @@ def response_hidden(hidden: torch.Tensor, response_index: torch.Tensor) -> torch
     return hidden.gather(1, response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
+def head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Dtypes for the fused kernel. Under CUDA autocast the decoder's residual stream (so the
+    final hidden state) stays fp32 while a plain HF forward would run lm_head in the autocast
+    dtype: give the kernel that dtype too (half the bytes, tensor cores). Otherwise match the
+    weight to ``hidden`` (under FSDP2 mixed precision both are already bf16)."""
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
+    return hidden, weight, bias
+
+
 def run_head(model: torch.nn.Module, batch: UpdateBatch,
              head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], object]) -> object:
     """``head(resp_hidden [B, T, H], lm_head_weight [V, H], bias | None)`` inside one model
-    forward (FSDP2-safe; see ``distributed.forward_with_head``). Returns what ``head`` returns."""
+    forward (FSDP2-safe; see ``distributed.forward_with_head``), dtypes by :func:`head_inputs`.
+    Returns what ``head`` returns."""
     def head_fn(hidden, weight, bias):
-        return head(response_hidden(hidden, batch.response_index), weight, bias)
+        return head(*head_inputs(response_hidden(hidden, batch.response_index), weight, bias))
 
     return forward_with_head(model, head_fn, batch.input_ids, attention_mask=batch.attention_mask)
 

@@ -326,7 +326,7 @@ def _micro_loss(model, cfg, loss_fn, batch, rollouts, num_sequences, world, keep
     T = batch.response_ids.shape[1]
     if cfg.loss.algo == "sft":
         def head(hidden, weight, bias):
-            lp, _ = loss_fn.token_logprob_entropy(hidden, weight.to(hidden.dtype), batch.response_ids,
+            lp, _ = loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
                                                   batch.response_mask, bias)
             return sft_loss(lp, batch.response_mask, max_response_tokens=cfg.rollout.max_response_tokens,
                             num_sequences=num_sequences, loss_scale=float(world))
@@ -334,7 +334,7 @@ def _micro_loss(model, cfg, loss_fn, batch, rollouts, num_sequences, world, keep
     old = _padded([r.old_logprob for r in rollouts], batch.rows, T, batch.response_ids.device)
 
     def head(hidden, weight, bias):
-        return loss_fn(hidden, weight.to(hidden.dtype), batch.response_ids, old, batch.advantages,
+        return loss_fn(hidden, weight, batch.response_ids, old, batch.advantages,
                        batch.response_mask, batch.prefix_mask, bias, num_sequences=num_sequences,
                        loss_scale=float(world), keep_prefix_mask=keep)
     return run_head(model, batch, head)
