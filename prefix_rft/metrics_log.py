@@ -27,7 +27,7 @@ PROGRESS_KEYS = (("reward", "reward_mean"), ("pass", "pass_rate"), ("H_cont", "e
 # plot file stem -> (title, metric keys drawn as lines on it)
 PLOTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "reward": ("reward", ("reward_mean", "reward_on_policy", "reward_hybrid")),
-    "pass_rate": ("pass rate (any of the group correct)", ("pass_rate",)),
+    "pass_rate": ("pass rate (an on-policy rollout of the group correct)", ("pass_rate",)),
     "entropy": ("token entropy", ("entropy_prefix", "entropy_continuation")),
     "prefix_ratio": ("prefix ratio", ("prefix_low", "prefix_ratio_mean", "prefix_token_frac")),
     "response_length": ("response length (tokens)", ("response_len_mean", "response_len_max")),

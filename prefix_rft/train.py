@@ -244,9 +244,10 @@ def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) ->
     adv = group_advantages(reward_t, groups, baseline=cfg.loss.baseline, is_prefixed=prefixed)
     for r, value, a in zip(rollouts, rewards, adv.tolist()):
         r.reward, r.advantage = value, a
-    solved = [0.0] * len(items)
+    solved = [0.0] * len(items)  # pass rate: a question counts when an on-policy rollout solved it
     for r in rollouts:
-        solved[r.group] = max(solved[r.group], r.reward)
+        if not r.is_prefixed:
+            solved[r.group] = max(solved[r.group], r.reward)
     lengths = [len(r.response_ids) for r in rollouts]
     on, hyb = reward_t[~prefixed], reward_t[prefixed]
     m = {"reward_mean": reward_t.mean().item(),
