@@ -92,7 +92,7 @@ class LossConfig:
     entropy_top_fraction: float = 0.2  # prefix tokens kept by entropy, fraction in (0, 1]
     entropy_mask_scope: str = "micro_batch"  # micro_batch (official code) | mini_batch
     entropy_coef: float = 0.0  # entropy bonus on continuation tokens; 0 = off
-    kl_coef: float = 0.0  # KL penalty coefficient; 0 = off (no reference model)
+    kl_coef: float = 0.0  # KL penalty coefficient; must be 0 (no reference model is kept)
     baseline: str = "group"  # group (all G rewards) | on_policy (official code's variant)
     kernel_impl: str = "auto"  # fused logprob/entropy: auto (triton on CUDA) | torch | triton
 
@@ -149,6 +149,13 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    fallback: str = "none"  # answer when there is no \boxed{}: none | last_number | answer_is
+    timeout_s: float = 5.0  # seconds per verification (enforced in a helper process)
+    num_workers: int = 1  # helper processes verifying a batch in parallel
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,6 +167,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 # section name -> its dataclass, e.g. "loss" -> LossConfig
@@ -182,6 +190,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_schedule": ("constant", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),
     "log.tensorboard": ("auto", "true", "false"),
+    "reward.fallback": ("none", "last_number", "answer_is"),
 }
 
 
@@ -406,6 +415,8 @@ def validate_config(cfg: Config) -> Config:
         _check_range(key, value, 0.0, 1.0)
     _check_range("prefix.beta_alpha", p.beta_alpha, 0.0, lo_open=True)
     _check_range("prefix.beta_beta", p.beta_beta, 0.0, lo_open=True)
+    if lo.kl_coef != 0:
+        raise ValueError(f"loss.kl_coef must be 0 (the KL penalty is not implemented), got {lo.kl_coef}")
     if p.end > p.start:
         raise ValueError(f"prefix.end must be <= prefix.start ({p.start}), got {p.end}")
     if p.high < p.start:
@@ -413,6 +424,8 @@ def validate_config(cfg: Config) -> Config:
     if p.num_prefixed > r.group_size:
         raise ValueError(
             f"prefix.num_prefixed must be <= rollout.group_size ({r.group_size}), got {p.num_prefixed}")
+    _check_range("reward.timeout_s", cfg.reward.timeout_s, 0.0, lo_open=True)
+    _check_range("reward.num_workers", cfg.reward.num_workers, 1)
     _check_range("rollout.temperature", r.temperature, 0.0, lo_open=True)
     _check_range("rollout.top_p", r.top_p, 0.0, 1.0, lo_open=True)
     _check_range("rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0.0, 1.0, lo_open=True)

@@ -237,7 +237,9 @@ def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) ->
     from .reward import math_rewards
 
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
-    rewards, stats = math_rewards(texts, [items[r.group]["answer"] for r in rollouts])
+    rewards, stats = math_rewards(texts, [items[r.group]["answer"] for r in rollouts],
+                                  fallback=cfg.reward.fallback, timeout_s=cfg.reward.timeout_s,
+                                  num_workers=cfg.reward.num_workers)
     reward_t = torch.tensor(rewards, dtype=torch.float64)
     groups = torch.tensor([r.group for r in rollouts])
     prefixed = torch.tensor([r.is_prefixed for r in rollouts], dtype=torch.bool)

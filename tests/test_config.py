@@ -219,3 +219,17 @@ def test_cli_bench_outside_source_tree(monkeypatch):
 def test_cli_no_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "train" in capsys.readouterr().out
+
+
+def test_reward_section_overrides_and_validation():
+    cfg = load_config(None, ["--reward.fallback=last_number", "--reward.timeout_s=2.5"])
+    assert cfg.reward.fallback == "last_number" and cfg.reward.timeout_s == 2.5
+    with pytest.raises(ValueError, match="reward.fallback must be one of none|last_number"):
+        load_config(None, ["--reward.fallback=first_number"])
+    with pytest.raises(ValueError, match="reward.timeout_s"):
+        load_config(None, ["--reward.timeout_s=0"])
+
+
+def test_kl_penalty_is_rejected_not_silently_ignored():
+    with pytest.raises(ValueError, match="loss.kl_coef must be 0"):
+        load_config(None, ["--loss.kl_coef=0.01"])
