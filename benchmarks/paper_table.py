@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
                     help="training-config overrides applied to every run (after the budget)")
     ap.add_argument("--no-resume", action="store_true", help="rerun runs whose cached result is ok")
+    ap.add_argument("--analysis", default=None,
+                    help="a Markdown file appended verbatim under '## Analysis' (written by hand after "
+                         "reading the numbers; re-rendering the table keeps it)")
     return ap
 
 
@@ -303,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(args.seeds if args.seeds is not None else table["seeds"])
     methods = list(args.methods or table["methods"])
     unknown = [m for m in methods if m not in table["methods"]]
+    if args.analysis and not Path(args.analysis).is_file():
+        raise SystemExit(f"paper_table: --analysis {args.analysis!r} is not a file")
     if unknown or not seeds:
         raise SystemExit(f"paper_table: unknown methods {unknown} (known: {list(table['methods'])}) "
                          f"or no seeds {seeds}")
@@ -342,7 +347,10 @@ def main(argv: list[str] | None = None) -> int:
               "budget": ", ".join(f"{k}={v}" for k, v in table["budget"].items())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(render_markdown(summaries, table, header), encoding="utf-8")
+    text = render_markdown(summaries, table, header)
+    if args.analysis:
+        text += "\n## Analysis\n\n" + Path(args.analysis).read_text(encoding="utf-8").strip() + "\n"
+    out.with_suffix(".md").write_text(text, encoding="utf-8")
     write_csv(rows, out.with_suffix(".csv"))
     render_png(summaries, out.with_suffix(".png"), f"held-out accuracy, mean ± std over seeds {seeds}")
     log(f"wrote {out.with_suffix('.md')}, .csv, .png ({header['wall_s']:.0f}s)")

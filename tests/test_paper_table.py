@@ -76,12 +76,18 @@ def test_same_budget_and_method_overrides_reach_the_runs(smoke):
     assert cfg["prefix_rft"]["prefix"]["schedule"] == "cosine"
 
 
-def test_resume_skips_cached_runs(smoke, capsys):
+def test_resume_skips_cached_runs_and_appends_analysis(smoke, capsys):
     tmp, argv, _ = smoke
+    before = (tmp / "out" / "table.csv").read_text(encoding="utf-8")
+    notes = tmp / "notes.md"
+    notes.write_text("Hand-written reading of the numbers.\n", encoding="utf-8")
     capsys.readouterr()
-    assert pt.main(argv) == 0
+    assert pt.main(argv + ["--analysis", str(notes)]) == 0
     out = capsys.readouterr().out
-    assert out.count(": cached (") == len(METHODS)
+    assert out.count(": cached (") == len(METHODS) and ": start (" not in out
+    assert (tmp / "out" / "table.csv").read_text(encoding="utf-8") == before  # same per-seed rows
+    md = (tmp / "out" / "table.md").read_text(encoding="utf-8")
+    assert md.rstrip().endswith("## Analysis\n\nHand-written reading of the numbers.")
 
 
 def test_failed_run_is_recorded_not_raised(smoke):
