@@ -230,7 +230,8 @@ def render_markdown(summaries: list[dict], table: dict, header: dict) -> str:
              f"- eval: first {table['eval']['num_rows'] or 'all'} held-out questions, k = {k} samples "
              f"each, temperature {table['eval']['temperature']}, top-p {table['eval']['top_p']}",
              "- avg@k and pass@k in percent, mean ± sample std over seeds; response length in "
-             "tokens; trained tokens = tokens the optimizer updated on (sum of update_tokens)", "",
+             "tokens; trained tokens = tokens through the update's forward/backward passes (prompt + "
+             "response of every updated sequence: the trainer's update_tokens summed over steps)", "",
              f"| method | runs ok | avg@{k} | pass@{k} | response tokens | trained tokens | train s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
@@ -254,7 +255,8 @@ def render_png(summaries: list[dict], png_path: str | Path, title: str) -> None:
     names = [s["method"] for s in summaries]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(names)), 4))
     width = 0.38
-    for j, (key, label) in enumerate((("avg_at_k", "avg@k"), ("pass_at_k", "pass@k"))):
+    k = next((s["k"] for s in summaries if s["k"] != ""), "k")
+    for j, (key, label) in enumerate((("avg_at_k", f"avg@{k}"), ("pass_at_k", f"pass@{k}"))):
         means = [0.0 if math.isnan(s[key][0]) else 100 * s[key][0] for s in summaries]
         stds = [0.0 if math.isnan(s[key][1]) else 100 * s[key][1] for s in summaries]
         ax.bar([i + (j - 0.5) * width for i in range(len(names))], means, width, yerr=stds,
