@@ -198,7 +198,7 @@ class DemoSettings:
     num_train: int = 4000  # hard train rows (problem + demonstration) for the trainer
     num_test: int = 200  # hard held-out rows
     num_easy: int = 4000  # easy rows for the base step (train split only)
-    base_hard_share: float = 0.15  # share of hard train rows in the base step's mix
+    base_hard_share: float = 0.4  # share of hard train rows in the base step's mix
     vocab_size: int = 384  # tokenizer vocab bound (BPE may stop earlier)
     sft: SFTConfig = None  # the base step's SFT settings (None: SFTConfig())
 

@@ -102,7 +102,7 @@ def demo_config(args: argparse.Namespace, overrides: list[str], paths: dict[str,
 
     run_dir = os.path.join(args.workdir, "run")
     ours = [f"--model.path={paths['model']}", f"--data.train_files=[{paths['train']}]",
-            f"--train.run_dir={run_dir}", f"--train.seed={args.seed}",
+            f"--train.run_dir={run_dir}", f"--train.seed={args.seed}", f"--eval.files=[{paths['test']}]",
             f"--rollout.engine={args.engine}", "--train.device=cpu"]
     if args.steps is not None:
         ours.append(f"--train.steps={args.steps}")
@@ -110,8 +110,6 @@ def demo_config(args: argparse.Namespace, overrides: list[str], paths: dict[str,
         ours += [f"--train.steps={args.steps or QUICK_STEPS}", "--train.prompts_per_step=2",
                  "--rollout.group_size=4", "--rollout.max_response_tokens=24",
                  "--checkpoint.every=0", "--eval.every=0", "--log.tensorboard=false"]
-    else:
-        ours.append(f"--eval.files=[{paths['test']}]")
     return load_config(args.config, ours + overrides)
 
 
