@@ -326,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = workdir / "results"
     cache.mkdir(parents=True, exist_ok=True)
     rows, total, n = [], len(methods) * len(seeds), 0
-    for method in methods:
-        for seed in seeds:
+    # seed-major: a run that is stopped part-way still has every method for its finished seeds
+    for seed in seeds:
+        for method in methods:
             n += 1
             path = cache / f"{method}_seed{seed}.json"
             if path.is_file() and not args.no_resume:
