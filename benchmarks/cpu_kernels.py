@@ -38,9 +38,8 @@ def _naive(hidden, weight, labels):
     return logprob, entropy
 
 
-def run_case(impl: str, mode: str, n: int, h: int, v: int, repeats: int) -> dict:
-    """Run one case in this process; return times (ms) and extra peak RSS (MB)."""
-    import psutil
+def build_case(impl: str, mode: str, n: int, h: int, v: int):
+    """Inputs for one case and a ``step()`` that runs it once (fwd, or fwd + bwd)."""
     import torch
 
     from prefix_rft.kernels import linear_logprob_entropy
@@ -60,7 +59,16 @@ def run_case(impl: str, mode: str, n: int, h: int, v: int, repeats: int) -> dict
         if grad:
             hidden.grad = weight.grad = None
             ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+        return lp
 
+    return step
+
+
+def run_case(impl: str, mode: str, n: int, h: int, v: int, repeats: int) -> dict:
+    """Run one case in this process; return times (ms) and extra peak RSS (MB)."""
+    import psutil
+
+    step = build_case(impl, mode, n, h, v)
     rss_before = psutil.Process().memory_info().rss
     times = []
     for i in range(repeats + 1):

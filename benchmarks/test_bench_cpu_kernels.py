@@ -12,10 +12,8 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
-from benchmarks.cpu_kernels import _naive, measure_in_subprocess
-from prefix_rft.kernels import linear_logprob_entropy
+from benchmarks.cpu_kernels import build_case, measure_in_subprocess
 
 N = int(os.environ.get("BENCH_N", 512))
 H = int(os.environ.get("BENCH_H", 256))
@@ -25,22 +23,7 @@ V = int(os.environ.get("BENCH_V", 32768))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", ["naive", "torch"])
 def test_cpu_kernel(benchmark, impl, mode):
-    torch.manual_seed(0)
-    grad = mode == "fwd+bwd"
-    hidden = torch.randn(N, H).requires_grad_(grad)
-    weight = (torch.randn(V, H) / H**0.5).requires_grad_(grad)
-    labels = torch.randint(0, V, (N,))
-
-    def step():
-        if impl == "naive":
-            lp, ent = _naive(hidden, weight, labels)
-        else:
-            lp, ent = linear_logprob_entropy(hidden, weight, labels, impl="torch")
-        if grad:
-            hidden.grad = weight.grad = None
-            (lp.sum() + ent.sum()).backward()
-        return lp
-
+    step = build_case(impl, mode, N, H, V)
     benchmark.group = f"{mode} N={N},H={H},V={V}"
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     mem = measure_in_subprocess(impl, mode, N, H, V, repeats=1)
