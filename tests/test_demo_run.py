@@ -109,3 +109,14 @@ def test_render_table_rows():
     assert lines[2] == "| base | 6.2 | 6.2 | 25.0 | 33.0 |" or lines[2] == "| base | 6.3 | 6.3 | 25.0 | 33.0 |"
     assert lines[3] == "| Prefix-RFT | 50.0 | 50.0 | 87.5 | 31.0 |"
     assert re.fullmatch(r"\|---\|(---:\|){4}", lines[1])
+
+
+def test_stopped_training_exits_1_and_resumes(tmp_path, capsys):
+    argv = ["--quick", "--workdir", str(tmp_path), "--threads", "1"]
+    assert demo_run.main(argv + ["--train.max_steps_per_run=1"]) == 1
+    assert "training stopped after 1 of 3 steps" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "demo_results.json").exists()
+    assert demo_run.main(argv + ["--checkpoint.resume=auto"]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert json.loads((tmp_path / "run" / "demo_results.json").read_text())["steps"] == 3

@@ -168,8 +168,9 @@ def plot_before_after(before: dict, after: dict, k: int, path: Path) -> Path:
     return path
 
 
-def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    """The five stages of the module docstring; returns the results dict that is also saved."""
+def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] | None:
+    """The five stages of the module docstring; returns the results dict that is also saved
+    (None when training was stopped early; it can be resumed)."""
     import torch
 
     from prefix_rft.demo.base import prepare_demo
@@ -206,9 +207,11 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
          f"demonstration prefix), lr {cfg.optim.lr:g}, engine {cfg.rollout.engine}")
     result = train(cfg)
     timings["train"] = time.perf_counter() - t0
-    if not result.get("final_model_dir"):
-        raise RuntimeError(f"training stopped after {result['steps_done']} of {cfg.train.steps} "
-                           f"steps; no final model to evaluate")
+    if not result.get("final_model_dir"):  # a signal (Ctrl-C) or train.max_steps_per_run
+        _log(f"[demo] training stopped after {result['steps_done']} of {cfg.train.steps} steps "
+             f"(checkpoint in {run_dir}); continue with the same command plus "
+             f"--checkpoint.resume=auto")
+        return None
 
     t0 = time.perf_counter()
     after = evaluate_model(result["final_model_dir"], rows, args, cfg, "trained")
@@ -238,7 +241,8 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``prefix-rft demo`` entry point; 0 on success (argument errors exit with status 2)."""
+    """``prefix-rft demo`` entry point: 0 on success, 1 when training was stopped early
+    (argument errors exit with status 2)."""
     import sys
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
@@ -246,8 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo_config(args, overrides, asset_paths(args.workdir))
     except ValueError as err:  # a bad override or config value: one clean line, before any work
         raise SystemExit(f"prefix-rft demo: {err}") from None
-    run_demo(args, overrides)
-    return 0
+    return 0 if run_demo(args, overrides) is not None else 1
 
 
 if __name__ == "__main__":
