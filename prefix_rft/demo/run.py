@@ -115,11 +115,10 @@ def demo_config(args: argparse.Namespace, overrides: list[str], paths: dict[str,
 
 def evaluate_model(model_dir: str, rows: list[dict], args, cfg, label: str) -> dict[str, Any]:
     """avg@k / pass@k / mean response tokens of the model in ``model_dir`` on ``rows``."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prefix_rft.evaluate import evaluate_rows
-
-    import torch
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
