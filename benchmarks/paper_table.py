@@ -26,7 +26,6 @@ recorded as failed, with its error, and the table goes on.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import datetime as _dt
 import json
