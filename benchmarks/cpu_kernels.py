@@ -77,7 +77,9 @@ def run_case(impl: str, mode: str, n: int, h: int, v: int, repeats: int) -> dict
         if i:  # the first call is a warm-up
             times.append((time.perf_counter() - t0) * 1e3)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"impl": impl, "mode": mode, "times_ms": times,
+    import torch
+
+    return {"impl": impl, "mode": mode, "times_ms": times, "threads": torch.get_num_threads(),
             "peak_extra_mb": max(peak - rss_before, 0) / 2**20}
 
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(run_case(*args.worker, args.n, args.h, args.v, args.repeats)))
         return []
 
-    from benchmarks.results_io import append_rows, make_row, read_rows, render_markdown
+    from benchmarks.results_io import append_rows, make_row, read_rows, render_markdown, render_png
 
     shape = f"N={args.n},H={args.h},V={args.v}"
     print(f"CPU kernel benchmark, {shape}, fp32, {args.repeats} timed calls per case "
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = results[("naive", mode)]
         ratio_t = _p50(r) / _p50(base)
         ratio_m = r["peak_extra_mb"] / max(base["peak_extra_mb"], 1e-9)
-        extra = f"time_vs_naive={ratio_t:.2f};mem_vs_naive={ratio_m:.3f}"
+        extra = f"time_vs_naive={ratio_t:.2f};mem_vs_naive={ratio_m:.3f};threads={r['threads']}"
         rows.append(make_row("linear_logprob_entropy", impl, mode, shape, r["times_ms"],
                              r["peak_extra_mb"], extra))
     print("\nours / naive:")
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         md = render_markdown(read_rows(csv_path), "CPU kernel benchmark (torch impl vs naive)")
         with open(os.path.splitext(csv_path)[0] + ".md", "w") as f:
             f.write(md)
+        render_png(read_rows(csv_path), os.path.splitext(csv_path)[0] + ".png",
+                   "CPU: linear->logprob+entropy, torch impl vs naive")
         print(f"\nappended to {csv_path}")
     return rows
 
