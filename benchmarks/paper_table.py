@@ -229,7 +229,7 @@ def render_markdown(summaries: list[dict], table: dict, header: dict) -> str:
              f"wall time {header['wall_s'] / 60:.1f} min",
              f"- base config: `{header['config']}`; seeds {header['seeds']}; budget per run "
              f"(same for every method): {header['budget']}",
-             f"- eval: first {table['eval']['num_rows'] or 'all'} held-out questions, k = {k} samples "
+             f"- eval: {('first ' + str(table['eval']['num_rows'])) if table['eval']['num_rows'] else 'all'} held-out questions, k = {k} samples "
              f"each, temperature {table['eval']['temperature']}, top-p {table['eval']['top_p']}",
              "- avg@k and pass@k in percent, mean ± sample std over seeds; response length in "
              "tokens; trained tokens = tokens through the update's forward/backward passes (prompt + "
