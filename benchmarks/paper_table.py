@@ -107,11 +107,6 @@ def run_overrides(table: dict, method: str, seed: int, assets: dict, run_dir: Pa
 
 
 # ---------------------------------------------------------------------------- one run
-def read_jsonl(path: str | Path, max_rows: int = 0) -> list[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows[:max_rows] if max_rows else rows
-
-
 def evaluate_model_dir(model_dir: str, test_rows: list[dict], eval_cfg: dict, seed: int,
                        max_response_tokens: int, instruction: str | None) -> dict[str, Any]:
     """avg@k, pass@k, mean response tokens of a saved HF model on ``test_rows`` (CPU, fp32)."""
@@ -321,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"assets in {workdir / 'assets'} (quick={table['assets']['quick']})")
     assets = prepare_demo(str(workdir), seed=int(table["assets"]["seed"]),
                           quick=bool(table["assets"]["quick"]), log=log)
-    test_rows = read_jsonl(assets["test"], int(table["eval"]["num_rows"]))
+    from prefix_rft.demo.task import read_jsonl
+
+    num_rows = int(table["eval"]["num_rows"])
+    test_rows = read_jsonl(assets["test"])[:num_rows or None]
     cache = workdir / "results"
     cache.mkdir(parents=True, exist_ok=True)
     rows, total, n = [], len(methods) * len(seeds), 0
