@@ -227,7 +227,7 @@ def test_response_nll_matches_full_logits_cross_entropy(demo_dirs):
 
 
 def test_base_step_lowers_the_loss_and_evaluator_runs(demo_dirs):
-    from prefix_rft.demo.base import SFTConfig, evaluate_pass_rate, sft_train
+    from prefix_rft.demo.base import SFTConfig, sft_train
     from prefix_rft.demo.model import load_model
     from prefix_rft.demo.tokenizer import load_tokenizer
 
@@ -238,9 +238,11 @@ def test_base_step_lowers_the_loss_and_evaluator_runs(demo_dirs):
     losses = sft_train(model, tok, rows, cfg, seed=0)
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
-    result = evaluate_pass_rate(model, tok, rows[:2], k=2, temperature=1.0, max_new_tokens=8)
-    assert result["k"] == 2 and result["num_rows"] == 2
-    assert 0.0 <= result["avg_at_k"] <= result["pass_at_k"] <= 1.0
+    from prefix_rft.evaluate import evaluate_rows
+
+    result = evaluate_rows(model, tok, rows[:2], 2, temperature=1.0, max_response_tokens=8)
+    assert result["k"] == 2 and len(result["correct"]) == 2
+    assert 0.0 <= result["avg@2"] <= result["pass@2"] <= 1.0
 
 
 def test_prepare_demo_quick_builds_then_reuses(tmp_path):

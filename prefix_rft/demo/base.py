@@ -1,4 +1,6 @@
-"""The demo's "base model" step, a quick evaluator, and ``prepare_demo``.
+"""The demo's "base model" step and ``prepare_demo``.
+
+Evaluation goes through ``prefix_rft.evaluate.evaluate_rows`` like every other model.
 
 The paper starts from a pretrained base that already solves some hard problems. The
 demo's stand-in: a tiny randomly initialized Qwen2 is briefly fine-tuned (plain SFT)
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .task import INSTRUCTION, is_correct
+from .task import INSTRUCTION
 
 
 def prompt_text(tokenizer, problem: str, instruction: str | None = INSTRUCTION) -> str:
@@ -131,60 +133,6 @@ def sft_train(model, tokenizer, rows: list[dict], cfg: SFTConfig, seed: int = 0,
                 f"{time.perf_counter() - start:.1f}s")
     model.eval()
     return losses
-
-
-@torch.no_grad()
-def generate_responses(model, tokenizer, problems: list[str], k: int, temperature: float,
-                       max_new_tokens: int = 96, batch_size: int = 64,
-                       instruction: str | None = INSTRUCTION, seed: int = 0) -> list[list[str]]:
-    """k sampled (temperature > 0) or greedy (temperature == 0) responses per problem.
-
-    Left-padded batches through ``model.generate``; returns texts without special tokens.
-    """
-    if k < 1 or temperature < 0:
-        raise ValueError(f"k, temperature: expected k >= 1 and temperature >= 0, got {k}, {temperature}")
-    prompts = [prompt_text(tokenizer, p, instruction) for p in problems for _ in range(k)]
-    texts: list[str] = []
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-            sample = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens,
-                **(sample if temperature > 0 else {"do_sample": False}),
-            )
-            new_tokens = out[:, enc["input_ids"].shape[1]:]
-            texts.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    tokenizer.padding_side = old_side
-    return [texts[j * k : (j + 1) * k] for j in range(len(problems))]
-
-
-def evaluate_pass_rate(model, tokenizer, rows: list[dict], k: int = 4, temperature: float = 1.0,
-                       max_new_tokens: int = 96, batch_size: int = 64, seed: int = 0,
-                       instruction: str | None = INSTRUCTION) -> dict:
-    """Quick evaluator: avg@k (mean accuracy of all samples) and pass@k (any correct).
-
-    Returns {"avg_at_k", "pass_at_k", "k", "num_rows", "mean_response_chars", "seconds"}.
-    Correctness: last ``\\boxed{}`` content equals the gold integer (``task.is_correct``).
-    """
-    start = time.perf_counter()
-    responses = generate_responses(model, tokenizer, [r["problem"] for r in rows], k,
-                                   temperature, max_new_tokens, batch_size, instruction, seed)
-    correct = [[is_correct(text, r["answer"]) for text in group]
-               for r, group in zip(rows, responses)]
-    n = max(1, len(rows))
-    return {
-        "avg_at_k": sum(sum(c) / k for c in correct) / n,
-        "pass_at_k": sum(any(c) for c in correct) / n,
-        "k": k,
-        "num_rows": len(rows),
-        "mean_response_chars": sum(len(t) for g in responses for t in g) / max(1, n * k),
-        "seconds": time.perf_counter() - start,
-    }
 
 
 # ---------------------------------------------------------------- prepare_demo
