@@ -107,7 +107,8 @@ def _messages(value: Any) -> list[dict] | None:
     return [dict(m) for m in value if isinstance(m, dict) and "content" in m]
 
 
-def _with_instruction(question: str, instruction: str) -> str:
+def with_instruction(question: str, instruction: str) -> str:
+    """The question with the instruction appended after a space (unless empty or already there)."""
     if not instruction or question.rstrip().endswith(instruction):
         return question
     return f"{question.rstrip()} {instruction}"
@@ -143,7 +144,7 @@ def row_fields(row: dict, cfg: DataConfig) -> dict[str, Any]:
         return {"problem": None, "messages": None, "answer": answer, "demo": demo}
     messages = [dict(m) for m in messages]
     last_user = max(i for i, m in enumerate(messages) if m.get("role") == "user")
-    messages[last_user]["content"] = _with_instruction(messages[last_user]["content"], cfg.instruction)
+    messages[last_user]["content"] = with_instruction(messages[last_user]["content"], cfg.instruction)
     if cfg.system_prompt is not None:
         messages = [m for m in messages if m.get("role") != "system"]
         if cfg.system_prompt:

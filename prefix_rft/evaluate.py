@@ -71,14 +71,14 @@ def summarize(correct_counts: Sequence[int], n: int) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- sampling
 def _prompt_ids(tokenizer, rows: Sequence[dict], instruction: str, problem_key: str) -> list[list[int]]:
-    from .data import _with_instruction, prompt_text
+    from .data import prompt_text, with_instruction
 
     ids = []
     for i, row in enumerate(rows):
         problem = row.get(problem_key)
         if not isinstance(problem, str) or not problem.strip():
             raise ValueError(f"rows[{i}] has no {problem_key!r} text")
-        messages = [{"role": "user", "content": _with_instruction(problem, instruction)}]
+        messages = [{"role": "user", "content": with_instruction(problem, instruction)}]
         ids.append(tokenizer.encode(prompt_text(tokenizer, messages), add_special_tokens=False))
     return ids
 

@@ -23,19 +23,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import data
 from .task import INSTRUCTION
 
 
 def prompt_text(tokenizer, problem: str, instruction: str | None = INSTRUCTION) -> str:
     """Chat-template prompt (generation prompt included) for one problem.
 
-    ``instruction`` is appended after a space, as ``prefix_rft.data`` does; None or ""
-    gives the bare problem.
+    Built by ``prefix_rft.data`` itself, so the base step trains on exactly the prompts the
+    trainer will build; None or "" for ``instruction`` gives the bare problem.
     """
-    content = problem if not instruction else f"{problem} {instruction}"
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
+    content = data.with_instruction(problem, instruction or "")
+    return data.prompt_text(tokenizer, [{"role": "user", "content": content}])
 
 
 def encode_example(tokenizer, row: dict, instruction: str | None = INSTRUCTION):
