@@ -112,6 +112,9 @@ def linear_logprob_entropy(
     impl = resolve_impl(impl, hidden.device)
     if hidden.shape[0] == 0:
         impl = "torch"  # nothing to launch; the torch path returns empty outputs and zero grads
-    return LinearLogprobEntropyFunction.apply(
-        hidden, weight, bias, labels, float(temperature), int(ignore_index), impl
-    )
+    # Under torch.autocast the inputs' own dtypes decide (the caller casts them to the autocast
+    # dtype, see prefix_rft.batching.head_inputs); autocast must not re-type the tile GEMMs.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return LinearLogprobEntropyFunction.apply(
+            hidden, weight, bias, labels, float(temperature), int(ignore_index), impl
+        )
