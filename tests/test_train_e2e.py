@@ -20,7 +20,7 @@ def tiny_assets(tmp_path_factory):
     return shared_assets(tmp_path_factory)
 
 
-# DESIGN §3 "Logged each step" (plus the engine-vs-trainer mismatch), as metrics.jsonl keys.
+# The metrics the method says to log each step (plus the engine-vs-trainer mismatch).
 SECTION3_METRICS = [
     "reward_mean", "reward_on_policy", "reward_hybrid", "pass_rate", "adv_mean", "adv_std",
     "adv_min", "adv_max", "prefix_low", "prefix_ratio_mean", "prefix_token_frac",
