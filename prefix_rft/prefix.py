@@ -112,7 +112,8 @@ def _python_rng(generator: torch.Generator | int | None) -> random.Random:
         return random.Random(generator)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(
-            f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}"
+            "generator must be a torch.Generator, an int seed or None, "
+            f"got {type(generator).__name__}"
         )
     seed = torch.randint(0, 2**62, (1,), generator=generator).item()
     return random.Random(seed)
