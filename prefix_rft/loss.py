@@ -10,8 +10,12 @@ Per response token t of rollout i (advantage ``A_i``, one scalar per rollout)::
 
 ``m`` = response_mask, ``c`` = continuation tokens (``m & ~prefix_mask``). The kept prefix
 tokens are the top ``entropy_top_fraction`` of the batch's prefix tokens by (detached)
-entropy H_t (:func:`prefix_rft.kernels.entropy_topk_mask`); the others stay in the sum with
-advantage 0 -- they add nothing, but the normalizer is a constant (Dr. GRPO), not a count.
+entropy H_t -- the rule lives in :mod:`prefix_rft.entropy_mask`; the others stay in the sum
+with advantage 0 -- they add nothing, but the normalizer is a constant (Dr. GRPO), not a count.
+
+Modules: the policy loss and :class:`PrefixRFTLoss` here; :mod:`prefix_rft.entropy_mask`
+(which prefix tokens keep their advantage), :mod:`prefix_rft.loss_metrics` (logged values),
+:mod:`prefix_rft.sft_loss`, :mod:`prefix_rft.micro_batching`; all importable from here.
 
 Entry points:
 
@@ -34,8 +38,9 @@ mini-batch is split. ``mini_batch``: the top fraction is taken over the whole mi
 which needs its entropies before the first backward: run a no-grad pass per micro-batch
 (:meth:`PrefixRFTLoss.token_entropy`, or reuse the entropies of the old-log-prob pass, which
 equal the current policy's on the first update of a step), call
-:func:`compute_keep_prefix_mask` on the list of micro-batch tensors, and hand each
-micro-batch its slice as ``keep_prefix_mask``. With ``mini_batch`` scope, micro-batch
+:func:`compute_keep_prefix_mask` on the list of micro-batch tensors (the trainer does this in
+:func:`prefix_rft.entropy_mask.mini_batch_keep_masks`), and hand each micro-batch its slice
+as ``keep_prefix_mask``. With ``mini_batch`` scope, micro-batch
 accumulation equals the full-batch gradient exactly; with ``micro_batch`` it does only when
 ``entropy_top_fraction == 1``.
 """
