@@ -1,14 +1,18 @@
 """Prefix-RFT policy loss and its fused form over hidden states (+ micro-batching, SFT).
 
-Per response token t of rollout i (advantage ``A_i``, one scalar per rollout)::
+Per response token t of rollout i (advantage ``A_i`` per rollout, or ``A_{i,t}`` per token)::
 
     ρ_t   = exp(logπθ(y_t) − logπ_old(y_t))        # log-ratio clamped to ±20 as in verl
-    A_t   = A_i   on continuation tokens and on kept prefix tokens, 0 on other prefix tokens
+    A_t   = A_i (A_{i,t})  on continuation tokens and on kept prefix tokens, 0 on other prefix
     ℓ_t   = −min(ρ_t·A_t, clip(ρ_t, 1 − clip_low, 1 + clip_high)·A_t)
     ℓ_t   = min(ℓ_t, −clip_c·A_t)   where A_t < 0       # dual clip, only if clip_c is set
-    loss  = loss_scale · [Σ ℓ_t·m_t − entropy_coef·Σ H_t·c_t] / (num_sequences·max_response_tokens)
+    loss  = loss_scale · [Σ ℓ_t·m_t / (num_sequences·max_response_tokens) − entropy_coef·E]
+    E     = Σ H_t·c_t / (num_sequences·max_response_tokens)     # entropy_norm "dr_grpo"
+    E     = Σ H_t·c_t / num_entropy_tokens                      # entropy_norm "token_mean"
 
-``m`` = response_mask, ``c`` = continuation tokens (``m & ~prefix_mask``). The kept prefix
+``m`` = response_mask, ``c`` = continuation tokens (``m & ~prefix_mask``);
+``num_entropy_tokens`` is the continuation-token count of the whole mini-batch (default: this
+call's), so ``token_mean`` is the authors' (and LUFFY's) token-mean entropy bonus. The kept prefix
 tokens are the top ``entropy_top_fraction`` of the batch's prefix tokens by (detached)
 entropy H_t -- the rule lives in :mod:`prefix_rft.entropy_mask`; the others stay in the sum
 with advantage 0 -- they add nothing, but the normalizer is a constant (Dr. GRPO), not a count.
@@ -71,12 +75,14 @@ from prefix_rft.loss_metrics import policy_metrics
 from prefix_rft.micro_batching import split_micro_batches
 from prefix_rft.sft_loss import sft_loss
 
-__all__ = ["KernelImpl", "LOG_RATIO_CLAMP", "PrefixRFTLoss", "check_loss_options",
+__all__ = ["EntropyNorm", "KernelImpl", "LOG_RATIO_CLAMP", "PrefixRFTLoss", "check_loss_options",
            "compute_keep_prefix_mask", "prefix_rft_loss", "sft_loss", "split_micro_batches"]
 
 # verl clamps the log-ratio to ±20 before exp so a stale old_logprob cannot overflow.
 LOG_RATIO_CLAMP = 20.0
 KernelImpl = Literal["auto", "torch", "triton"]  # fused log-prob/entropy kernel
+# normalizer of the entropy bonus: Dr. GRPO's constant B·L_max, or the continuation-token count
+EntropyNorm = Literal["dr_grpo", "token_mean"]
 
 
 def check_loss_options(
@@ -90,6 +96,7 @@ def check_loss_options(
     temperature: float = 1.0,
     impl: str = "auto",
     entropy_mask_scope: str = "micro_batch",
+    entropy_norm: str = "dr_grpo",
 ) -> None:
     """Validate the policy-loss options (the function, the module and the config use it)."""
     check_int("max_response_tokens", max_response_tokens)
@@ -101,9 +108,19 @@ def check_loss_options(
     check_number("entropy_coef", entropy_coef)
     check_number("temperature", temperature, 0.0, lo_open=True)
     check_choice("impl", impl, KernelImpl)
+    check_choice("entropy_norm", entropy_norm, EntropyNorm)
 
 
 # ---------------------------------------------------------------------------- policy loss
+
+
+def _check_advantages(advantages, B: int, T: int, device) -> None:
+    """``[B]`` (one per rollout) or ``[B, T]`` (one per token), floating, on ``device``."""
+    shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else None
+    if shape not in ((B,), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got "
+                         f"{shape if shape is not None else type(advantages).__name__}")
+    check_tensor("advantages", advantages, shape, device, floating=True)
 
 
 def prefix_rft_loss(
@@ -123,6 +140,8 @@ def prefix_rft_loss(
     loss_scale: float = 1.0,
     num_sequences: int | None = None,
     keep_prefix_mask: torch.Tensor | None = None,
+    entropy_norm: EntropyNorm = "dr_grpo",
+    num_entropy_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Prefix-RFT policy loss from per-token log-probs (formulas in the module docstring).
 
@@ -130,7 +149,8 @@ def prefix_rft_loss(
         logprob: ``[B, T]`` log π_θ(y_t) of the response tokens, with gradient.
         old_logprob: ``[B, T]`` log π_old(y_t) from the policy before the update (same
             temperature), no gradient needed.
-        advantages: ``[B]`` one advantage per rollout (``advantage.group_advantages``).
+        advantages: ``[B]`` one advantage per rollout (``advantage.group_advantages``) or
+            ``[B, T]`` one per token (``advantage.token_advantages``, ``baseline: official``).
         response_mask: ``[B, T]`` bool (or 0/1), True on real response tokens.
         prefix_mask: ``[B, T]`` bool (or 0/1), True on demonstration-prefix tokens.
         entropy: ``[B, T]`` token entropies; detached for the mask, differentiated for the
@@ -146,6 +166,10 @@ def prefix_rft_loss(
             mini-batch size when this call is one micro-batch of it.
         keep_prefix_mask: ``[B, T]`` bool precomputed by :func:`compute_keep_prefix_mask`
             (``mini_batch`` scope); None computes it here from ``entropy`` (``micro_batch``).
+        entropy_norm: ``"dr_grpo"`` (÷ num_sequences·max_response_tokens, as the policy term)
+            or ``"token_mean"`` (÷ ``num_entropy_tokens``).
+        num_entropy_tokens: continuation tokens of the whole mini-batch (``token_mean``; give
+            it when this call is one micro-batch of it); default this call's count.
 
     Returns:
         ``(loss, metrics)``: scalar fp32 loss; metrics of Python floats (see
@@ -169,11 +193,13 @@ def prefix_rft_loss(
         clip_c=clip_c, entropy_top_fraction=entropy_top_fraction, entropy_coef=entropy_coef,
     )
     check_tensor("old_logprob", old_logprob, (B, T), dev, floating=True)
-    check_tensor("advantages", advantages, (B,), dev, floating=True)
+    _check_advantages(advantages, B, T, dev)
     check_tensor("response_mask", response_mask, (B, T), dev, floating=False)
     check_tensor("prefix_mask", prefix_mask, (B, T), dev, floating=False)
     check_number("loss_scale", loss_scale)
     check_int("num_sequences", num_sequences, allow_none=True)
+    check_choice("entropy_norm", entropy_norm, EntropyNorm)
+    check_int("num_entropy_tokens", num_entropy_tokens, allow_none=True)
     if num_sequences is not None and num_sequences < B:
         raise ValueError(f"num_sequences must be >= the batch size {B}, got {num_sequences}")
     if keep_prefix_mask is not None:
@@ -189,7 +215,8 @@ def prefix_rft_loss(
     prefix = as_mask(prefix_mask) & valid
     continuation = valid & ~prefix
     kept = kept_prefix_tokens(prefix, entropy, entropy_top_fraction, keep_prefix_mask)
-    token_adv = torch.where(continuation | kept, advantages.float()[:, None], 0.0)
+    adv = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
+    token_adv = torch.where(continuation | kept, adv, 0.0)
 
     # where() (not multiply) keeps NaN/inf in padded positions out of values and gradients.
     log_ratio = torch.where(valid, logprob.float() - old_logprob.float(), 0.0)
@@ -205,12 +232,19 @@ def prefix_rft_loss(
     loss = pg_loss
     entropy_bonus = None
     if entropy_coef != 0:
-        entropy_bonus = torch.where(continuation, entropy.float(), 0.0).sum() / denom
+        if entropy_norm == "dr_grpo":
+            ent_denom = denom
+        elif num_entropy_tokens is not None:
+            ent_denom = float(num_entropy_tokens)
+        else:  # this call's continuation tokens (a tensor: no device sync)
+            ent_denom = continuation.sum().clamp_min(1).float()
+        entropy_bonus = torch.where(continuation, entropy.float(), 0.0).sum() / ent_denom
         loss = loss - entropy_coef * entropy_bonus
     loss = loss * loss_scale
     metrics = policy_metrics(
         loss=loss, pg_loss=pg_loss, entropy_bonus=entropy_bonus, ratio=ratio, token_adv=token_adv,
-        advantages=advantages, entropy=entropy, valid=valid, prefix=prefix, kept=kept,
+        advantages=advantages if advantages.dim() == 1 else advantages[valid],
+        entropy=entropy, valid=valid, prefix=prefix, kept=kept,
         continuation=continuation, clip_low=clip_low, clip_high=clip_high, clip_c=clip_c,
     )
     return loss, metrics
@@ -241,12 +275,13 @@ class PrefixRFTLoss(torch.nn.Module):
     ``clip_high=0.2``, ``clip_c=None``, ``entropy_top_fraction=0.2``, ``entropy_coef=0.0``
     -- as in :func:`prefix_rft_loss`; ``temperature=1.0``; ``impl="auto"`` (kernel:
     ``"auto" | "torch" | "triton"``); ``entropy_mask_scope="micro_batch" | "mini_batch"``
-    (``mini_batch`` requires ``keep_prefix_mask`` in forward unless the fraction is 1).
+    (``mini_batch`` requires ``keep_prefix_mask`` in forward unless the fraction is 1);
+    ``entropy_norm="dr_grpo" | "token_mean"`` (normalizer of the entropy bonus).
 
     Forward shapes: ``hidden [B, T, H]``, ``lm_head_weight [V, H]``, ``response_ids [B, T]``
-    int, ``old_logprob [B, T]``, ``advantages [B]``, ``response_mask [B, T]``,
+    int, ``old_logprob [B, T]``, ``advantages [B]`` or ``[B, T]``, ``response_mask [B, T]``,
     ``prefix_mask [B, T]``, ``lm_head_bias [V]`` or None; keyword ``num_sequences``,
-    ``loss_scale``, ``keep_prefix_mask`` as in :func:`prefix_rft_loss`.
+    ``loss_scale``, ``keep_prefix_mask``, ``num_entropy_tokens`` as in :func:`prefix_rft_loss`.
     Returns ``(loss scalar fp32, metrics dict[str, float])``.
 
     Example (paste into any trainer; a tiny HF model stands in for yours)::
@@ -289,13 +324,16 @@ class PrefixRFTLoss(torch.nn.Module):
         temperature: float = 1.0,
         impl: KernelImpl = "auto",
         entropy_mask_scope: str = "micro_batch",
+        entropy_norm: EntropyNorm = "dr_grpo",
     ) -> None:
         super().__init__()
         check_loss_options(
             max_response_tokens=max_response_tokens, clip_low=clip_low, clip_high=clip_high,
             clip_c=clip_c, entropy_top_fraction=entropy_top_fraction, entropy_coef=entropy_coef,
             temperature=temperature, impl=impl, entropy_mask_scope=entropy_mask_scope,
+            entropy_norm=entropy_norm,
         )
+        self.entropy_norm = entropy_norm
         self.max_response_tokens = max_response_tokens
         self.clip_low, self.clip_high, self.clip_c = clip_low, clip_high, clip_c
         self.entropy_top_fraction, self.entropy_coef = entropy_top_fraction, entropy_coef
@@ -303,7 +341,7 @@ class PrefixRFTLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         keys = ("max_response_tokens", "clip_low", "clip_high", "clip_c", "entropy_top_fraction",
-                "entropy_coef", "temperature", "impl", "entropy_mask_scope")
+                "entropy_coef", "temperature", "impl", "entropy_mask_scope", "entropy_norm")
         return ", ".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     def token_logprob_entropy(
@@ -358,6 +396,7 @@ class PrefixRFTLoss(torch.nn.Module):
         num_sequences: int | None = None,
         loss_scale: float = 1.0,
         keep_prefix_mask: torch.Tensor | None = None,
+        num_entropy_tokens: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         scope = self.entropy_mask_scope
         if scope == "micro_batch" and keep_prefix_mask is not None:
@@ -376,4 +415,5 @@ class PrefixRFTLoss(torch.nn.Module):
             clip_high=self.clip_high, clip_c=self.clip_c,
             entropy_top_fraction=self.entropy_top_fraction, entropy_coef=self.entropy_coef,
             loss_scale=loss_scale, num_sequences=num_sequences, keep_prefix_mask=keep_prefix_mask,
+            entropy_norm=self.entropy_norm, num_entropy_tokens=num_entropy_tokens,
         )
