@@ -38,7 +38,9 @@ class Rollout:
     prefix_len: int = 0
     group: int = 0  # question id: rollouts of one question share it
     is_prefixed: bool = False  # a hybrid rollout (started from a demonstration prefix)
-    advantage: float = 0.0
+    advantage: float = 0.0  # of every token, or of the continuation when prefix_advantage is set
+    prefix_advantage: float | None = None  # of the prefix tokens when it differs (baseline
+    # official: r_h - mean_on there, the raw r_h on the continuation); None = advantage
     reward: float = 0.0
     engine_logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "stop"
@@ -60,7 +62,7 @@ class UpdateBatch:
     response_ids: torch.Tensor  # [B, T] long
     response_mask: torch.Tensor  # [B, T] bool, real response tokens
     prefix_mask: torch.Tensor  # [B, T] bool, demonstration-prefix tokens
-    advantages: torch.Tensor  # [B] fp32
+    advantages: torch.Tensor  # [B] fp32, or [B, T] when a row has its own prefix advantage
     rows: list[int]  # indices of these rows in the list given to collate
 
     @property
@@ -95,6 +97,10 @@ def collate(rollouts: Sequence[Rollout], rows: Sequence[int], *, pad_token_id: i
         response_mask[b, :n] = True
         prefix_mask[b, :min(r.prefix_len, n)] = True
     advantages = torch.tensor([r.advantage for r in picked], dtype=torch.float32)
+    if any(r.prefix_advantage is not None for r in picked):  # per-token: prefix vs continuation
+        prefix_adv = torch.tensor([r.advantage if r.prefix_advantage is None
+                                   else r.prefix_advantage for r in picked], dtype=torch.float32)
+        advantages = torch.where(prefix_mask, prefix_adv[:, None], advantages[:, None])
     return UpdateBatch(*(t.to(device) for t in (input_ids, attention_mask, response_index,
                                                  response_ids, response_mask, prefix_mask,
                                                  advantages)), rows=list(rows))
@@ -106,12 +112,12 @@ def response_hidden(hidden: torch.Tensor, response_index: torch.Tensor) -> torch
 
 
 def head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """Dtypes for the fused kernel. Under CUDA autocast the decoder's residual stream (so the
-    final hidden state) stays fp32 while a plain HF forward would run lm_head in the autocast
-    dtype: give the kernel that dtype too (half the bytes, tensor cores). Otherwise match the
-    weight to ``hidden`` (under FSDP2 mixed precision both are already bf16)."""
-    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
+    """Dtypes for the fused kernel. Under autocast (CUDA or CPU) the decoder's residual stream
+    (so the final hidden state) stays fp32 while a plain HF forward would run lm_head in the
+    autocast dtype: give the kernel that dtype too (half the bytes, tensor cores). Otherwise
+    match the weight to ``hidden`` (under FSDP2 mixed precision both are already bf16)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
         return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)

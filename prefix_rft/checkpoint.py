@@ -217,6 +217,15 @@ def load_checkpoint(path: str | Path, *, model: nn.Module,
 
 
 # ---------------------------------------------------------------- final HF model
+def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
                   dtype: torch.dtype | None = None) -> Path:
     """Write the model (full weights, safetensors) and tokenizer as a plain HF directory,
@@ -231,6 +240,8 @@ def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if dtype is not None:  # config.json says what the safetensors hold (dtype="auto" loads)
+            _set_config_dtype(tmp / "config.json", dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out_dir.exists():

@@ -30,7 +30,8 @@ from typing import Any, Literal
 from .advantage import Baseline
 from .checks import choices, is_choice_type
 from .entropy_mask import EntropyMaskScope
-from .loss import KernelImpl
+from .loss import EntropyNorm, KernelImpl
+from .precision import ComputeDtype, ExportDtype, WeightsDtype
 from .prefix import Schedule
 
 Algo = Literal["sft", "rft", "prefix_rft"]  # the update: SFT, plain RFT, Prefix-RFT
@@ -44,7 +45,10 @@ DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer with
 class ModelConfig:
     path: str = ""  # local HF model directory (required to train); never a hub name
     tokenizer_path: str = ""  # local tokenizer directory; "" = model.path
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 compute on CUDA, fp32 on CPU
+    dtype: ComputeDtype = "auto"  # compute dtype (bf16 = bf16 compute, fp32 masters/state/reduce);
+    # auto: bf16 on CUDA, fp32 on CPU
+    weights_dtype: WeightsDtype = "fp32"  # stored + updated weights; bf16 needs
+    # optim.name=adamw_bf16_sr (stochastic rounding); plain AdamW on bf16 weights is refused
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # sdpa |
     # flash_attention_2 (when installed and on CUDA, else sdpa) | eager
     gradient_checkpointing: bool = True  # recompute decoder layers in backward
@@ -65,6 +69,8 @@ class DataConfig:
     target_key: str = "target"  # verl: list of demonstration messages (assistant content)
     ground_truth_key: str = "reward_model.ground_truth"  # verl: dotted path to the gold answer
     instruction: str = DEFAULT_INSTRUCTION  # appended to the question after a space; "" = none
+    prompt_template: str = "verl"  # authors | luffy | verl | none | a custom "...{question}..."
+    # string (prompts.py: each template's source); data.system_prompt overrides its system part
     system_prompt: str | None = None  # None = the dataset's own (verl) / none (flat); "" = none
     max_prompt_tokens: int = 1024  # templated prompt length limit, tokens
     overlong_prompts: Literal["skip", "error"] = "skip"  # skip (counted in the summary) | error
@@ -110,7 +116,9 @@ class LossConfig:
     entropy_top_fraction: float = 0.2  # prefix tokens kept by entropy, fraction in (0, 1]
     entropy_mask_scope: EntropyMaskScope = "micro_batch"  # micro_batch (official code) | mini_batch
     entropy_coef: float = 0.0  # entropy bonus on continuation tokens; 0 = off
-    baseline: Baseline = "group"  # group (all G rewards) | on_policy (official code's variant)
+    baseline: Baseline = "group"  # group: r - mean of all G; on_policy: r - mean of the
+    # on-policy ones, every token; official: the authors' per-token advantage (advantage.py)
+    entropy_norm: EntropyNorm = "dr_grpo"  # entropy bonus / (B * L_max) | token_mean (authors')
     kernel_impl: KernelImpl = "auto"  # fused logprob/entropy kernel; auto = triton on CUDA
 
 
@@ -153,6 +161,7 @@ class CheckpointConfig:
     keep_last: int = 2  # keep the newest K checkpoints; 0 = keep all
     resume: str = "none"  # none | auto (latest in train.run_dir) | a checkpoint directory
     save_final: bool = True  # final model as a plain HF directory (run_dir/final)
+    export_dtype: ExportDtype = "auto"  # dtype of the final HF weights; auto = the compute dtype
 
 
 @dataclass

@@ -14,7 +14,9 @@ from typing import Any
 from .checks import check_choice, check_int, check_number
 from .config import Config, choice_fields
 from .loss import check_loss_options
+from .precision import check_precision
 from .prefix import check_prefix_options
+from .prompts import check_template
 from .rollout import SamplingSettings, engine_names
 
 
@@ -56,7 +58,8 @@ def _check_module_options(cfg: Config) -> None:
              entropy_coef=("loss.entropy_coef", lo.entropy_coef),
              temperature=("rollout.temperature", r.temperature),
              impl=("loss.kernel_impl", lo.kernel_impl),
-             entropy_mask_scope=("loss.entropy_mask_scope", lo.entropy_mask_scope))
+             entropy_mask_scope=("loss.entropy_mask_scope", lo.entropy_mask_scope),
+             entropy_norm=("loss.entropy_norm", lo.entropy_norm))
     for s in ("rollout", "eval"):
         section = getattr(cfg, s)
         _checked(SamplingSettings, temperature=(f"{s}.temperature", section.temperature),
@@ -106,6 +109,11 @@ def check_config(cfg: Config) -> None:
     if t.mini_batch_size and t.prompts_per_step % t.mini_batch_size:
         raise ValueError(f"train.mini_batch_size must divide train.prompts_per_step "
                          f"({t.prompts_per_step}), got {t.mini_batch_size}")
+    check_precision(cfg.model.dtype, cfg.model.weights_dtype, getattr(o, "name", "adamw"))
+    check_template(d.prompt_template)
+    if cfg.loss.baseline == "official" and cfg.loss.algo != "sft" and p.num_prefixed >= r.group_size:
+        raise ValueError(f"loss.baseline=official needs on-policy rollouts: prefix.num_prefixed "
+                         f"must be < rollout.group_size ({r.group_size}), got {p.num_prefixed}")
     if cfg.model.path == "" and cfg.model.tokenizer_path:
         raise ValueError(f"model.path must be set when model.tokenizer_path is, "
                          f"got {cfg.model.path!r}")

@@ -174,14 +174,16 @@ def forward_with_head(model: nn.Module, head_fn: Callable, input_ids: torch.Tens
     return method(head_fn, input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
 
-def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool,
+def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool = False, mp_policy=None,
                reshard_after_forward: bool = True) -> nn.Module:
     """Shard ``model`` in place with FSDP2: ``fully_shard`` on every decoder layer
     (``model.model.layers[i]``), then on the root (embeddings, final norm, lm_head).
 
     ``mixed_precision_bf16``: compute in bf16 with fp32 gradient reduction
-    (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); keep it False on CPU.
-    Parameters stay fp32 masters. Also registers ``generate`` and the fused-head forward
+    (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``). ``mp_policy``: a
+    ``MixedPrecisionPolicy`` to use instead (the trainer passes
+    ``precision.PrecisionPolicy.fsdp_mixed_precision()``). Parameters keep the dtype they
+    have (fp32 masters unless the run stores bf16 weights). Also registers ``generate`` and the fused-head forward
     (``forward_with_head``) as FSDP forward methods. Needs an initialized process group.
     Returns the same model object (now an ``FSDPModule``).
     """
@@ -194,8 +196,12 @@ def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool,
     if not dist.is_initialized():
         raise ValueError("wrap_fsdp2 needs an initialized process group (run init_distributed under torchrun)")
     layers = _decoder_layers(model)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision_bf16 else MixedPrecisionPolicy()
+    if mp_policy is not None:
+        policy = mp_policy
+    elif mixed_precision_bf16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
     mesh = None
     if next(model.parameters()).device.type == "cpu":
         from torch.distributed.device_mesh import init_device_mesh

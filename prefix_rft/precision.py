@@ -34,9 +34,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+ComputeDtype = Literal["auto", "fp32", "bf16"]  # model.dtype: auto = bf16 on CUDA, fp32 on CPU
+WeightsDtype = Literal["fp32", "bf16"]  # model.weights_dtype: stored/updated weights
+ExportDtype = Literal["auto", "fp32", "bf16"]  # checkpoint.export_dtype: auto = compute dtype
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # optimizers whose update survives bf16 storage (stochastic rounding)
 BF16_SAFE_OPTIMIZERS = ("adamw_bf16_sr",)

@@ -11,9 +11,11 @@
 * :func:`build_engine` -- the rollout engine named by ``rollout.engine`` (the registry in
   :mod:`prefix_rft.rollout`).
 * :func:`build_loss` -- the fused :class:`~prefix_rft.loss.PrefixRFTLoss` from ``loss.*``.
-* :func:`compute_context` -- precision: fp32 on CPU; on CUDA (``model.dtype: auto``) fp32
-  weights (AdamW masters: an lr of 1e-6 would vanish in bf16) with bf16 compute (FSDP2 mixed
-  precision under torchrun, ``torch.autocast`` in one process); ``bf16`` keeps bf16 weights.
+* :func:`precision` / :func:`compute_context` -- the run's precision policy
+  (:mod:`prefix_rft.precision`): ``model.dtype: bf16`` (or ``auto`` on CUDA) is bf16 compute
+  over fp32 masters (FSDP2 ``MixedPrecisionPolicy`` under torchrun, ``torch.autocast`` in one
+  process); bf16-stored weights only with ``model.weights_dtype: bf16`` + a stochastic-rounding
+  optimizer.
 * :func:`seed_everything`, :func:`reset_peak_memory`, :func:`peak_memory_gb`.
 """
 
@@ -35,6 +37,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .config import Config, save_config
 from .loss import PrefixRFTLoss
+from .precision import PrecisionPolicy, precision_policy
 from .rollout import RolloutEngine, engine_class
 
 
@@ -73,7 +76,8 @@ def is_installed(module: str) -> bool:
 def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The policy from ``model.path`` (``from_pretrained``, a local directory) and its tokenizer.
 
-    fp32 weights unless ``model.dtype: bf16``; SDPA attention (flash-attn only when requested
+    Weights in ``model.weights_dtype`` (fp32 masters by default, whatever the compute dtype);
+    SDPA attention (flash-attn only when requested
     and installed); Liger RMSNorm/SwiGLU/RoPE when installed and on CUDA; gradient checkpointing.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,7 +91,7 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
         print("[prefix-rft] flash-attn not installed or not on CUDA: using sdpa attention",
               flush=True)
         attn = "sdpa"
-    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    dtype = precision(cfg, device).weights
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn,
         trust_remote_code=cfg.model.trust_remote_code).to(device)
@@ -156,17 +160,22 @@ def build_loss(cfg: Config) -> PrefixRFTLoss:
         max_response_tokens=cfg.rollout.max_response_tokens, clip_low=lo.clip_low,
         clip_high=lo.clip_high, clip_c=lo.clip_c, entropy_top_fraction=lo.entropy_top_fraction,
         entropy_coef=lo.entropy_coef, temperature=cfg.rollout.temperature,
-        impl=lo.kernel_impl, entropy_mask_scope=lo.entropy_mask_scope)
+        impl=lo.kernel_impl, entropy_mask_scope=lo.entropy_mask_scope,
+        entropy_norm=lo.entropy_norm)
 
 
 # ---------------------------------------------------------------------------- precision
+def precision(cfg: Config, device: torch.device) -> PrecisionPolicy:
+    """The run's compute / weight / reduce / export dtypes (:mod:`prefix_rft.precision`)."""
+    return precision_policy(cfg.model.dtype, cfg.model.weights_dtype, cfg.checkpoint.export_dtype,
+                            device, getattr(cfg.optim, "name", "adamw"))
+
+
 @contextlib.contextmanager
 def compute_context(cfg: Config, model: torch.nn.Module, device: torch.device):
-    """bf16 autocast for a single-process CUDA run with fp32 weights (FSDP2 casts itself)."""
-    if device.type == "cuda" and cfg.model.dtype == "auto" and not D.is_fsdp(model):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            yield
-    else:
+    """Forward passes in the compute dtype: ``torch.autocast`` over fp32 masters in one process;
+    nothing under FSDP2 (its MixedPrecisionPolicy casts) or when compute = weight dtype."""
+    with precision(cfg, device).autocast(model):
         yield
 
 
@@ -216,8 +225,7 @@ def start_run(cfg: Config) -> Run:
     sampler = StatefulSampler(len(dataset), seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                               rank=rank, world_size=world)
     if world > 1:
-        D.wrap_fsdp2(model,
-                     mixed_precision_bf16=device.type == "cuda" and cfg.model.dtype == "auto")
+        D.wrap_fsdp2(model, mp_policy=precision(cfg, device).fsdp_mixed_precision())
     optimizer, scheduler = build_optimizer(cfg, model)
     start = 0
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)

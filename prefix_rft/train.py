@@ -40,7 +40,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .advantage import advantage_stats, group_advantages
+from .advantage import advantage_stats, rollout_advantages
 from .batching import Rollout, collate, micro_batches, response_logprob_entropy, run_head
 from .config import Config, resolve_config, validate_config
 from .entropy_mask import mini_batch_keep_masks
@@ -49,7 +49,7 @@ from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
 from .prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
-from .setup import Run, peak_memory_gb, reset_peak_memory, start_run
+from .setup import Run, peak_memory_gb, precision, reset_peak_memory, start_run
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -105,7 +105,9 @@ def roll_out(run: Run, requests: list[RolloutRequest], meta: list) -> list[Rollo
 
 
 def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) -> dict[str, float]:
-    """Rewards (math-verify) and Dr. GRPO advantages, written into the rollouts; returns metrics."""
+    """Rewards (math-verify) and advantages (``loss.baseline``), written into the rollouts;
+    returns metrics. ``baseline: official`` gives a hybrid's prefix tokens their own advantage
+    (``Rollout.prefix_advantage``), so its update batch carries ``[B, T]`` advantages."""
     from .reward import math_rewards
 
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
@@ -115,9 +117,11 @@ def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) ->
     reward_t = torch.tensor(rewards, dtype=torch.float64)
     groups = torch.tensor([r.group for r in rollouts])
     prefixed = torch.tensor([r.is_prefixed for r in rollouts], dtype=torch.bool)
-    adv = group_advantages(reward_t, groups, baseline=cfg.loss.baseline, is_prefixed=prefixed)
-    for r, value, a in zip(rollouts, rewards, adv.tolist()):
+    adv, prefix_adv = rollout_advantages(reward_t, groups, baseline=cfg.loss.baseline,
+                                         is_prefixed=prefixed)
+    for r, value, a, pa in zip(rollouts, rewards, adv.tolist(), prefix_adv.tolist()):
         r.reward, r.advantage = value, a
+        r.prefix_advantage = pa if pa != a else None
     solved = [0.0] * len(items)  # pass rate: a question counts when an on-policy rollout solved it
     for r in rollouts:
         if not r.is_prefixed:
@@ -133,6 +137,9 @@ def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) ->
          "reward_no_answer_frac": stats.no_answer / max(1, stats.total),
          "reward_failures": float(stats.parse_failures + stats.timeouts + stats.errors)}
     m.update(advantage_stats(adv))
+    if cfg.loss.baseline == "official":  # the hybrids' prefix-token advantage, r_h - mean_on
+        m["adv_hybrid_prefix_mean"] = (prefix_adv[prefixed].mean().item() if bool(prefixed.any())
+                                       else float("nan"))
     return m
 
 
@@ -179,13 +186,21 @@ def _padded(values: list[torch.Tensor], rows: list[int], width: int, device) -> 
     return out.to(device)
 
 
+def _global_continuation_tokens(run: Run, batches) -> int:
+    """Continuation tokens of the whole mini-batch over all ranks (token-mean entropy bonus)."""
+    local = sum(int((b.response_mask & ~b.prefix_mask).sum()) for b in batches)
+    return max(1, round(D.all_reduce_mean(float(local)) * run.world))
+
+
 def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
-             keep_masks=None) -> dict[str, float]:
+             keep_masks=None, count_entropy_tokens: bool = False) -> dict[str, float]:
     """``ppo_epochs`` passes of mini-batches (by question) of micro-batched loss + AdamW step.
 
-    ``micro_loss(batch, num_sequences, keep)`` returns one micro-batch's ``(loss, metrics)``,
-    its share of the global mini-batch of ``num_sequences`` rows; ``keep_masks(batches,
-    first_update)`` the per-micro-batch ``keep_prefix_mask`` (None: the loss decides)."""
+    ``micro_loss(batch, num_sequences, keep, entropy_tokens)`` returns one micro-batch's
+    ``(loss, metrics)``, its share of the global mini-batch of ``num_sequences`` rows;
+    ``keep_masks(batches, first_update)`` the per-micro-batch ``keep_prefix_mask`` (None: the
+    loss decides); ``entropy_tokens`` is the mini-batch's global continuation-token count when
+    ``count_entropy_tokens`` (``loss.entropy_norm: token_mean``), else None."""
     cfg = run.cfg
     local_questions = cfg.train.mini_batch_size // run.world
     num_sequences = cfg.train.mini_batch_size * per_question  # global mini-batch, normalizer B
@@ -199,9 +214,11 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
                        for mb in micro_batches(rows, picked, cfg.train.micro_batch_tokens)]
             first_update = epoch == 0 and start == 0
             keeps = keep_masks(batches, first_update) if keep_masks else [None] * len(batches)
+            entropy_tokens = (_global_continuation_tokens(run, batches) if count_entropy_tokens
+                              else None)
             for batch, keep in zip(batches, keeps):
                 with run.compute():
-                    loss, m = micro_loss(batch, num_sequences, keep)
+                    loss, m = micro_loss(batch, num_sequences, keep, entropy_tokens)
                 loss.backward()
                 avg.add(m)
                 tokens += int(batch.attention_mask.sum())
@@ -221,7 +238,7 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """The Prefix-RFT / RFT update over the scored rollouts."""
     cfg, loss_fn = run.cfg, run.loss_fn
 
-    def micro_loss(batch, num_sequences, keep):
+    def micro_loss(batch, num_sequences, keep, entropy_tokens):
         old = _padded([r.old_logprob for r in rollouts], batch.rows, batch.response_ids.shape[1],
                       batch.response_ids.device)
 
@@ -229,7 +246,7 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
             return loss_fn(hidden, weight, batch.response_ids, old, batch.advantages,
                            batch.response_mask, batch.prefix_mask, bias,
                            num_sequences=num_sequences, loss_scale=float(run.world),
-                           keep_prefix_mask=keep)
+                           keep_prefix_mask=keep, num_entropy_tokens=entropy_tokens)
         return run_head(run.model, batch, head)
 
     def current_entropy(batch, first_update):
@@ -245,13 +262,14 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
             scope=cfg.loss.entropy_mask_scope,
             entropy_top_fraction=cfg.loss.entropy_top_fraction)
 
+    token_mean = cfg.loss.entropy_norm == "token_mean" and cfg.loss.entropy_coef != 0
     return optimize(run, rollouts, per_question=cfg.rollout.group_size, micro_loss=micro_loss,
-                    keep_masks=keep_masks)
+                    keep_masks=keep_masks, count_entropy_tokens=token_mean)
 
 
 def sft_update(run: Run, demos: list[Rollout]) -> dict[str, float]:
     """The SFT baseline's update: token NLL on the demonstrations (one per question)."""
-    def micro_loss(batch, num_sequences, keep):
+    def micro_loss(batch, num_sequences, keep, entropy_tokens):
         def head(hidden, weight, bias):
             lp, _ = run.loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
                                                       batch.response_mask, bias)
@@ -392,7 +410,8 @@ def train(cfg: Config) -> dict[str, Any]:
             signal.signal(signum, handler)
     final_dir = None
     if done == total and cfg.checkpoint.save_final:
-        final_dir = ckpt.save_hf_model(run.model, run.tokenizer, run_dir / "final")
+        final_dir = ckpt.save_hf_model(run.model, run.tokenizer, run_dir / "final",
+                                       dtype=precision(cfg, run.device).export)
     if D.is_main() and cfg.log.plots:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
     run.engine.close()
