@@ -113,3 +113,15 @@ def test_token_advantages_expand_by_prefix_mask():
     assert torch.equal(out, torch.tensor([[0.5, 0.5, 0.5], [-0.25, -0.25, 1.0]]))
     with pytest.raises(ValueError, match="prefix_mask"):
         token_advantages(adv, pre, mask[:1])
+
+
+def test_collate_carries_per_token_advantages_only_when_a_row_needs_them():
+    from prefix_rft.batching import Rollout, collate
+
+    rows = [Rollout(prompt_ids=[1, 2], response_ids=[3, 4, 5], advantage=-2 / 7),
+            Rollout(prompt_ids=[1], response_ids=[6, 7, 8, 9], prefix_len=2, is_prefixed=True,
+                    advantage=1.0, prefix_advantage=5 / 7)]
+    assert collate(rows, [0], pad_token_id=0).advantages.shape == (1,)
+    batch = collate(rows, [0, 1], pad_token_id=0)
+    expected = torch.tensor([[-2 / 7] * 4, [5 / 7, 5 / 7, 1.0, 1.0]])
+    torch.testing.assert_close(batch.advantages, expected)

@@ -109,8 +109,8 @@ def test_fsdp2_two_ranks_one_step_at_lr_1e6_moves_fp32_masters(model_dtype, tmp_
     out = tmp_path / "result.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(TESTS.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "0", str(TESTS / "precision_worker.py"), str(out), model_dtype]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "precision_worker.py"), str(out), model_dtype]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(out, weights_only=False)
