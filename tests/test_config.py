@@ -107,7 +107,7 @@ def test_yaml_then_overrides_with_type_conversion(tmp_path):
     ("--loss.clip_c=0.5", "loss.clip_c must be a number in (1.0, inf)"),
     ("--loss.entropy_top_fraction=0", "loss.entropy_top_fraction must be a number in (0.0, 1.0]"),
     ("--loss.entropy_mask_scope=batch", "loss.entropy_mask_scope must be one of micro_batch|mini"),
-    ("--loss.baseline=mean", "loss.baseline must be one of group|on_policy, got 'mean'"),
+    ("--loss.baseline=mean", "loss.baseline must be one of group|on_policy|official, got 'mean'"),
     ("--loss.kernel_impl=cuda", "loss.kernel_impl must be one of auto|torch|triton"),
     ("--rollout.top_p=0", "rollout.top_p must be in (0, 1], got 0.0"),
     ("--rollout.temperature=0", "rollout.temperature must be a number in (0.0, inf)"),
