@@ -2,8 +2,8 @@
 
 Shape of this module (house rule): Triton jit kernels and their launchers live in
 ``linear_logprob_entropy_triton.py`` (``triton_fwd`` / ``triton_bwd``), the chunked torch
-implementation and the full-logits reference in ``reference.py`` (``torch_fwd`` /
-``torch_bwd``); here are the ``autograd.Function`` that calls either, and the public
+implementation in ``linear_logprob_entropy_torch.py`` (``torch_fwd`` / ``torch_bwd``);
+here are the ``autograd.Function`` that calls either, and the public
 function with its argument checks.
 """
 
@@ -14,7 +14,7 @@ import os
 import torch
 
 from ._checks import check_linear_logprob_entropy_inputs
-from .reference import torch_bwd, torch_fwd
+from .linear_logprob_entropy_torch import torch_bwd, torch_fwd
 
 IMPLS = ("auto", "torch", "triton")
 
