@@ -107,23 +107,25 @@ def run_overrides(table: dict, method: str, seed: int, assets: dict, run_dir: Pa
 
 
 # ---------------------------------------------------------------------------- one run
-def evaluate_model_dir(model_dir: str, test_rows: list[dict], eval_cfg: dict, seed: int,
+def evaluate_model_dir(model_dir: str, test_questions: list, eval_cfg: dict, seed: int,
                        max_response_tokens: int, instruction: str | None) -> dict[str, Any]:
-    """avg@k, pass@k, mean response tokens of a saved HF model on ``test_rows`` (CPU, fp32)."""
+    """avg@k, pass@k, mean response tokens of a saved HF model on ``test_questions`` (CPU,
+    fp32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefix_rft.evaluate import evaluate_rows
+    from prefix_rft.evaluate import evaluate_questions
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     k = int(eval_cfg["k"])
-    result = evaluate_rows(model, tokenizer, test_rows, k, temperature=float(eval_cfg["temperature"]),
-                           top_p=float(eval_cfg["top_p"]), max_response_tokens=max_response_tokens,
-                           batch_questions=int(eval_cfg.get("batch_questions", 32)), seed=seed,
-                           instruction=instruction)
+    result = evaluate_questions(
+        model, tokenizer, test_questions, k, temperature=float(eval_cfg["temperature"]),
+        top_p=float(eval_cfg["top_p"]), max_response_tokens=max_response_tokens,
+        batch_questions=int(eval_cfg.get("batch_questions", 32)), seed=seed,
+        instruction=instruction)
     return {"avg_at_k": result[f"avg@{k}"], "pass_at_k": result[f"pass@{k}"], "k": k,
-            "eval_questions": len(test_rows), "mean_response_tokens": result["mean_response_tokens"],
+            "eval_questions": len(test_questions), "mean_response_tokens": result["mean_response_tokens"],
             "eval_s": result["seconds"]}
 
 
@@ -152,7 +154,7 @@ def train_one(table: dict, method: str, seed: int, assets: dict, workdir: Path, 
 
 
 def run_one(table: dict, method: str, seed: int, assets: dict, workdir: Path, config_path: str,
-            extra: list[str], test_rows: list[dict]) -> dict[str, Any]:
+            extra: list[str], test_questions: list) -> dict[str, Any]:
     """Train (unless ``base``) and evaluate one (method, seed); never raises: a failure gives a
     row with ``status: failed`` and the error."""
     from prefix_rft.config import load_config
@@ -172,7 +174,7 @@ def run_one(table: dict, method: str, seed: int, assets: dict, workdir: Path, co
             facts = train_one(table, method, seed, assets, workdir, config_path, extra)
         row.update(facts)
         max_tokens = int(table["eval"].get("max_response_tokens") or cfg.rollout.max_response_tokens)
-        row.update(evaluate_model_dir(facts["model_dir"], test_rows, table["eval"], seed, max_tokens,
+        row.update(evaluate_model_dir(facts["model_dir"], test_questions, table["eval"], seed, max_tokens,
                                       cfg.data.instruction))
     except Exception as error:  # noqa: BLE001 -- recorded in the table, the other runs go on
         row.update(status="failed", error=f"{type(error).__name__}: {error}"[:300])
@@ -316,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"assets in {workdir / 'assets'} (quick={table['assets']['quick']})")
     assets = prepare_demo(str(workdir), seed=int(table["assets"]["seed"]),
                           quick=bool(table["assets"]["quick"]), log=log)
-    from prefix_rft.demo.task import read_jsonl
+    from prefix_rft.data import read_questions
 
     num_rows = int(table["eval"]["num_rows"])
-    test_rows = read_jsonl(assets["test"])[:num_rows or None]
+    test_questions = read_questions(assets["test"], what="held-out split")[:num_rows or None]
     cache = workdir / "results"
     cache.mkdir(parents=True, exist_ok=True)
     rows, total, n = [], len(methods) * len(seeds), 0
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(cached)
                     continue
             log(f"[{n}/{total}] {method} seed {seed}: start ({time.perf_counter() - wall_start:.0f}s elapsed)")
-            row = run_one(table, method, seed, assets, workdir, config_path, args.overrides, test_rows)
+            row = run_one(table, method, seed, assets, workdir, config_path, args.overrides, test_questions)
             path.write_text(json.dumps(row, indent=1, default=str), encoding="utf-8")
             rows.append(row)
             if row["status"] == "ok":

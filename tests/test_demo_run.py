@@ -11,6 +11,7 @@ pytest.importorskip("transformers", reason="the demo needs transformers")
 
 from prefix_rft.cli import main as cli_main  # noqa: E402
 from prefix_rft.demo import run as demo_run  # noqa: E402
+from prefix_rft.metrics_log import read_metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_quick_demo_writes_table_run_dir_and_plots(quick_run):
         assert 0.0 <= r[f"avg@{k}"] <= r[f"pass@{k}"] <= 1.0
         assert r["num_questions"] == results["eval_questions"]
     assert (run_dir / "demo_results.md").read_text().count("| Prefix-RFT |") == 1
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, demo_run.QUICK_STEPS + 1))
     assert (run_dir / "final" / "config.json").is_file()
     assert (run_dir / "plots" / "before_after.png").stat().st_size > 0
@@ -117,6 +118,6 @@ def test_stopped_training_exits_1_and_resumes(tmp_path, capsys):
     assert "training stopped after 1 of 3 steps" in capsys.readouterr().out
     assert not (tmp_path / "run" / "demo_results.json").exists()
     assert demo_run.main(argv + ["--checkpoint.resume=auto"]) == 0
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert json.loads((tmp_path / "run" / "demo_results.json").read_text())["steps"] == 3

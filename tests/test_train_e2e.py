@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import read_jsonl, shared_assets, tiny_config
+from train_helpers import shared_assets, tiny_config
 
+from prefix_rft.data import read_rows
+from prefix_rft.metrics_log import read_metrics
 from prefix_rft.train import train
 
 
@@ -51,7 +53,7 @@ def _prefix_rft_config(assets, run_dir, **overrides):
 
 def _check_run(result, run_dir: Path, steps: int, initial: dict[str, torch.Tensor]):
     assert result["steps_done"] == steps and not result["stopped_early"]
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for row in rows:
         missing = [k for k in SECTION3_METRICS if k not in row]
@@ -108,14 +110,14 @@ def test_rft_one_step_has_no_prefixes(tiny_assets, tmp_path):
                       checkpoint__save_final=False)
     assert cfg.prefix.num_prefixed == 0
     result = train(cfg)
-    (row,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert result["final_model_dir"] is None
     assert row["prefix_token_frac"] == 0 and row["reward_hybrid"] is None
     assert math.isfinite(row["loss"]) and math.isfinite(row["entropy_continuation"])
 
 
 def test_sft_one_step_with_bad_rows_skipped(tiny_assets, tmp_path, capsys):
-    rows = read_jsonl(tiny_assets["train"])[:6]
+    rows = list(read_rows(tiny_assets["train"]))[:6]
     bad = [{"problem": "What is 1 + 1?", "solution": "2"},  # no answer
            {"problem": "", "solution": "x", "answer": "1"},  # no problem
            {"problem": "What is 2 + 2?", "answer": "4"}]  # no demonstration (needed by sft)
@@ -129,7 +131,7 @@ def test_sft_one_step_with_bad_rows_skipped(tiny_assets, tmp_path, capsys):
     assert "9 rows from 1 file(s), 6 usable" in out
     assert "no answer 1 (rows 2)" in out and "no problem 1 (rows 3)" in out
     assert "no demonstration 1 (rows 4)" in out
-    (row,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert row["nll_per_token"] > 0 and math.isfinite(row["loss"]) and row["grad_norm"] > 0
     assert "reward_mean" in row and "pass_rate" in row  # still rolled out for logging
     from prefix_rft.checkpoint import find_latest
@@ -186,8 +188,8 @@ def test_torchrun_two_ranks_match_one_process(tiny_assets, tmp_path):
            "-m", "prefix_rft.cli", "train", "--config", str(tmp_path / "multi.yaml")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    multi_rows = read_jsonl(tmp_path / "multi" / "metrics.jsonl")
-    single_rows = read_jsonl(tmp_path / "single" / "metrics.jsonl")
+    multi_rows = read_metrics(tmp_path / "multi" / "metrics.jsonl")
+    single_rows = read_metrics(tmp_path / "single" / "metrics.jsonl")
     assert len(multi_rows) == len(single_rows) == 2
     for m, s in zip(multi_rows, single_rows):
         for key in ("reward_mean", "reward_hybrid", "pass_rate", "response_len_mean", "prefix_low"):

@@ -9,7 +9,7 @@ Stages (each logs as it goes; training shows the trainer's progress bar):
 1. ``prepare_demo``: build or reuse the task (hard train / held-out splits), the tokenizer
    and the base model under ``{workdir}/assets`` (manifest-checked, so a second run reuses).
 2. Evaluate the base on the held-out hard split: ``k`` samples per question, avg@k,
-   pass@k, mean response tokens (``prefix_rft.evaluate.evaluate_rows``).
+   pass@k, mean response tokens (``prefix_rft.evaluate.evaluate_questions``).
 3. Train with Prefix-RFT through ``prefix_rft.train.train(cfg)`` -- the same loop, config and
    ``from_pretrained`` path a real model takes. The config is ``configs/demo.yaml`` with the
    paths pointed at ``{workdir}``, then any ``--section.field=value`` overrides.
@@ -113,20 +113,21 @@ def demo_config(args: argparse.Namespace, overrides: list[str], paths: dict[str,
     return load_config(args.config, ours + overrides)
 
 
-def evaluate_model(model_dir: str, rows: list[dict], args, cfg, label: str) -> dict[str, Any]:
-    """avg@k / pass@k / mean response tokens of the model in ``model_dir`` on ``rows``."""
+def evaluate_model(model_dir: str, questions: list, args, cfg, label: str) -> dict[str, Any]:
+    """avg@k / pass@k / mean response tokens of the model in ``model_dir`` on ``questions``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefix_rft.evaluate import evaluate_rows
+    from prefix_rft.evaluate import evaluate_questions
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    _log(f"[demo] evaluating the {label} model: {len(rows)} held-out questions x {args.eval_k} "
+    _log(f"[demo] evaluating the {label} model: {len(questions)} held-out questions x {args.eval_k} "
          f"samples (T={args.eval_temperature}, top-p 1.0, max {cfg.rollout.max_response_tokens} tokens)")
-    result = evaluate_rows(model, tokenizer, rows, args.eval_k, temperature=args.eval_temperature,
-                           top_p=1.0, max_response_tokens=cfg.rollout.max_response_tokens,
-                           seed=args.seed, instruction=cfg.data.instruction, progress=True)
+    result = evaluate_questions(
+        model, tokenizer, questions, args.eval_k, temperature=args.eval_temperature, top_p=1.0,
+        max_response_tokens=cfg.rollout.max_response_tokens, seed=args.seed,
+        instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt, progress=True)
     result.pop("correct", None)
     return result
 
@@ -172,8 +173,8 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
     (None when training was stopped early; it can be resumed)."""
     import torch
 
+    from prefix_rft.data import read_questions
     from prefix_rft.demo.base import prepare_demo
-    from prefix_rft.demo.task import read_jsonl
     from prefix_rft.train import train
 
     if args.threads:
@@ -189,13 +190,13 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
     if run_dir.exists() and cfg.checkpoint.resume == "none":
         _log(f"[demo] removing the previous run in {run_dir}")
         shutil.rmtree(run_dir)
-    rows = read_jsonl(paths["test"])
-    rows = rows[: args.eval_rows] if args.eval_rows else rows
+    questions = read_questions(paths["test"], what="demo test split")
+    questions = questions[: args.eval_rows] if args.eval_rows else questions
     k = 2 if args.quick else args.eval_k
     args.eval_k = k
 
     t0 = time.perf_counter()
-    before = evaluate_model(paths["model"], rows, args, cfg, "base")
+    before = evaluate_model(paths["model"], questions, args, cfg, "base")
     timings["eval_base"] = time.perf_counter() - t0
     _log(f"[demo] base: avg@{k} {100 * before[f'avg@{k}']:.1f}%  pass@{k} {100 * before[f'pass@{k}']:.1f}%  "
          f"({timings['eval_base']:.1f}s)")
@@ -213,24 +214,24 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
         return None
 
     t0 = time.perf_counter()
-    after = evaluate_model(result["final_model_dir"], rows, args, cfg, "trained")
+    after = evaluate_model(result["final_model_dir"], questions, args, cfg, "trained")
     timings["eval_after"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
     table = render_table(before, after, k)
     plot = plot_before_after(before, after, k, run_dir / "plots" / "before_after.png")
     results = {"before": before, "after": after, "k": k, "eval_temperature": args.eval_temperature,
-               "eval_questions": len(rows), "seed": args.seed, "steps": result["steps_done"],
+               "eval_questions": len(questions), "seed": args.seed, "steps": result["steps_done"],
                "timings_s": timings, "torch_threads": torch.get_num_threads(),
                "assets_reused": paths["reused"], "overrides": overrides, "run_dir": str(run_dir),
                "final_model_dir": result["final_model_dir"]}
     (run_dir / "demo_results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     (run_dir / "demo_results.md").write_text(
-        f"Held-out hard problems: {len(rows)} questions x {k} samples at T={args.eval_temperature} "
+        f"Held-out hard problems: {len(questions)} questions x {k} samples at T={args.eval_temperature} "
         f"(percent)\n\n{table}", encoding="utf-8")
     _log("")
     _log(table)
-    _log(f"[demo] {len(rows)} held-out questions x {k} samples, T={args.eval_temperature}; "
+    _log(f"[demo] {len(questions)} held-out questions x {k} samples, T={args.eval_temperature}; "
          f"times: prepare {timings['prepare']:.0f}s, base eval {timings['eval_base']:.0f}s, "
          f"train {timings['train']:.0f}s, final eval {timings['eval_after']:.0f}s, "
          f"total {timings['total']:.0f}s")
