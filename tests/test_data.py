@@ -111,7 +111,8 @@ def test_verl_parquet_schema_and_system_prompt(tmp_path):
     assert first.problem == "Find x if x+1=3." and first.answer == "2"
     assert first.prompt_ids == encode(tok, (
         "<|im_start|>system\nThink hard.<|im_end|>\n"
-        f"<|im_start|>user\nFind x if x+1=3. {DEFAULT_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"))
+        "<|im_start|>user\nFind x if x+1=3. "
+        f"{DEFAULT_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"))
     assert first.demo_ids == encode(tok, "<think>\nx=2</think>\n\\boxed{2}") + [tok.eos_token_id]
     # system_prompt "" drops the dataset's system message; other text replaces it
     dropped = load_prompt_dataset(DataConfig(train_files=[str(path)], schema="verl",
@@ -153,7 +154,8 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="train_files"):
         load_prompt_dataset(DataConfig(), tok, need_demo=True)
     with pytest.raises(ValueError, match="does not exist"):
-        load_prompt_dataset(DataConfig(train_files=[str(tmp_path / "nope.jsonl")]), tok, need_demo=True)
+        load_prompt_dataset(DataConfig(train_files=[str(tmp_path / "nope.jsonl")]), tok,
+                            need_demo=True)
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(ValueError, match="data.format"):
         read_rows(tmp_path / "data.txt")
@@ -174,7 +176,8 @@ def test_sampler_epochs_are_permutations_and_seeded():
     assert flat[:7] != flat[7:14]  # reshuffled each epoch
     again = StatefulSampler(7, seed=3)
     assert [again.next_global_batch(3) for _ in range(7)] == drawn
-    assert StatefulSampler(7, seed=3, shuffle=False).next_global_batch(9) == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    in_order = StatefulSampler(7, seed=3, shuffle=False)
+    assert in_order.next_global_batch(9) == [0, 1, 2, 3, 4, 5, 6, 0, 1]
 
 
 def test_sampler_resume_continues_the_same_sequence():

@@ -73,10 +73,9 @@ class ScriptedEngine(RolloutEngine):
         for request in requests:
             texts = self.answers[self.calls]
             self.calls += 1
-            out.append([RolloutSample(response_ids=self.tokenizer.encode(texts[j % len(texts)]),
-                                      prefix_len=0, finish_reason="stop",
-                                      logprobs=[0.0] * len(self.tokenizer.encode(texts[j % len(texts)])))
-                        for j in range(request.n)])
+            ids = [self.tokenizer.encode(texts[j % len(texts)]) for j in range(request.n)]
+            out.append([RolloutSample(response_ids=i, prefix_len=0, finish_reason="stop",
+                                      logprobs=[0.0] * len(i)) for i in ids])
         return out
 
     def load_weights(self, named_tensors):
@@ -101,9 +100,9 @@ def test_evaluate_questions_scores_like_hand_computation(tiny_assets):
 
 def test_eval_cli_tiny_model_writes_json_and_markdown(tiny_assets, tmp_path):
     out_dir = tmp_path / "eval"
-    code = main(["--model", tiny_assets["model"], "--data", tiny_assets["test"], tiny_assets["train"],
-                 "--k", "2", "--max-tokens", "6", "--max-rows", "2", "--out", str(out_dir),
-                 "--no-progress", "--device", "cpu"])
+    code = main(["--model", tiny_assets["model"], "--data", tiny_assets["test"],
+                 tiny_assets["train"], "--k", "2", "--max-tokens", "6", "--max-rows", "2",
+                 "--out", str(out_dir), "--no-progress", "--device", "cpu"])
     assert code == 0
     report = json.loads((out_dir / "eval_results.json").read_text())
     assert set(report["results"]) == {"test", "train"}

@@ -308,7 +308,8 @@ def compile_for_sm90(dtype: str) -> None:
     precision = ops._dot_precision(torch_dtype)
     ints = ["N", "H", "V", "stride_xn", "stride_xk", "stride_wv", "stride_wk", "ignore_index"]
     sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": "*fp32", "labels_ptr": "*i64",
-           "part_ptr": "*fp32", "split_size": "i32", "inv_temp": "fp32", **dict.fromkeys(ints, "i32")}
+           "part_ptr": "*fp32", "split_size": "i32", "inv_temp": "fp32",
+           **dict.fromkeys(ints, "i32")}
     blocks = {k: fwd_cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K")}
     consts = dict(HAS_BIAS=True, DOT_PRECISION=precision, **blocks)
     sig.update(dict.fromkeys(consts, "constexpr"))

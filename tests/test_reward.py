@@ -290,7 +290,8 @@ def _adversarial_strings(seed: int = 0) -> list[str]:
     strings += [r"\boxed{\frac{}", r"\boxed{\sqrt}", r"\boxed{^^^}", r"\boxed{\left(}",
                 r"\boxed{\begin{matrix}}", r"\boxed{\}", r"\boxed{$}", r"\boxed{1/0}",
                 r"\boxed{0/0}", r"\boxed{\infty - \infty}", r"\boxed{100000!!}",
-                r"\boxed{\log(0)}", "\\boxed{\x00}", "\\boxed{\ud800}", r"\boxed{" + "9" * 999 + "}"]
+                r"\boxed{\log(0)}", "\\boxed{\x00}", "\\boxed{\ud800}",
+                r"\boxed{" + "9" * 999 + "}"]
     strings += list(_huge_inputs().values())
     return strings
 

@@ -45,8 +45,9 @@ def _weights(model_dir: str) -> dict[str, torch.Tensor]:
 def _prefix_rft_config(assets, run_dir, **overrides):
     # Prefix ratios in [0.95, 1]: hybrids start from (almost) the whole demonstration, so they
     # usually carry the boxed answer and the groups have non-zero advantages for a random model.
-    base = dict(prefix__start=1.0, prefix__end=0.95, prefix__high=1.0, rollout__max_response_tokens=40,
-                train__mini_batch_size=1)  # 2 optimizer steps per step: ratios move off 1
+    # train.mini_batch_size 1: 2 optimizer steps per step, so ratios move off 1
+    base = dict(prefix__start=1.0, prefix__end=0.95, prefix__high=1.0,
+                rollout__max_response_tokens=40, train__mini_batch_size=1)
     base.update(overrides)
     return tiny_config(assets, run_dir, **base)
 
@@ -62,9 +63,11 @@ def _check_run(result, run_dir: Path, steps: int, initial: dict[str, torch.Tenso
             if key != "reward_hybrid":
                 assert row[key] is not None and math.isfinite(row[key]), (key, row[key])
         assert 0.95 <= row["prefix_low"] <= 1.0
-        assert 0 < row["prefix_token_frac"] < 1 and row["kept_prefix_token_frac"] <= row["prefix_token_frac"]
+        assert 0 < row["prefix_token_frac"] < 1
+        assert row["kept_prefix_token_frac"] <= row["prefix_token_frac"]
         assert row["tokens_per_s"] > 0 and row["update_time_s"] > 0
-    assert any(r["adv_std"] > 0 for r in rows), "no step had a non-zero advantage; the test is vacuous"
+    assert any(r["adv_std"] > 0 for r in rows), (
+        "no step had a non-zero advantage; the test is vacuous")
     assert any(r["grad_norm"] > 0 for r in rows)
     final = _weights(result["final_model_dir"])  # loads with from_pretrained
     changed = [k for k in initial if not torch.equal(initial[k], final[k])]
@@ -75,8 +78,9 @@ def _check_run(result, run_dir: Path, steps: int, initial: dict[str, torch.Tenso
 
 def test_prefix_rft_three_steps_hf_engine(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = _prefix_rft_config(tiny_assets, run_dir, log__plots=True, eval__files=[tiny_assets["test"]],
-                             eval__every=2, eval__k=2, eval__max_response_tokens=8,
+    cfg = _prefix_rft_config(tiny_assets, run_dir, log__plots=True,
+                             eval__files=[tiny_assets["test"]], eval__every=2, eval__k=2,
+                             eval__max_response_tokens=8,
                              log__tensorboard="true", log__progress=True)
     initial = _weights(tiny_assets["model"])
     result = train(cfg)
@@ -106,8 +110,8 @@ def test_prefix_rft_three_steps_vllm_engine(tiny_assets, tmp_path):
 
 
 def test_rft_one_step_has_no_prefixes(tiny_assets, tmp_path):
-    cfg = tiny_config(tiny_assets, tmp_path / "run", loss__algo="rft", train__steps=1, log__plots=False,
-                      checkpoint__save_final=False)
+    cfg = tiny_config(tiny_assets, tmp_path / "run", loss__algo="rft", train__steps=1,
+                      log__plots=False, checkpoint__save_final=False)
     assert cfg.prefix.num_prefixed == 0
     result = train(cfg)
     (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -123,8 +127,8 @@ def test_sft_one_step_with_bad_rows_skipped(tiny_assets, tmp_path, capsys):
            {"problem": "What is 2 + 2?", "answer": "4"}]  # no demonstration (needed by sft)
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + bad + rows[2:]))
-    cfg = tiny_config(tiny_assets, tmp_path / "run", loss__algo="sft", train__steps=1, log__plots=False,
-                      data__train_files=[str(data)], checkpoint__save_final=False)
+    cfg = tiny_config(tiny_assets, tmp_path / "run", loss__algo="sft", train__steps=1,
+                      log__plots=False, data__train_files=[str(data)], checkpoint__save_final=False)
     initial = _weights(tiny_assets["model"])
     result = train(cfg)
     out = capsys.readouterr().out

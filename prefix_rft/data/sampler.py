@@ -68,7 +68,8 @@ class StatefulSampler:
             raise ValueError(f"sampler state is for {state['num_items']} items, the dataset has "
                              f"{self.num_items} (did data.train_files change?)")
         if not 0 <= state["position"] < self.num_items:
-            raise ValueError(f"sampler position must be in [0, {self.num_items}), got {state['position']}")
+            raise ValueError(f"sampler position must be in [0, {self.num_items}), got "
+                             f"{state['position']}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.seed = int(state.get("seed", self.seed))
         self._order = None

@@ -127,7 +127,7 @@ def _problem(messages: list[dict] | None) -> str | None:
 
 
 def parse_row(row: dict, cfg: DataConfig, schema: str) -> tuple[Question | None, str | None]:
-    """``(Question, None)``, or ``(None, reason)`` with reason ``"no problem"`` / ``"no answer"``."""
+    """``(Question, None)``, or ``(None, reason)``: ``"no problem"`` or ``"no answer"``."""
     messages, answer, demo = SCHEMAS[schema](row, cfg)
     problem = _problem(messages)
     if problem is None:

@@ -48,17 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
                "(e.g. --optim.lr=2e-4 --rollout.group_size=8); see prefix_rft/config.py.",
         allow_abbrev=False)
     ap.add_argument("--workdir", default="runs/demo",
-                    help="assets go to WORKDIR/assets, the training run to WORKDIR/run (default runs/demo)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the task, base model, training and eval")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+                    help="assets go to WORKDIR/assets, the training run to WORKDIR/run (default "
+                         "runs/demo)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the task, base model, training and eval")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps (default: the config's)")
     ap.add_argument("--quick", action="store_true",
-                    help=f"smoke run: micro model, tiny data, {QUICK_STEPS} steps, small eval (< 90 s)")
+                    help=f"smoke run: micro model, tiny data, {QUICK_STEPS} steps, "
+                         "small eval (< 90 s)")
     ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                     help="rollout engine for training (evaluation always uses the HF engine)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice, usually one per core)")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="trainer YAML (default configs/demo.yaml)")
-    ap.add_argument("--eval-k", type=int, default=8, help="samples per held-out question (default 8)")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG),
+                    help="trainer YAML (default configs/demo.yaml)")
+    ap.add_argument("--eval-k", type=int, default=8,
+                    help="samples per held-out question (default 8)")
     ap.add_argument("--eval-rows", type=int, default=0, help="held-out questions to score; 0 = all")
     ap.add_argument("--eval-temperature", type=float, default=1.0,
                     help="sampling temperature of the before/after evaluation (default 1.0)")
@@ -80,7 +86,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.eval_k < 1 or args.eval_rows < 0:
-        parser.error(f"--eval-k must be >= 1 and --eval-rows >= 0, got {args.eval_k}, {args.eval_rows}")
+        parser.error(f"--eval-k must be >= 1 and --eval-rows >= 0, got {args.eval_k}, "
+                     f"{args.eval_rows}")
     if not args.eval_temperature > 0:
         parser.error(f"--eval-temperature must be > 0, got {args.eval_temperature}")
     if not Path(args.config).is_file():
@@ -102,7 +109,8 @@ def demo_config(args: argparse.Namespace, overrides: list[str], paths: dict[str,
 
     run_dir = os.path.join(args.workdir, "run")
     ours = [f"--model.path={paths['model']}", f"--data.train_files=[{paths['train']}]",
-            f"--train.run_dir={run_dir}", f"--train.seed={args.seed}", f"--eval.files=[{paths['test']}]",
+            f"--train.run_dir={run_dir}", f"--train.seed={args.seed}",
+            f"--eval.files=[{paths['test']}]",
             f"--rollout.engine={args.engine}", "--train.device=cpu"]
     if args.steps is not None:
         ours.append(f"--train.steps={args.steps}")
@@ -122,8 +130,9 @@ def evaluate_model(model_dir: str, questions: list, args, cfg, label: str) -> di
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    _log(f"[demo] evaluating the {label} model: {len(questions)} held-out questions x {args.eval_k} "
-         f"samples (T={args.eval_temperature}, top-p 1.0, max {cfg.rollout.max_response_tokens} tokens)")
+    _log(f"[demo] evaluating the {label} model: {len(questions)} held-out questions x "
+         f"{args.eval_k} samples (T={args.eval_temperature}, top-p 1.0, "
+         f"max {cfg.rollout.max_response_tokens} tokens)")
     result = evaluate_questions(
         model, tokenizer, questions, args.eval_k, temperature=args.eval_temperature, top_p=1.0,
         max_response_tokens=cfg.rollout.max_response_tokens, seed=args.seed,
@@ -134,7 +143,8 @@ def evaluate_model(model_dir: str, questions: list, args, cfg, label: str) -> di
 
 def render_table(before: dict, after: dict, k: int) -> str:
     """Markdown before/after table: avg@k, pass@1, pass@k (percent), mean response tokens."""
-    cols = [(f"avg@{k}", f"avg@{k}", True), ("pass@1", "pass@1", True), (f"pass@{k}", f"pass@{k}", True),
+    cols = [(f"avg@{k}", f"avg@{k}", True), ("pass@1", "pass@1", True),
+            (f"pass@{k}", f"pass@{k}", True),
             ("mean response tokens", "mean_response_tokens", False)]
     lines = ["| model | " + " | ".join(c[0] for c in cols) + " |",
              "|---|" + "|".join("---:" for _ in cols) + "|"]
@@ -198,12 +208,13 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
     t0 = time.perf_counter()
     before = evaluate_model(paths["model"], questions, args, cfg, "base")
     timings["eval_base"] = time.perf_counter() - t0
-    _log(f"[demo] base: avg@{k} {100 * before[f'avg@{k}']:.1f}%  pass@{k} {100 * before[f'pass@{k}']:.1f}%  "
-         f"({timings['eval_base']:.1f}s)")
+    _log(f"[demo] base: avg@{k} {100 * before[f'avg@{k}']:.1f}%  pass@{k} "
+         f"{100 * before[f'pass@{k}']:.1f}%  ({timings['eval_base']:.1f}s)")
 
     t0 = time.perf_counter()
-    _log(f"[demo] training: {cfg.loss.algo}, {cfg.train.steps} steps x {cfg.train.prompts_per_step} "
-         f"questions x {cfg.rollout.group_size} rollouts ({cfg.prefix.num_prefixed} from a "
+    _log(f"[demo] training: {cfg.loss.algo}, {cfg.train.steps} steps x "
+         f"{cfg.train.prompts_per_step} questions x {cfg.rollout.group_size} rollouts "
+         f"({cfg.prefix.num_prefixed} from a "
          f"demonstration prefix), lr {cfg.optim.lr:g}, engine {cfg.rollout.engine}")
     result = train(cfg)
     timings["train"] = time.perf_counter() - t0
@@ -227,8 +238,8 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
                "final_model_dir": result["final_model_dir"]}
     (run_dir / "demo_results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     (run_dir / "demo_results.md").write_text(
-        f"Held-out hard problems: {len(questions)} questions x {k} samples at T={args.eval_temperature} "
-        f"(percent)\n\n{table}", encoding="utf-8")
+        f"Held-out hard problems: {len(questions)} questions x {k} samples at "
+        f"T={args.eval_temperature} (percent)\n\n{table}", encoding="utf-8")
     _log("")
     _log(table)
     _log(f"[demo] {len(questions)} held-out questions x {k} samples, T={args.eval_temperature}; "

@@ -94,7 +94,8 @@ def get_difficulty(difficulty: str | Difficulty) -> Difficulty:
         return difficulty
     if difficulty not in DIFFICULTIES:
         raise ValueError(
-            f"difficulty: expected one of {sorted(DIFFICULTIES)} or a Difficulty, got {difficulty!r}"
+            f"difficulty: expected one of {sorted(DIFFICULTIES)} or a Difficulty, got "
+            f"{difficulty!r}"
         )
     return DIFFICULTIES[difficulty]
 
