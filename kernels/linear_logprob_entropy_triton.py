@@ -187,7 +187,7 @@ def triton_fwd(
 # recomputing the logits once per kernel (8NHV FLOPs for the backward instead of 6NHV).
 # Here each (row tile, vocab tile) program recomputes its logit tile once (2NHV total),
 # forms dz in registers, and walks H in BLOCK_K steps adding dz @ W[v] into dX and
-# dz.T @ X[n] into dW with fp32 atomics: exactly the 6NHV floor of DESIGN §4. The price is
+# dz.T @ X[n] into dW with fp32 atomics: the 6NHV floor (docs/design.md, section 4). The price is
 # NHV (1/BLOCK_V + 1/BLOCK_N) fp32 atomic adds into L2 (about 1.6e11 at N=16384, H=4096,
 # V=151936 with 128x128 tiles), which is what gradient filtering (FILTER_EPS) cuts, and
 # what GROUP_N (row tiles walking the vocab together, so W tiles and dW lines stay in L2)

@@ -22,8 +22,8 @@ def tiny_assets(tmp_path_factory):
     return shared_assets(tmp_path_factory)
 
 
-# DESIGN §3 "Logged each step" (plus the engine-vs-trainer mismatch), as metrics.jsonl keys.
-SECTION3_METRICS = [
+# The metrics logged each step (docs/design.md, section 2), as metrics.jsonl keys.
+STEP_METRICS = [
     "reward_mean", "reward_on_policy", "reward_hybrid", "pass_rate", "adv_mean", "adv_std",
     "adv_min", "adv_max", "prefix_low", "prefix_ratio_mean", "prefix_token_frac",
     "kept_prefix_token_frac", "kept_prefix_frac", "entropy_prefix", "entropy_continuation",
@@ -57,9 +57,9 @@ def _check_run(result, run_dir: Path, steps: int, initial: dict[str, torch.Tenso
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for row in rows:
-        missing = [k for k in SECTION3_METRICS if k not in row]
+        missing = [k for k in STEP_METRICS if k not in row]
         assert not missing, f"metrics.jsonl lacks {missing}"
-        for key in SECTION3_METRICS:
+        for key in STEP_METRICS:
             if key != "reward_hybrid":
                 assert row[key] is not None and math.isfinite(row[key]), (key, row[key])
         assert 0.95 <= row["prefix_low"] <= 1.0
