@@ -90,7 +90,8 @@ def evaluate_questions(model, tokenizer, questions: Sequence[Question], k: int, 
     """Sample ``k`` responses per question and score them against ``question.answer``.
 
     Args:
-        model: a transformers causal LM (used through the HF engine when ``engine`` is None).
+        model: a transformers causal LM (sampled with the default engine when ``engine`` is
+            None; unused otherwise).
         tokenizer: its tokenizer (chat template used when present).
         questions: :class:`prefix_rft.data.Question` s (``prefix_rft.data.read_questions``).
         engine: a :class:`prefix_rft.rollout.RolloutEngine` to sample with instead.
@@ -104,14 +105,14 @@ def evaluate_questions(model, tokenizer, questions: Sequence[Question], k: int, 
     """
     from .config import DEFAULT_INSTRUCTION
     from .reward import math_rewards
-    from .rollout import RolloutRequest, SamplingSettings, make_engine
+    from .rollout import DEFAULT_ENGINE, RolloutRequest, SamplingSettings, make_engine
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if not questions:
         raise ValueError("questions must hold at least one question")
     start = time.perf_counter()
-    engine = engine or make_engine("hf", model, tokenizer, seed=seed)
+    engine = engine or make_engine(DEFAULT_ENGINE, model, tokenizer, seed=seed)
     instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     prompts = _prompt_ids(tokenizer, questions, instruction, system_prompt)
     correct, lengths = [], []
@@ -155,6 +156,8 @@ def render_markdown(results: dict[str, dict[str, Any]], k: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .rollout import DEFAULT_ENGINE, engine_names
+
     ap = argparse.ArgumentParser(prog="prefix-rft eval", description="avg@k and unbiased pass@k "
                                  "of a local HF model on benchmark files (jsonl/parquet, any training schema).")
     ap.add_argument("--model", required=True, help="local HF model directory")
@@ -164,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-tokens", type=int, default=8192, help="max response tokens")
-    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    ap.add_argument("--engine", choices=engine_names(), default=DEFAULT_ENGINE,
+                    help="rollout engine (the registry in prefix_rft.rollout)")
     ap.add_argument("--batch-questions", type=int, default=32, help="questions per generate call")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm only")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                    help="for engines that reserve GPU memory")
     ap.add_argument("--schema", choices=("auto", *SCHEMAS), default="auto",
                     help="row schema of the files, as data.schema (default: detected per file)")
     ap.add_argument("--problem-key", default="problem", help="flat schema: question field")
@@ -181,21 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(tokenizer, engine)``: the engine named by ``--engine`` over the model directory."""
+    from transformers import AutoTokenizer
+
+    from .rollout import engine_class
 
     if not (Path(args.model) / "config.json").is_file():
-        raise ValueError(f"--model must be a local HF model directory with config.json, got {args.model!r}")
+        raise ValueError(f"--model must be a local HF model directory with config.json, "
+                         f"got {args.model!r}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.engine == "vllm":
-        from .rollout import make_engine
-
-        engine = make_engine("vllm", args.model, tokenizer, seed=args.seed,
-                             dtype="bfloat16" if device == "cuda" else "float32",
-                             gpu_memory_utilization=args.gpu_memory_utilization)
-        return None, tokenizer, engine
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    return model, tokenizer, None
+    engine = engine_class(args.engine).from_pretrained(
+        args.model, tokenizer, device=torch.device(device), seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization)
+    return tokenizer, engine
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,13 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_cfg = DataConfig(schema=args.schema, problem_key=args.problem_key,
                               answer_key=args.answer_key, max_rows=args.max_rows)
         benchmarks = {Path(p).stem: read_questions(p, data_cfg, what="--data") for p in args.data}
-        model, tokenizer, engine = _load(args, device)
+        tokenizer, engine = _load(args, device)
     except ValueError as err:
         raise SystemExit(f"prefix-rft eval: {err}") from None
     results = {}
     for name, questions in benchmarks.items():
         results[name] = evaluate_questions(
-            model, tokenizer, questions, args.k, temperature=args.temperature, top_p=args.top_p,
+            None, tokenizer, questions, args.k, temperature=args.temperature, top_p=args.top_p,
             max_response_tokens=args.max_tokens, engine=engine, batch_questions=args.batch_questions,
             seed=args.seed, instruction=args.instruction, progress=not args.no_progress)
         print(f"{name}: avg@{args.k} {results[name][f'avg@{args.k}']:.4f}  "

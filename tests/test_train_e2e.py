@@ -154,8 +154,8 @@ def test_dataset_without_usable_rows_is_an_error(tiny_assets, tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("loss__algo", "ppo", "loss.algo must be one of sft|rft|prefix_rft"),
-    ("loss__clip_low", 1.5, "loss.clip_low must be in"),
-    ("rollout__group_size", 0, "rollout.group_size must be in"),
+    ("loss__clip_low", 1.5, "loss.clip_low must be a number in"),
+    ("rollout__group_size", 0, "rollout.group_size must be an int >= 1"),
     ("model__path", "/nonexistent/model", "model.path must be a local HF model directory"),
 ])
 def test_bad_config_values_give_one_line_errors(tiny_assets, tmp_path, field, value, message):

@@ -15,13 +15,20 @@
 
 from .dataset import SKIP_REASONS, PromptDataset, load_prompt_dataset, read_questions
 from .prompts import demo_token_ids, prompt_messages, prompt_text, with_instruction
-from .read import FORMATS, detect_format, iter_rows, read_rows
+from .read import FORMATS, check_format, detect_format, iter_rows, read_rows
 from .sampler import StatefulSampler
 from .schemas import SCHEMAS, Question, RowFields, check_schema, detect_schema, parse_row
 
 __all__ = [
     "FORMATS", "SCHEMAS", "SKIP_REASONS", "PromptDataset", "Question", "RowFields",
-    "StatefulSampler", "check_schema", "demo_token_ids", "detect_format", "detect_schema",
-    "iter_rows", "load_prompt_dataset", "parse_row", "prompt_messages", "prompt_text",
-    "read_questions", "read_rows", "with_instruction",
+    "StatefulSampler", "check_data_options", "check_format", "check_schema", "demo_token_ids",
+    "detect_format", "detect_schema", "iter_rows", "load_prompt_dataset", "parse_row",
+    "prompt_messages", "prompt_text", "read_questions", "read_rows", "with_instruction",
 ]
+
+
+def check_data_options(*, format: str = "auto", schema: str = "flat") -> None:
+    """The reader's options: ``format`` (``auto`` or a ``FORMATS`` name) and ``schema``
+    (``auto`` or a ``SCHEMAS`` name); ValueError naming the argument otherwise."""
+    check_format(format, "format")
+    check_schema(schema, "schema")

@@ -22,16 +22,22 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMATS", "detect_format", "iter_rows", "read_rows"]
+from ..checks import check_choice
+
+__all__ = ["FORMATS", "check_format", "detect_format", "iter_rows", "read_rows"]
 
 _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
+def check_format(fmt: str, key: str = "data.format") -> str:
+    """``fmt`` if it is ``"auto"`` or a name in ``FORMATS``, else a ValueError naming ``key``."""
+    check_choice(key, fmt, ("auto", *FORMATS))
+    return fmt
+
+
 def detect_format(path: str | Path, fmt: str = "auto") -> str:
     """``auto`` -> ``jsonl`` (.jsonl/.json), ``parquet`` (.parquet) or ``disk`` (a directory)."""
-    if fmt != "auto":
-        if fmt not in FORMATS:
-            raise ValueError(f"data.format must be one of auto|{'|'.join(FORMATS)}, got {fmt!r}")
+    if check_format(fmt) != "auto":
         return fmt
     path = Path(path)
     if path.is_dir():

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from ..checks import check_choice
+
 if TYPE_CHECKING:
     from ..config import DataConfig
 
@@ -115,8 +117,7 @@ SCHEMAS: dict[str, Callable[[dict, DataConfig], RowFields]] = {
 
 def check_schema(name: str, key: str = "data.schema") -> str:
     """``name`` if it is ``"auto"`` or a registered schema, else a ValueError naming ``key``."""
-    if name != "auto" and name not in SCHEMAS:
-        raise ValueError(f"{key} must be one of auto|{'|'.join(SCHEMAS)}, got {name!r}")
+    check_choice(key, name, ("auto", *SCHEMAS))
     return name
 
 

@@ -28,11 +28,12 @@ import concurrent.futures
 import dataclasses
 from typing import Sequence
 
-from .extract import FALLBACKS, check_fallback, extract_answer
+from ..checks import check_int, check_number
+from .extract import FALLBACKS, Fallback, check_fallback, extract_answer
 from .pool import HARD_KILL_GRACE_S, shutdown_workers, verify, warmup
 
-__all__ = ["FALLBACKS", "HARD_KILL_GRACE_S", "RewardStats", "extract_answer", "math_reward",
-           "math_rewards", "shutdown_workers", "warmup"]
+__all__ = ["FALLBACKS", "HARD_KILL_GRACE_S", "Fallback", "RewardStats", "check_reward_options",
+           "extract_answer", "math_reward", "math_rewards", "shutdown_workers", "warmup"]
 
 DEFAULT_TIMEOUT_S = 5.0  # math-verify's own default per operation
 DEFAULT_MAX_ANSWER_CHARS = 1000  # longer "answers" are garbage: counted as parse failures
@@ -72,12 +73,15 @@ class RewardStats:
         return dataclasses.asdict(self)
 
 
-def _check_options(fallback, timeout_s, verify_fn) -> None:
+def check_reward_options(*, fallback: str | Sequence[str] = "none",
+                         timeout_s: float = DEFAULT_TIMEOUT_S, verify_fn: str | None = None,
+                         num_workers: int = 1) -> None:
+    """The reward's options; a ValueError naming the first bad one."""
     check_fallback(fallback)
-    if not (isinstance(timeout_s, (int, float)) and 0 < timeout_s < float("inf")):
-        raise ValueError(f"timeout_s: expected a positive finite number, got {timeout_s!r}")
+    check_number("timeout_s", timeout_s, 0.0, lo_open=True)
     if verify_fn is not None and not (isinstance(verify_fn, str) and ":" in verify_fn):
-        raise ValueError(f"verify_fn: expected 'module:function' or None, got {verify_fn!r}")
+        raise ValueError(f"verify_fn must be 'module:function' or None, got {verify_fn!r}")
+    check_int("num_workers", num_workers, 1)
 
 
 def _score(response, gold, fallback, timeout_s, max_answer_chars, verify_fn) -> str:
@@ -122,7 +126,7 @@ def math_reward(response_text: str, gold_answer: str, *, fallback="none",
     Returns 0.0 on every failure (no answer, parse failure, timeout, error); never raises
     except ValueError for an invalid ``fallback`` / ``timeout_s`` / ``verify_fn``.
     """
-    _check_options(fallback, timeout_s, verify_fn)
+    check_reward_options(fallback=fallback, timeout_s=timeout_s, verify_fn=verify_fn)
     outcome = _score(response_text, gold_answer, fallback, timeout_s, max_answer_chars,
                      verify_fn)
     if stats is not None:
@@ -142,10 +146,10 @@ def math_rewards(responses: Sequence[str], golds: Sequence[str], *, fallback="no
     helper processes at once. Raises ValueError on mismatched lengths or bad options.
     """
     if len(responses) != len(golds):
-        raise ValueError(f"golds: expected one per response ({len(responses)}), got {len(golds)}")
-    if not (isinstance(num_workers, int) and num_workers >= 1):
-        raise ValueError(f"num_workers: expected an int >= 1, got {num_workers!r}")
-    _check_options(fallback, timeout_s, verify_fn)
+        raise ValueError(f"golds must hold one answer per response ({len(responses)}), "
+                         f"got {len(golds)}")
+    check_reward_options(fallback=fallback, timeout_s=timeout_s, verify_fn=verify_fn,
+                         num_workers=num_workers)
 
     def score(response, gold) -> str:
         return _score(response, gold, fallback, timeout_s, max_answer_chars, verify_fn)

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Sequence
+from typing import Literal, Sequence
 
-__all__ = ["FALLBACKS", "check_fallback", "extract_answer", "is_balanced"]
+from ..checks import check_choice, choices
 
-FALLBACKS = ("none", "last_number", "answer_is")
+__all__ = ["FALLBACKS", "Fallback", "check_fallback", "extract_answer", "is_balanced"]
+
+# What to take as the answer of a response without a box: nothing (reward 0), its last
+# number, or the rest of the line after its last "answer is" / "answer:".
+Fallback = Literal["none", "last_number", "answer_is"]
+FALLBACKS = choices(Fallback)
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # An escaped brace or backslash (``\{``, ``\}``, ``\\``) or a grouping brace: one token
@@ -103,12 +108,11 @@ _FALLBACK_FUNCTIONS = {"last_number": _last_number, "answer_is": _after_answer_m
 
 
 def check_fallback(fallback: str | Sequence[str]) -> tuple[str, ...]:
-    """``fallback`` as a tuple of names from ``FALLBACKS``; ValueError naming it otherwise."""
+    """``fallback`` (a name or a sequence of names from ``FALLBACKS``) as a tuple of names;
+    ValueError naming it otherwise."""
     names = (fallback,) if isinstance(fallback, str) else tuple(fallback)
     for name in names:
-        if name not in FALLBACKS:
-            raise ValueError(f"fallback: expected one of {FALLBACKS} or a sequence of "
-                             f"them, got {name!r}")
+        check_choice("fallback", name, Fallback)
     return names
 
 
