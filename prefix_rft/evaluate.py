@@ -63,7 +63,8 @@ def pass_ks(k: int) -> list[int]:
 
 
 def summarize(correct_counts: Sequence[int], n: int) -> dict[str, float]:
-    """``{"avg@n", "pass@1", "pass@2", ..., "pass@n", "num_questions"}`` from per-question counts."""
+    """``{"avg@n", "pass@1", "pass@2", ..., "pass@n", "num_questions"}`` from per-question
+    counts."""
     if not correct_counts:
         raise ValueError("correct_counts must hold at least one question")
     out = {f"avg@{n}": sum(correct_counts) / (n * len(correct_counts))}
@@ -124,11 +125,12 @@ def evaluate_questions(model, tokenizer, questions: Sequence[Question], k: int, 
     for lo in range(0, len(questions), batch_questions):
         chunk = range(lo, min(len(questions), lo + batch_questions))
         requests = [RolloutRequest(prompts[i], (), n=k, sampling=SamplingSettings(
-            temperature=temperature, top_p=top_p, max_new_tokens=max_response_tokens, seed=seed + i))
-            for i in chunk]
+            temperature=temperature, top_p=top_p, max_new_tokens=max_response_tokens,
+            seed=seed + i)) for i in chunk]
         with torch.no_grad():
             outputs = engine.generate(requests)
-        texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for out in outputs for s in out]
+        texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True)
+                 for out in outputs for s in out]
         golds = [questions[i].answer for i in chunk for _ in range(k)]
         rewards, _ = math_rewards(texts, golds)
         lengths += [len(s.response_ids) for out in outputs for s in out]
@@ -159,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .rollout import DEFAULT_ENGINE, engine_names
 
     ap = argparse.ArgumentParser(prog="prefix-rft eval", description="avg@k and unbiased pass@k "
-                                 "of a local HF model on benchmark files (jsonl/parquet, any training schema).")
+                                 "of a local HF model on benchmark files (jsonl/parquet, any "
+                                 "training schema).")
     ap.add_argument("--model", required=True, help="local HF model directory")
     ap.add_argument("--data", required=True, nargs="+",
                     help="benchmark files (.jsonl/.json/.parquet or saved dataset directories)")
@@ -176,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="row schema of the files, as data.schema (default: detected per file)")
     ap.add_argument("--problem-key", default="problem", help="flat schema: question field")
     ap.add_argument("--answer-key", default="answer", help="flat schema: gold answer field")
-    ap.add_argument("--instruction", default=None, help="appended to each question (default: training's)")
+    ap.add_argument("--instruction", default=None,
+                    help="appended to each question (default: training's)")
     ap.add_argument("--max-rows", type=int, default=0, help="first N questions per file; 0 = all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -205,8 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``prefix-rft eval`` entry point; returns 0 (argument errors exit with status 2)."""
     args = build_parser().parse_args(argv)
     if args.k < 1 or args.max_tokens < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
-        raise SystemExit("prefix-rft eval: need --k >= 1, --max-tokens >= 1, 0 < --top-p <= 1, --temperature >= 0")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        raise SystemExit("prefix-rft eval: need --k >= 1, --max-tokens >= 1, 0 < --top-p <= 1, "
+                         "--temperature >= 0")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         data_cfg = DataConfig(schema=args.schema, problem_key=args.problem_key,
                               answer_key=args.answer_key, max_rows=args.max_rows)
@@ -218,14 +225,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, questions in benchmarks.items():
         results[name] = evaluate_questions(
             None, tokenizer, questions, args.k, temperature=args.temperature, top_p=args.top_p,
-            max_response_tokens=args.max_tokens, engine=engine, batch_questions=args.batch_questions,
-            seed=args.seed, instruction=args.instruction, progress=not args.no_progress)
+            max_response_tokens=args.max_tokens, engine=engine,
+            batch_questions=args.batch_questions, seed=args.seed, instruction=args.instruction,
+            progress=not args.no_progress)
         print(f"{name}: avg@{args.k} {results[name][f'avg@{args.k}']:.4f}  "
               f"pass@{args.k} {results[name][f'pass@{args.k}']:.4f}", flush=True)
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("no_progress",)}
-    (out / "eval_results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    report = {"settings": settings, "results": results}
+    (out / "eval_results.json").write_text(json.dumps(report, indent=1))
     (out / "eval_results.md").write_text(render_markdown(results, args.k))
     print(f"wrote {out / 'eval_results.json'} and {out / 'eval_results.md'}", flush=True)
     return 0 if all(math.isfinite(r[f"avg@{args.k}"]) for r in results.values()) else 1
