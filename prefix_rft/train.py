@@ -120,7 +120,8 @@ def score(rollouts: list[Rollout], questions: list[Question], tokenizer,
     adv = group_advantages(reward_t, groups, baseline=cfg.loss.baseline, is_prefixed=prefixed)
     for r, value, a in zip(rollouts, rewards, adv.tolist()):
         r.reward, r.advantage = value, a
-    solved = [0.0] * len(questions)  # pass rate: a question counts when an on-policy rollout solved it
+    # pass rate: a question counts when an on-policy rollout solved it
+    solved = [0.0] * len(questions)
     for r in rollouts:
         if not r.is_prefixed:
             solved[r.group] = max(solved[r.group], r.reward)

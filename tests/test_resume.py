@@ -51,7 +51,8 @@ def reference(tiny_assets, tmp_path_factory):
     result = train(_config(tiny_assets, run_dir))
     assert result["steps_done"] == 4
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert any(r["adv_std"] > 0 for r in rows), "no learning signal: the comparison would be vacuous"
+    assert any(r["adv_std"] > 0 for r in rows), (
+        "no learning signal: the comparison would be vacuous")
     return _final_state(run_dir), _comparable(rows)
 
 
