@@ -26,8 +26,20 @@ import triton
 import triton.language as tl
 
 from .reference import torch_bwd, torch_fwd
-from .tl_utils import tl_atomic_add_tile_product, tl_logit_tile, tl_row_max
-from .triton_configs import AUTOTUNE_CANDIDATES, autotune_enabled, get_config, interpreter_mode
+from .tl_utils import (
+    tl_any_at_least,
+    tl_atomic_add_tile_product,
+    tl_grad_logit_tile,
+    tl_logit_tile,
+    tl_row_max,
+)
+from .triton_configs import (
+    AUTOTUNE_CANDIDATES,
+    autotune_enabled,
+    choose_num_splits,
+    get_config,
+    sm_count,
+)
 
 # Gradient filtering (Cut Cross-Entropy's trick) is off unless a caller passes filter_eps > 0.
 DEFAULT_FILTER_EPS = 0.0
@@ -102,15 +114,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _num_splits(n_row_tiles: int, n_vocab_tiles: int, device: torch.device) -> int:
-    """Vocab splits so that small-N launches still fill the GPU (about 4 programs per SM)."""
-    if interpreter_mode() or device.type != "cuda":
-        target = 4
-    else:
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_vocab_tiles, -(-target // n_row_tiles)))
-
-
 def _merge_splits(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge ``[4, S, N]`` per-split partials into (m, s, w) over the whole vocab.
 
@@ -151,8 +154,8 @@ def triton_fwd(
     cfg = _launch_config("fwd", hidden, weight)
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     n_row_tiles, n_vocab_tiles = triton.cdiv(n_rows, block_n), triton.cdiv(vocab, block_v)
-    if n_splits is None:
-        n_splits = _num_splits(n_row_tiles, n_vocab_tiles, hidden.device)
+    if n_splits is None:  # whole waves of programs over the GPU's SMs (the forward tail)
+        n_splits = choose_num_splits(n_row_tiles, n_vocab_tiles, sm_count(hidden.device))
     # Whole tiles per split, and no empty split (an empty split would have max -inf).
     split_size = triton.cdiv(n_vocab_tiles, max(1, min(n_splits, n_vocab_tiles))) * block_v
     n_splits = triton.cdiv(vocab, split_size)
@@ -235,23 +238,11 @@ def _linear_logprob_entropy_bwd_kernel(
         z = tl_logit_tile(x_ptr, w_ptr, b_ptr, rows, valid, cols, col_in, H,
                           stride_xn, stride_xk, stride_wv, stride_wk, inv_temp,
                           HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
-        p = tl.where(col_in[None, :], tl.exp(z - lse[:, None]), 0.0)
-        dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        if HAS_GH:
-            g_h = tl.load(gh_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-            ent = tl.load(ent_ptr + rows, mask=valid, other=0.0)
-            dz -= g_h[:, None] * p * (z - (lse - ent)[:, None])
-        if HAS_GLP:
-            g_lp = tl.load(glp_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-            onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
-            dz += g_lp[:, None] * (onehot - p)
-        dz = tl.where(valid[:, None] & col_in[None, :], dz * inv_temp, 0.0)
+        dz = tl_grad_logit_tile(z, rows, valid, cols, col_in, labels, lse_ptr, ent_ptr, glp_ptr,
+                                gh_ptr, inv_temp, HAS_GLP, HAS_GH, BLOCK_N, BLOCK_V)
         keep = True
-        if FILTER:
-            # NaN compares false, so a NaN tile is never filtered away.
-            big = tl.where(tl.abs(dz) < filter_eps, 0, 1)
-            keep = tl.sum(tl.sum(big, axis=1), axis=0) > 0
+        if FILTER:  # a NaN tile is never filtered away
+            keep = tl_any_at_least(dz, filter_eps)
         if keep:
             if NEED_DB:
                 tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_in)
@@ -342,7 +333,7 @@ def triton_bwd(
 
 def _launch_config(kernel: str, hidden: torch.Tensor, weight: torch.Tensor) -> dict[str, int]:
     """Checked-in config, or (PREFIX_RFT_TRITON_AUTOTUNE=1) the fastest candidate, cached."""
-    if not autotune_enabled():
+    if not autotune_enabled() or kernel not in AUTOTUNE_CANDIDATES:
         return get_config(kernel, hidden.device, hidden.dtype)
     return _autotuned(kernel, hidden.dtype, hidden.shape[1], weight.shape[0], hidden.device)
 

@@ -21,6 +21,7 @@ these choices exist yet: measure with ``python benchmarks/kernels.py`` and updat
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,22 +36,36 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "bwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
         "fwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=8, num_warps=4, num_stages=2),
+        "dz": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, CHUNK_V=8192, num_warps=8,
+                   num_stages=3),
+        "dz_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=8, CHUNK_V=8192, num_warps=4,
+                        num_stages=2),
     },
     "sm80": {
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3),
         "bwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, num_warps=8, num_stages=2),
         "fwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=8, num_warps=4, num_stages=2),
+        "dz": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, CHUNK_V=8192, num_warps=8,
+                   num_stages=3),
+        "dz_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=8, CHUNK_V=8192, num_warps=4,
+                        num_stages=2),
     },
     "default": {
         "fwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP_N=4, num_warps=4, num_stages=2),
         "fwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=4, num_warps=4, num_stages=2),
+        "dz": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP_N=4, CHUNK_V=8192, num_warps=4,
+                   num_stages=2),
+        "dz_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=4, CHUNK_V=8192, num_warps=4,
+                        num_stages=2),
     },
     "interpreter": {
         "fwd": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_K=64, num_warps=1, num_stages=1),
         "bwd": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_K=64, GROUP_N=2, num_warps=1, num_stages=1),
+        "dz": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=64, GROUP_N=2, CHUNK_V=256, num_warps=1,
+                   num_stages=1),
     },
 }
 
@@ -88,12 +103,55 @@ def gpu_family(device: torch.device) -> str:
     return "default"
 
 
+KERNELS = ("fwd", "bwd", "dz")
+
+
 def get_config(kernel: str, device: torch.device,
                dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Checked-in config of ``kernel`` ("fwd"/"bwd") for ``device``'s GPU family and dtype."""
-    if kernel not in ("fwd", "bwd"):
-        raise ValueError(f"kernel must be 'fwd' or 'bwd', got {kernel!r}")
+    """Checked-in config of ``kernel`` for ``device``'s GPU family and dtype.
+
+    ``"fwd"``: forward; ``"bwd"``: the atomic backward; ``"dz"``: the dz kernel of the
+    vocab-split backward (``CHUNK_V``: vocab columns per chunk).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     family = CONFIGS[gpu_family(device)]
     if dtype == torch.float32 and f"{kernel}_fp32" in family:
         return dict(family[f"{kernel}_fp32"])
     return dict(family[kernel])
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 stands in for the CPU interpreter)."""
+    if interpreter_mode() or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=1024)
+def choose_num_splits(n_row_tiles: int, n_vocab_tiles: int, slots: int,
+                      max_splits: int = 1024) -> int:
+    """Vocab splits per row tile so that the forward grid fills whole waves of ``slots``.
+
+    The forward grid is ``n_row_tiles x splits`` programs, each walking
+    ``cdiv(n_vocab_tiles, splits)`` vocab tiles; with ``slots`` programs running at once
+    (one per SM: 132 on H100/H200, 108 on A100) the last program ends after
+    ``cdiv(n_row_tiles * splits, slots) * cdiv(n_vocab_tiles, splits)`` tile steps. Returns
+    the split count (only counts that leave no empty split) minimising that, fewest splits
+    on ties (each split adds a partial row of (m, s, w, z_y) to merge).
+
+        >>> choose_num_splits(128, 1187, 132)   # N=16384 in 128-row tiles, V=151936
+        33
+    """
+    if min(n_row_tiles, n_vocab_tiles, slots) < 1:
+        raise ValueError("n_row_tiles, n_vocab_tiles and slots must be >= 1, got "
+                         f"{n_row_tiles}, {n_vocab_tiles}, {slots}")
+    best, best_cost = 1, None
+    for s in range(1, min(n_vocab_tiles, max_splits) + 1):
+        per = -(-n_vocab_tiles // s)
+        if -(-n_vocab_tiles // per) != s:  # realised as fewer splits: already counted
+            continue
+        cost = -(-(n_row_tiles * s) // slots) * per
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
