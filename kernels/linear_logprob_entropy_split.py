@@ -184,6 +184,8 @@ def triton_bwd_split(
                             device=dev) if filter_eps > 0 else lse)
         args = (hidden, weight, bias, labels, lse, entropy, grad_logprob, grad_entropy,
                 1.0 / float(temperature), int(ignore_index), float(filter_eps))
+        if need_dw:  # ignored rows have dz = 0, but 0 * NaN/inf in their X would still leak
+            hidden = hidden.masked_fill((labels == ignore_index)[:, None], 0)
         for v0 in range(0, vocab, chunk):
             length = min(chunk, vocab - v0)
             _launch_dz(cfg, args, dz, db_part, keep, v0, length, need_db, dtype)

@@ -130,15 +130,16 @@ def sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def choose_num_splits(n_row_tiles: int, n_vocab_tiles: int, slots: int,
-                      max_splits: int = 1024) -> int:
+                      tolerance: float = 0.01) -> int:
     """Vocab splits per row tile so that the forward grid fills whole waves of ``slots``.
 
     The forward grid is ``n_row_tiles x splits`` programs, each walking
     ``cdiv(n_vocab_tiles, splits)`` vocab tiles; with ``slots`` programs running at once
     (one per SM: 132 on H100/H200, 108 on A100) the last program ends after
-    ``cdiv(n_row_tiles * splits, slots) * cdiv(n_vocab_tiles, splits)`` tile steps. Returns
-    the split count (only counts that leave no empty split) minimising that, fewest splits
-    on ties (each split adds a partial row of (m, s, w, z_y) to merge).
+    ``finish(s) = cdiv(n_row_tiles * s, slots) * cdiv(n_vocab_tiles, s)`` tile steps. Among
+    the counts that leave no split empty, returns the fewest splits whose finish is within
+    ``tolerance`` of the best (each split adds a partial (m, s, w, z_y) row to merge, so a
+    0.1% gain is not worth 30x more programs).
 
         >>> choose_num_splits(128, 1187, 132)   # N=16384 in 128-row tiles, V=151936
         33
@@ -146,12 +147,10 @@ def choose_num_splits(n_row_tiles: int, n_vocab_tiles: int, slots: int,
     if min(n_row_tiles, n_vocab_tiles, slots) < 1:
         raise ValueError("n_row_tiles, n_vocab_tiles and slots must be >= 1, got "
                          f"{n_row_tiles}, {n_vocab_tiles}, {slots}")
-    best, best_cost = 1, None
-    for s in range(1, min(n_vocab_tiles, max_splits) + 1):
+    finish = {}
+    for s in range(1, n_vocab_tiles + 1):
         per = -(-n_vocab_tiles // s)
-        if -(-n_vocab_tiles // per) != s:  # realised as fewer splits: already counted
-            continue
-        cost = -(-(n_row_tiles * s) // slots) * per
-        if best_cost is None or cost < best_cost:
-            best, best_cost = s, cost
-    return best
+        if -(-n_vocab_tiles // per) == s:  # otherwise realised as fewer splits
+            finish[s] = -(-(n_row_tiles * s) // slots) * per
+    best = min(finish.values())
+    return min(s for s, f in finish.items() if f <= best * (1 + tolerance))
