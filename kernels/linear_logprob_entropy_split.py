@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprob_entropy_triton import _compute_dtype, _dot_precision, _launch_config
+from . import linear_logprob_entropy_triton as _atomic
+from .linear_logprob_entropy_triton import _compute_dtype, _dot_precision
 from .reference import torch_bwd
 from .tl_utils import tl_any_at_least, tl_grad_logit_tile, tl_logit_tile
 
@@ -91,22 +92,30 @@ def _linear_logprob_entropy_dz_kernel(
 # ------------------------------------------------------------------------------ launcher
 
 
+_MIXED_ADDMM_OK: bool | None = None  # does this torch have addmm(..., out_dtype=) on CUDA?
+
+
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with fp32 ``acc`` and 16-bit ``a``, ``b`` accumulated in fp32.
 
-    CUDA: one cuBLAS GEMM with beta = 1 (``addmm(..., out_dtype=float32)``). CPU (the
-    interpreter tests) and older torch: the product upcast to fp32.
+    CUDA: one cuBLAS GEMM with beta = 1 (``addmm(..., out_dtype=float32)``); a torch
+    without it adds the 16-bit product instead (one rounding per chunk). CPU (the
+    interpreter tests): the product upcast to fp32.
     """
+    global _MIXED_ADDMM_OK
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-        return
-    if acc.is_cuda:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass  # torch without the mixed-dtype GEMM: fall through
-    acc.addmm_(a.float(), b.float())
+    elif not acc.is_cuda:
+        acc.addmm_(a.float(), b.float())
+    else:
+        if _MIXED_ADDMM_OK is not False:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                _MIXED_ADDMM_OK = True
+                return
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MIXED_ADDMM_OK = False
+        acc.add_(a @ b)
 
 
 def _packed(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -175,7 +184,7 @@ def triton_bwd_split(
     dw = alloc_dw((vocab, h_dim), dtype=out_dtypes[1], device=dev) if need_dw else None
     db = torch.zeros(vocab, dtype=f32, device=dev) if need_db else None
     if work:
-        cfg = _launch_config("dz", hidden, weight)
+        cfg = _atomic._launch_config("dz", hidden, weight)  # looked up per call: overridable
         chunk = min(chunk_v or cfg["CHUNK_V"], vocab)
         dz = torch.empty((n_rows, chunk), dtype=dtype, device=dev)
         n_row_tiles = triton.cdiv(n_rows, cfg["BLOCK_N"])

@@ -33,7 +33,7 @@ AUTOTUNE_ENV = "PREFIX_RFT_TRITON_AUTOTUNE"
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     "sm90": {
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3),
-        "bwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
+        "bwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
         "fwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=8, num_warps=4, num_stages=2),
         "dz": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, CHUNK_V=8192, num_warps=8,
@@ -43,7 +43,7 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     },
     "sm80": {
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3),
-        "bwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, num_warps=8, num_stages=2),
+        "bwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, num_warps=8, num_stages=3),
         "fwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=8, num_warps=4, num_stages=2),
         "dz": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, CHUNK_V=8192, num_warps=8,
