@@ -2,7 +2,8 @@
 
 Shape of this module (house rule): ``_linear_logprob_entropy_fwd_kernel`` (jit) ->
 launcher :func:`triton_fwd`, ``_linear_logprob_entropy_bwd_kernel`` (jit) -> launcher
-:func:`triton_bwd`; the autograd.Function and public entry are in
+:func:`triton_bwd` (the atomic backward; the vocab-split one is in
+``linear_logprob_entropy_split.py``); the autograd.Function and public entry are in
 ``linear_logprob_entropy.py``, the plain-torch twins ``torch_fwd`` / ``torch_bwd`` in
 ``reference.py`` (same arguments, same semantics).
 
@@ -182,21 +183,22 @@ def triton_fwd(
 
 # ----------------------------------------------------------------------------- backward
 #
-# Why one kernel with fp32 atomics (and not two kernels, one for dX iterating over V and
-# one for dW iterating over N): a program that owns dX rows must hold a [BLOCK_N, H] fp32
-# accumulator (128 x 4096 x 4 B = 2 MiB at H=4096), far beyond registers/shared memory, so
-# the two-kernel split only works by also tiling H -- and then every H tile recomputes the
-# full-H logit tile, multiplying the recompute GEMM by H / BLOCK_H (32x at H=4096), or by
-# recomputing the logits once per kernel (8NHV FLOPs for the backward instead of 6NHV).
-# Here each (row tile, vocab tile) program recomputes its logit tile once (2NHV total),
-# forms dz in registers, and walks H in BLOCK_K steps adding dz @ W[v] into dX and
-# dz.T @ X[n] into dW with fp32 atomics: exactly the 6NHV floor of DESIGN §4. The price is
-# NHV (1/BLOCK_V + 1/BLOCK_N) fp32 atomic adds into L2 (about 1.6e11 at N=16384, H=4096,
-# V=151936 with 128x128 tiles), which is what gradient filtering (FILTER_EPS) cuts, and
-# what GROUP_N (row tiles walking the vocab together, so W tiles and dW lines stay in L2)
-# keeps local. This is Cut Cross-Entropy's backward structure; on H100 it has not yet been
-# measured against the alternative (per token chunk: dz in bf16 to a [C, V] buffer, then
-# two cuBLAS GEMMs) -- benchmarks/kernels.py is the place to decide.
+# The atomic backward (bwd="atomic"). Why one kernel with fp32 atomics (and not two kernels,
+# one for dX iterating over V and one for dW iterating over N): a program that owns dX rows
+# must hold a [BLOCK_N, H] fp32 accumulator (128 x 4096 x 4 B = 2 MiB at H=4096), far beyond
+# registers/shared memory, so the two-kernel split only works by also tiling H -- and then
+# every H tile recomputes the full-H logit tile, multiplying the recompute GEMM by
+# H / BLOCK_H (32x at H=4096), or by recomputing the logits once per kernel (8NHV FLOPs for
+# the backward instead of 6NHV). Here each (row tile, vocab tile) program recomputes its
+# logit tile once (2NHV total), forms dz in registers, and walks H in BLOCK_K steps adding
+# dz @ W[v] into dX and dz.T @ X[n] into dW with fp32 atomics: exactly the 6NHV floor. The
+# price is NHV (1/BLOCK_V + 1/BLOCK_N) fp32 atomic adds into L2 (about 1.6e11 at N=16384,
+# H=4096, V=151936 with 128x128 tiles) and an fp32 [V, H] dW buffer, which is what gradient
+# filtering (FILTER_EPS) cuts, and what GROUP_N (row tiles walking the vocab together, so
+# W tiles and dW lines stay in L2) keeps local. This is Cut Cross-Entropy's backward
+# structure. The alternative -- per vocab chunk, dz written once in the input dtype, then two
+# library GEMMs, no atomics -- is linear_logprob_entropy_split.py (bwd="split", the
+# default); benchmarks/gpu_check.sh times both.
 
 
 @triton.jit
