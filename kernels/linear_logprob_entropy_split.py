@@ -207,20 +207,26 @@ def triton_bwd_split(
                 box = _kept_box(flags, cfg["BLOCK_N"], cfg["BLOCK_V"], n_rows, length)
                 if box is None:
                     continue  # dW[chunk] stays 0, dX gets nothing
-            r0, r1, c0, c1 = box
-            a = dz_c[r0:r1, c0:c1]
-            if need_dx:  # dX[rows] += dz_c @ W[chunk]
-                _addmm_fp32(dx[r0:r1], a, weight[v0 + c0:v0 + c1])
-            if need_dw:  # dW[chunk] = dz_c.T @ X, straight into the output dtype when it matches
-                if dw.dtype == dtype:
-                    torch.mm(a.T, hidden[r0:r1], out=dw[v0 + c0:v0 + c1])
-                else:
-                    dw[v0 + c0:v0 + c1] = (a.T @ hidden[r0:r1]).to(dw.dtype)
+            _chunk_gemms(dz_c, box, v0, hidden, weight, dx, dw)
     return (
         None if dx is None else dx.to(out_dtypes[0]),
         dw,
         None if db is None else db.to(out_dtypes[2]),
     )
+
+
+def _chunk_gemms(dz_c, box, v0, hidden, weight, dx, dw):
+    """``dX[r0:r1] += a @ W[v0+c0 : v0+c1]`` and ``dW[v0+c0 : v0+c1] = a.T @ X[r0:r1]`` for
+    ``a = dz_c[r0:r1, c0:c1]`` (``box = (r0, r1, c0, c1)``); dW straight into its dtype."""
+    r0, r1, c0, c1 = box
+    a = dz_c[r0:r1, c0:c1]
+    if dx is not None:
+        _addmm_fp32(dx[r0:r1], a, weight[v0 + c0:v0 + c1])
+    if dw is not None:
+        if dw.dtype == a.dtype:
+            torch.mm(a.T, hidden[r0:r1], out=dw[v0 + c0:v0 + c1])
+        else:
+            dw[v0 + c0:v0 + c1] = (a.T @ hidden[r0:r1]).to(dw.dtype)
 
 
 def _launch_dz(cfg, args, dz, db_part, keep, v_start, length, need_db, dtype):
