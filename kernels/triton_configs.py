@@ -28,9 +28,10 @@ KiB / wgmma; "+f" = with gradient filtering):
     sm80 dz+f  bf16                    230 / 0 /  32         fp32                 80 / 0 / 8
 
 Rejected by the same check: sm90 fwd 128x256x64 (256 B spilled), sm90 dz fp32 32x32x32
-(24 B); sm90 fwd 128x128x64 compiles at 255 registers (no headroom), so 128x128x32 stays. 128x128 atomic-backward tiles, which an unspecialized compile shows spilling, do
-not spill as launched (strides of 1 folded, 16-divisible sizes). fp32 inputs use ieee (FMA,
-no tensor core) dots, hence the small "_fp32" tiles. ``"default"`` entries (other GPUs) are
+(24 B); sm90 fwd 128x128x64 compiles at 255 registers (no headroom), so 128x128x32 stays.
+128x128 atomic-backward tiles, which an unspecialized compile shows spilling, do not spill
+as launched (strides of 1 folded, 16-divisible sizes). fp32 inputs use ieee (FMA, no tensor
+core) dots, hence the small "_fp32" tiles. ``"default"`` entries (other GPUs) are
 unchecked starting points. ``CHUNK_V`` (the split backward's vocab chunk) is 8192: its
 ``[N, CHUNK_V]`` dz buffer is 256 MiB in bf16 at N=16384, and each chunk's GEMMs stay large.
 Measure with ``bash benchmarks/gpu_check.sh`` and update.
