@@ -48,7 +48,8 @@ HIDDEN_FORWARD = "prefix_rft_hidden_forward"
 
 
 # ---------------------------------------------------------------- process group
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+def init_distributed(device: str = "auto",
+                     timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """Join the process group described by torchrun's env vars; return (rank, world, device).
 
     ``device``: ``auto`` (cuda when available) | ``cpu`` | ``cuda``. Backend is nccl on CUDA,
@@ -183,7 +184,8 @@ def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool = False, mp_polic
     (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``). ``mp_policy``: a
     ``MixedPrecisionPolicy`` to use instead (the trainer passes
     ``precision.PrecisionPolicy.fsdp_mixed_precision()``). Parameters keep the dtype they
-    have (fp32 masters unless the run stores bf16 weights). Also registers ``generate`` and the fused-head forward
+    have (fp32 masters unless the run stores bf16 weights). Also registers ``generate`` and
+    the fused-head forward
     (``forward_with_head``) as FSDP forward methods. Needs an initialized process group.
     Returns the same model object (now an ``FSDPModule``).
     """
@@ -194,7 +196,8 @@ def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool = False, mp_polic
     )
 
     if not dist.is_initialized():
-        raise ValueError("wrap_fsdp2 needs an initialized process group (run init_distributed under torchrun)")
+        raise ValueError("wrap_fsdp2 needs an initialized process group (run init_distributed "
+                         "under torchrun)")
     layers = _decoder_layers(model)
     if mp_policy is not None:
         policy = mp_policy

@@ -7,14 +7,14 @@ weights, fp32 optimizer state, fp32 gradient reduction.** A step of lr 1e-6 on a
 ~1e-2 is far below bf16's spacing there (~6e-5), so an update applied to bf16-stored weights
 rounds away; fp32 masters keep it.
 
-=========================  ==========================================================================
-run                        how the compute dtype is reached
-=========================  ==========================================================================
-one process                fp32 weights + ``torch.autocast(device, bf16)`` around forward passes
-                           (the fused head gets the autocast dtype: ``batching.head_inputs``)
-FSDP2 (torchrun)           fp32 sharded weights + ``MixedPrecisionPolicy(param_dtype=bf16,
-                           reduce_dtype=fp32)``: bf16 all-gather and compute, fp32 reduce-scatter
-=========================  ==========================================================================
+================  ==========================================================================
+run               how the compute dtype is reached
+================  ==========================================================================
+one process       fp32 weights + ``torch.autocast(device, bf16)`` around forward passes
+                  (the fused head gets the autocast dtype: ``batching.head_inputs``)
+FSDP2 (torchrun)  fp32 sharded weights + ``MixedPrecisionPolicy(param_dtype=bf16,
+                  reduce_dtype=fp32)``: bf16 all-gather and compute, fp32 reduce-scatter
+================  ==========================================================================
 
 Weights *stored* in bf16 (half the weight and optimizer memory) only with an update that
 survives rounding: ``model.weights_dtype: bf16`` requires ``optim.name: adamw_bf16_sr``
@@ -107,7 +107,8 @@ def precision_policy(model_dtype: str, weights_dtype: str, export_dtype: str,
     check_precision(model_dtype, weights_dtype, optim_name)
     device_type = torch.device(device).type
     if model_dtype == "auto":
-        compute = torch.bfloat16 if device_type == "cuda" or weights_dtype == "bf16" else torch.float32
+        bf16 = device_type == "cuda" or weights_dtype == "bf16"
+        compute = torch.bfloat16 if bf16 else torch.float32
     elif model_dtype in DTYPES:
         compute = DTYPES[model_dtype]
     else:
@@ -117,6 +118,7 @@ def precision_policy(model_dtype: str, weights_dtype: str, export_dtype: str,
     elif export_dtype in DTYPES:
         export = DTYPES[export_dtype]
     else:
-        raise ValueError(f"checkpoint.export_dtype must be one of auto|fp32|bf16, got {export_dtype!r}")
+        raise ValueError(f"checkpoint.export_dtype must be one of auto|fp32|bf16, "
+                         f"got {export_dtype!r}")
     return PrecisionPolicy(compute=compute, weights=DTYPES[weights_dtype], reduce=torch.float32,
                            export=export, device_type=device_type)

@@ -25,8 +25,8 @@ custom        any other string is a format string with one ``{question}`` placeh
 ``data.system_prompt`` still overrides the system message of any template (``null`` = the
 template's choice above, ``""`` = none, other text = that text).
 
-    >>> build_messages("What is 1+1?", "authors")
-    [{'role': 'user', 'content': 'What is 1+1?\\nPlease reason step by step, and put your final answer within \\\\boxed{}'}]
+    >>> build_messages("What is 1+1?", "authors")[0]["content"].splitlines()
+    ['What is 1+1?', 'Please reason step by step, and put your final answer within \\boxed{}']
 """
 
 from __future__ import annotations

@@ -113,7 +113,8 @@ def test_config_rehearses_on_cpu(config, assets, tmp_path):
     # ---- precision: the masters moved at the config's own lr (1e-6 on the Qwen presets)
     from transformers import AutoModelForCausalLM
 
-    initial = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+    initial = initial.state_dict()
     masters = _latest_masters(run_dir)
     weights_dtype = getattr(shipped.model, "weights_dtype", "fp32")
     expected = torch.bfloat16 if weights_dtype == "bf16" else torch.float32

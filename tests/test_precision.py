@@ -36,7 +36,8 @@ def _one_step(model_dtype: str, weights_dtype: str, optim_name: str):
     input_ids, labels = dist_worker.global_batch()
     with policy.autocast(model):
         hidden = model.model(input_ids=input_ids).last_hidden_state
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else hidden.dtype
         logprob, _ = linear_logprob_entropy(hidden.flatten(0, 1).to(dtype),
                                             model.lm_head.weight.to(dtype), labels.flatten(),
                                             impl="torch")

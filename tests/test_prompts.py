@@ -32,7 +32,8 @@ def test_verl_and_none():
 
 
 def test_custom_template_and_system_override():
-    msgs = build_messages(Q, "Problem: {question}\nAnswer in \\boxed{{}}.", system_prompt="Be brief.")
+    msgs = build_messages(Q, "Problem: {question}\nAnswer in \\boxed{{}}.",
+                          system_prompt="Be brief.")
     assert msgs == [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": f"Problem: {Q}\nAnswer in \\boxed{{}}."}]
     assert build_messages(Q, "luffy", dataset_system="S", system_prompt="") == [
