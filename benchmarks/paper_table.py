@@ -111,7 +111,7 @@ def run_overrides(table: dict, method: str, seed: int, assets: dict, run_dir: Pa
 
 # ---------------------------------------------------------------------------- one run
 def evaluate_model_dir(model_dir: str, test_questions: list, eval_cfg: dict, seed: int,
-                       max_response_tokens: int, instruction: str | None) -> dict[str, Any]:
+                       max_response_tokens: int, prompt_template: str | None) -> dict[str, Any]:
     """avg@k, pass@k, mean response tokens of a saved HF model on ``test_questions`` (CPU,
     fp32)."""
     import torch
@@ -126,7 +126,7 @@ def evaluate_model_dir(model_dir: str, test_questions: list, eval_cfg: dict, see
         model, tokenizer, test_questions, k, temperature=float(eval_cfg["temperature"]),
         top_p=float(eval_cfg["top_p"]), max_response_tokens=max_response_tokens,
         batch_questions=int(eval_cfg.get("batch_questions", 32)), seed=seed,
-        instruction=instruction)
+        prompt_template=prompt_template)
     return {"avg_at_k": result[f"avg@{k}"], "pass_at_k": result[f"pass@{k}"], "k": k,
             "eval_questions": len(test_questions),
             "mean_response_tokens": result["mean_response_tokens"],
@@ -184,7 +184,7 @@ def run_one(table: dict, method: str, seed: int, assets: dict, workdir: Path, co
         max_tokens = int(table["eval"].get("max_response_tokens")
                          or cfg.rollout.max_response_tokens)
         row.update(evaluate_model_dir(facts["model_dir"], test_questions, table["eval"], seed,
-                                      max_tokens, cfg.data.instruction))
+                                      max_tokens, cfg.data.prompt_template))
     except Exception as error:  # noqa: BLE001 -- recorded in the table, the other runs go on
         row.update(status="failed", error=f"{type(error).__name__}: {error}"[:300])
         log(f"{method} seed {seed} FAILED: {row['error']}")

@@ -38,8 +38,6 @@ from .reward.extract import Fallback
 Algo = Literal["sft", "rft", "prefix_rft"]  # the update: SFT, plain RFT, Prefix-RFT
 Switch = Literal["auto", "true", "false"]  # auto = when installed / where it applies
 
-# The paper's (and verl's MATH preprocessing's) instruction, appended to the question.
-DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
 @dataclass
@@ -69,7 +67,6 @@ class DataConfig:
     prompt_key: str = "prompt"  # verl: list of chat messages; the last user message is the question
     target_key: str = "target"  # verl: list of demonstration messages (assistant content)
     ground_truth_key: str = "reward_model.ground_truth"  # verl: dotted path to the gold answer
-    instruction: str = DEFAULT_INSTRUCTION  # appended to the question after a space; "" = none
     prompt_template: str = "verl"  # authors | luffy | verl | none | a custom "...{question}..."
     # string (prompts.py: each template's source); data.system_prompt overrides its system part
     system_prompt: str | None = None  # None = the dataset's own (verl) / none (flat); "" = none

@@ -16,10 +16,10 @@ from typing import Any
 from .checks import check_choice, check_int, check_number
 from .config import Config, choice_fields
 from .data import check_data_options
+from .data.templates import check_template
 from .loss import check_loss_options
 from .precision import check_precision
 from .prefix import check_prefix_options
-from .prompts import check_template
 from .reward import check_reward_options
 from .rollout import SamplingSettings, engine_names
 

@@ -75,9 +75,9 @@ def summarize(correct_counts: Sequence[int], n: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- sampling
-def _prompt_ids(tokenizer, questions: Sequence[Question], instruction: str,
+def _prompt_ids(tokenizer, questions: Sequence[Question], prompt_template: str,
                 system_prompt: str | None) -> list[list[int]]:
-    return [tokenizer.encode(prompt_text(tokenizer, prompt_messages(q.messages, instruction,
+    return [tokenizer.encode(prompt_text(tokenizer, prompt_messages(q.messages, prompt_template,
                                                                     system_prompt)),
                              add_special_tokens=False) for q in questions]
 
@@ -85,7 +85,7 @@ def _prompt_ids(tokenizer, questions: Sequence[Question], instruction: str,
 def evaluate_questions(model, tokenizer, questions: Sequence[Question], k: int, *,
                        temperature: float = 0.6, top_p: float = 0.95,
                        max_response_tokens: int = 1024, engine=None, batch_questions: int = 32,
-                       seed: int = 0, instruction: str | None = None,
+                       seed: int = 0, prompt_template: str | None = None,
                        system_prompt: str | None = None,
                        progress: bool = False) -> dict[str, Any]:
     """Sample ``k`` responses per question and score them against ``question.answer``.
@@ -98,13 +98,12 @@ def evaluate_questions(model, tokenizer, questions: Sequence[Question], k: int, 
         engine: a :class:`prefix_rft.rollout.RolloutEngine` to sample with instead.
         batch_questions: questions per ``generate`` call.
         seed: question i is sampled with seed ``seed + i`` (reproducible, batch-independent).
-        instruction: appended to each question; None = the training default.
+        prompt_template: as ``data.prompt_template``; None = the training default.
         system_prompt: as ``data.system_prompt`` (None keeps the file's own system message).
 
     Returns ``summarize(...)`` plus ``"correct"`` (per-question counts), ``"k"``,
     ``"mean_response_tokens"``, ``"seconds"``.
     """
-    from .config import DEFAULT_INSTRUCTION
     from .reward import math_rewards
     from .rollout import DEFAULT_ENGINE, RolloutRequest, SamplingSettings, make_engine
 
@@ -114,8 +113,9 @@ def evaluate_questions(model, tokenizer, questions: Sequence[Question], k: int, 
         raise ValueError("questions must hold at least one question")
     start = time.perf_counter()
     engine = engine or make_engine(DEFAULT_ENGINE, model, tokenizer, seed=seed)
-    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
-    prompts = _prompt_ids(tokenizer, questions, instruction, system_prompt)
+    if prompt_template is None:
+        prompt_template = DataConfig().prompt_template
+    prompts = _prompt_ids(tokenizer, questions, prompt_template, system_prompt)
     correct, lengths = [], []
     bar = None
     if progress:
@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="row schema of the files, as data.schema (default: detected per file)")
     ap.add_argument("--problem-key", default="problem", help="flat schema: question field")
     ap.add_argument("--answer-key", default="answer", help="flat schema: gold answer field")
-    ap.add_argument("--instruction", default=None,
-                    help="appended to each question (default: training's)")
+    ap.add_argument("--prompt-template", default=None,
+                    help="as data.prompt_template: authors | luffy | verl | none | a custom "
+                         "'...{question}...' string (default: training's)")
     ap.add_argument("--max-rows", type=int, default=0, help="first N questions per file; 0 = all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -226,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[name] = evaluate_questions(
             None, tokenizer, questions, args.k, temperature=args.temperature, top_p=args.top_p,
             max_response_tokens=args.max_tokens, engine=engine,
-            batch_questions=args.batch_questions, seed=args.seed, instruction=args.instruction,
+            batch_questions=args.batch_questions, seed=args.seed,
+            prompt_template=args.prompt_template,
             progress=not args.no_progress)
         print(f"{name}: avg@{args.k} {results[name][f'avg@{args.k}']:.4f}  "
               f"pass@{args.k} {results[name][f'pass@{args.k}']:.4f}", flush=True)

@@ -340,7 +340,7 @@ def periodic_eval(run: Run) -> dict[str, float]:
             result = evaluate_questions(
                 run.model, run.tokenizer, questions, e.k, temperature=e.temperature,
                 top_p=e.top_p, max_response_tokens=e.max_response_tokens, engine=run.engine,
-                seed=cfg.train.seed, instruction=cfg.data.instruction,
+                seed=cfg.train.seed, prompt_template=cfg.data.prompt_template,
                 system_prompt=cfg.data.system_prompt)
         out[f"eval/{Path(path).stem}/avg@{e.k}"] = result[f"avg@{e.k}"]
         out[f"eval/{Path(path).stem}/pass@{e.k}"] = result[f"pass@{e.k}"]

@@ -79,7 +79,8 @@ def test_yaml_then_overrides_with_type_conversion(tmp_path):
     path.write_text("loss:\n  clip_high: 0.28\nmodel:\n  liger: true\ntrain:\n  steps: 10\n")
     cfg = load_config(path, [
         "--train.steps=20", "--optim.lr=3e-6", "--data.train_files=[a.jsonl, b.parquet]",
-        "--loss.clip_c=3", "--rollout.enforce_eager=yes", "--data.instruction=Solve: {x} \\boxed{}",
+        "--loss.clip_c=3", "--rollout.enforce_eager=yes",
+        "--data.prompt_template=Solve: {question} \\boxed{{}}",
         "--optim.betas=[0.9, 0.95]", "--data.system_prompt=null", "--prefix.decay_steps=1e3",
     ])
     assert cfg.loss.clip_high == 0.28 and cfg.model.liger == "true"
@@ -87,7 +88,8 @@ def test_yaml_then_overrides_with_type_conversion(tmp_path):
     assert cfg.data.train_files == ["a.jsonl", "b.parquet"]
     assert cfg.loss.clip_c == 3.0 and isinstance(cfg.loss.clip_c, float)
     assert cfg.rollout.enforce_eager is True and cfg.data.system_prompt is None
-    assert cfg.data.instruction == "Solve: {x} \\boxed{}" and cfg.optim.betas == [0.9, 0.95]
+    assert cfg.data.prompt_template == "Solve: {question} \\boxed{{}}"
+    assert cfg.optim.betas == [0.9, 0.95]
     assert cfg.prefix.decay_steps == 1000
     assert load_config(None, ["--data.train_files=one.jsonl"]).data.train_files == ["one.jsonl"]
     assert load_config(None, ["--loss.algo=rft"]).prefix.num_prefixed == 0

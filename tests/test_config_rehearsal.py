@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from prefix_rft.config import load_config
-from prefix_rft.prompts import AUTHORS_INSTRUCTION, LUFFY_SYSTEM_PROMPT, VERL_INSTRUCTION
+from prefix_rft.data.templates import AUTHORS_INSTRUCTION, LUFFY_SYSTEM_PROMPT, VERL_INSTRUCTION
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

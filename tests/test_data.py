@@ -8,8 +8,9 @@ import logging
 
 import pytest
 
-from prefix_rft.config import DEFAULT_INSTRUCTION, DataConfig
+from prefix_rft.config import DataConfig
 from prefix_rft.data import PromptDataset, StatefulSampler, load_prompt_dataset, read_rows
+from prefix_rft.data.templates import VERL_INSTRUCTION
 
 CHATML = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
           "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
@@ -77,14 +78,14 @@ def test_flat_jsonl_prompts_demos_and_skips(tmp_path, caplog):
     assert ds.summary() in caplog.text
 
     item = ds[0]
-    expected_prompt = (f"<|im_start|>user\nWhat is 2+3? {DEFAULT_INSTRUCTION}<|im_end|>\n"
+    expected_prompt = (f"<|im_start|>user\nWhat is 2+3?{VERL_INSTRUCTION}<|im_end|>\n"
                        "<|im_start|>assistant\n")
     assert item.prompt_ids == encode(tok, expected_prompt)
     assert item.demo_ids == encode(tok, "2+3=5. \\boxed{5}") + [tok.eos_token_id]
     assert item.answer == "5" and item.problem == "What is 2+3?" and item.index == 0
     # the demonstration is exactly what follows the prompt in the templated conversation
     full = tok.apply_chat_template(
-        [{"role": "user", "content": f"What is 2+3? {DEFAULT_INSTRUCTION}"},
+        [{"role": "user", "content": f"What is 2+3?{VERL_INSTRUCTION}"},
          {"role": "assistant", "content": "2+3=5. \\boxed{5}"}], tokenize=False)
     assert encode(tok, full)[:len(item.prompt_ids) + len(item.demo_ids)] == \
         item.prompt_ids + item.demo_ids
@@ -111,12 +112,13 @@ def test_verl_parquet_schema_and_system_prompt(tmp_path):
     assert first.problem == "Find x if x+1=3." and first.answer == "2"
     assert first.prompt_ids == encode(tok, (
         "<|im_start|>system\nThink hard.<|im_end|>\n"
-        "<|im_start|>user\nFind x if x+1=3. "
-        f"{DEFAULT_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"))
+        "<|im_start|>user\nFind x if x+1=3."
+        f"{VERL_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"))
     assert first.demo_ids == encode(tok, "<think>\nx=2</think>\n\\boxed{2}") + [tok.eos_token_id]
     # system_prompt "" drops the dataset's system message; other text replaces it
     dropped = load_prompt_dataset(DataConfig(train_files=[str(path)], schema="verl",
-                                             system_prompt="", instruction=""), tok, need_demo=True)
+                                             system_prompt="", prompt_template="none"), tok,
+                                  need_demo=True)
     assert dropped[0].prompt_ids == encode(
         tok, "<|im_start|>user\nFind x if x+1=3.<|im_end|>\n<|im_start|>assistant\n")
     replaced = load_prompt_dataset(DataConfig(train_files=[str(path)], schema="verl",
@@ -133,7 +135,7 @@ def test_saved_to_disk_and_plain_template(tmp_path):
     cfg = DataConfig(train_files=[str(tmp_path / "saved")], system_prompt="You are careful.")
     ds = load_prompt_dataset(cfg, tok, need_demo=True)
     assert ds[0].prompt_ids == encode(
-        tok, f"You are careful.\n\nWhat is 2+3? {DEFAULT_INSTRUCTION}\n")
+        tok, f"You are careful.\n\nWhat is 2+3?{VERL_INSTRUCTION}\n")
 
 
 def test_custom_keys_and_overlong_prompts(tmp_path):
@@ -141,7 +143,8 @@ def test_custom_keys_and_overlong_prompts(tmp_path):
             {"q": "long " * 50, "sol": "b", "gold": {"value": "2"}}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     cfg = DataConfig(train_files=[path], problem_key="q", solution_key="sol",
-                     answer_key="gold.value", instruction="", max_prompt_tokens=100)
+                     answer_key="gold.value", prompt_template="none",
+                     max_prompt_tokens=100)
     ds = load_prompt_dataset(cfg, make_tokenizer(), need_demo=True)
     assert len(ds) == 1 and ds.skipped["prompt too long"] == 1 and ds[0].answer == "1"
     cfg.overlong_prompts = "error"

@@ -1,10 +1,10 @@
-"""Prompt templates by name (prefix_rft.prompts)."""
+"""Prompt templates by name (prefix_rft.data.templates)."""
 
 from __future__ import annotations
 
 import pytest
 
-from prefix_rft.prompts import LUFFY_SYSTEM_PROMPT, TEMPLATES, build_messages, check_template
+from prefix_rft.data.templates import LUFFY_SYSTEM_PROMPT, TEMPLATES, build_messages, check_template
 
 Q = "Compute $1+1$."
 
@@ -49,3 +49,45 @@ def test_bad_templates_are_refused_naming_the_field(bad):
 def test_every_named_template_renders():
     for name in TEMPLATES:
         assert build_messages(Q, name)[-1]["content"].startswith(Q)
+
+
+def test_suffix_templates_do_not_repeat_an_instruction_already_there():
+    from prefix_rft.data.templates import render_question
+
+    once = render_question(Q, "verl")
+    assert render_question(once, "verl") == once
+    assert render_question(Q, "none") == Q
+
+
+def test_training_prompts_follow_the_template(tmp_path):
+    """Through the data layer: OpenR1-style rows (LUFFY's system + user), authors vs luffy."""
+    import datasets
+
+    from prefix_rft.config import DataConfig
+    from prefix_rft.data import load_prompt_dataset
+    from prefix_rft.data.prompts import prompt_messages
+
+    rows = [{"prompt": [{"role": "system", "content": "LUFFY SYS"},
+                        {"role": "user", "content": Q}],
+             "target": [{"role": "assistant", "content": "\\boxed{2}"}],
+             "reward_model": {"ground_truth": "2"}}]
+    assert prompt_messages(rows[0]["prompt"], "authors", None) == build_messages(Q, "authors")
+    assert prompt_messages(rows[0]["prompt"], "luffy", None) == rows[0]["prompt"]
+    path = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+
+    class Tok:  # records the text the dataset tokenizes
+        chat_template = "x"
+        eos_token_id = 0
+        texts: list = []
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return repr(messages)
+
+        def __call__(self, texts, add_special_tokens):
+            Tok.texts.extend(texts)
+            return {"input_ids": [[1] for _ in texts]}
+
+    cfg = DataConfig(train_files=[str(path)], schema="verl", prompt_template="authors")
+    load_prompt_dataset(cfg, Tok(), need_demo=False)
+    assert Tok.texts[-1] == repr(build_messages(Q, "authors"))

@@ -3,7 +3,8 @@
 - ``read.py``: ``read_rows`` reads jsonl / parquet / saved HF datasets (``FORMATS``).
 - ``schemas.py``: ``SCHEMAS`` turns a row into a :class:`Question` (``flat``, ``verl``;
   ``auto`` picks one per file). Adding a schema is one function and one entry there.
-- ``prompts.py``: instruction + system prompt + chat template, demonstration token ids.
+- ``templates.py``: prompt templates by name (``data.prompt_template``), with their sources.
+- ``prompts.py``: template + system prompt + chat template, demonstration token ids.
 - ``dataset.py``: ``load_prompt_dataset`` (training: tokenized, skip-counted) and
   ``read_questions`` (evaluation, the demo, benchmarks).
 - ``sampler.py``: ``StatefulSampler``, seeded, resumable and rank-sharded.

@@ -77,7 +77,7 @@ class PromptDataset:
             if reason is not None:
                 self._skip(reason, global_row)
                 continue
-            messages = prompt_messages(question.messages, self.cfg.instruction,
+            messages = prompt_messages(question.messages, self.cfg.prompt_template,
                                        self.cfg.system_prompt)
             pending.append((row_index, global_row, prompt_text(self.tokenizer, messages)))
         limit = self.cfg.max_prompt_tokens

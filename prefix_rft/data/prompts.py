@@ -1,15 +1,19 @@
 """Prompt building, the same for training, evaluation and the demo.
 
-The question's messages get ``instruction`` appended to the last user message and the system
-message set by ``system_prompt`` (None keeps the dataset's, "" removes it, other text replaces
-it); the messages then go through the tokenizer's chat template (``add_generation_prompt``),
-or become a plain ``system\\n\\nquestion\\n`` text when the tokenizer has none. A
-demonstration's token ids are the assistant response that follows: ``encode(demo) + [eos]``.
+The question's last user message is rendered by the prompt template (``data.prompt_template``:
+a name in :data:`prefix_rft.data.templates.TEMPLATES` or a custom ``{question}`` string) and the
+system message follows the template, or ``system_prompt`` when set (None = the template's
+choice, "" removes it, other text replaces it); the messages then go through the tokenizer's
+chat template (``add_generation_prompt``), or become a plain ``system\\n\\nquestion\\n``
+text when the tokenizer has none. A demonstration's token ids are the assistant response
+that follows: ``encode(demo) + [eos]``.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .templates import render_question, system_message
 
 __all__ = ["demo_token_ids", "prompt_messages", "prompt_text", "with_instruction"]
 
@@ -22,17 +26,18 @@ def with_instruction(question: str, instruction: str) -> str:
     return f"{question.rstrip()} {instruction}"
 
 
-def prompt_messages(messages: list[dict], instruction: str,
+def prompt_messages(messages: list[dict], template: str,
                     system_prompt: str | None) -> list[dict]:
-    """A copy of ``messages`` with the instruction and the system prompt applied."""
+    """A copy of ``messages`` with the prompt template and the system prompt applied."""
     messages = [dict(m) for m in messages]
     last_user = max(i for i, m in enumerate(messages) if m.get("role") == "user")
-    messages[last_user]["content"] = with_instruction(messages[last_user]["content"],
-                                                      instruction)
-    if system_prompt is not None:
+    messages[last_user]["content"] = render_question(messages[last_user]["content"], template)
+    own = next((m["content"] for m in messages if m.get("role") == "system"), None)
+    system = system_message(template, dataset_system=own, system_prompt=system_prompt)
+    if system != own:
         messages = [m for m in messages if m.get("role") != "system"]
-        if system_prompt:
-            messages.insert(0, {"role": "system", "content": system_prompt})
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
     return messages
 
 

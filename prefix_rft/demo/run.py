@@ -136,7 +136,8 @@ def evaluate_model(model_dir: str, questions: list, args, cfg, label: str) -> di
     result = evaluate_questions(
         model, tokenizer, questions, args.eval_k, temperature=args.eval_temperature, top_p=1.0,
         max_response_tokens=cfg.rollout.max_response_tokens, seed=args.seed,
-        instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt, progress=True)
+        prompt_template=cfg.data.prompt_template, system_prompt=cfg.data.system_prompt,
+        progress=True)
     result.pop("correct", None)
     return result
 

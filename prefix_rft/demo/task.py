@@ -34,9 +34,9 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-# The trainer's default instruction (``prefix_rft.config.DEFAULT_INSTRUCTION``, appended
-# to the question after a space). The base step trains on prompts with and without it,
-# so the demo works with ``data.instruction`` at its default or "" (shorter, faster).
+# The trainer's default instruction (``data.prompt_template: verl``, appended to the question
+# after a space). The base step trains on prompts with and without it, so the demo works with
+# ``data.prompt_template`` at its default or ``none`` (shorter, faster).
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 # Share of the problem space (by text hash) that may only ever appear in held-out splits.

@@ -99,6 +99,29 @@ def check_template(spec: str) -> None:
     get_template(spec)
 
 
+def render_question(question: str, template: str) -> str:
+    """The user message for ``question``. A template that appends a suffix leaves a question
+    that already ends with it unchanged (datasets that carry the instruction already)."""
+    t = get_template(template)
+    prefix, _, suffix = t.user.partition("{question}")
+    suffix = suffix.replace("{{", "{").replace("}}", "}")
+    if not prefix and suffix.strip() and question.rstrip().endswith(suffix.strip()):
+        return question
+    return t.user.format(question=question)
+
+
+def system_message(template: str, *, dataset_system: str | None = None,
+                   system_prompt: str | None = None) -> str | None:
+    """The system message: ``system_prompt`` when set, else the template's choice (the
+    dataset's own, none, or the template's fallback when the dataset has none)."""
+    if system_prompt is not None:
+        return system_prompt
+    t = get_template(template)
+    if t.system is not KEEP:
+        return t.system
+    return dataset_system if dataset_system else t.fallback_system
+
+
 def build_messages(question: str, template: str, *, dataset_system: str | None = None,
                    system_prompt: str | None = None) -> list[dict[str, str]]:
     """Chat messages for one question.
@@ -113,13 +136,7 @@ def build_messages(question: str, template: str, *, dataset_system: str | None =
     Returns:
         ``[{"role": "system", ...}?, {"role": "user", "content": ...}]``.
     """
-    t = get_template(template)
-    if system_prompt is not None:
-        system = system_prompt
-    elif t.system is not KEEP:
-        system = t.system
-    else:
-        system = dataset_system if dataset_system else t.fallback_system
+    system = system_message(template, dataset_system=dataset_system, system_prompt=system_prompt)
     messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": t.user.format(question=question)})
+    messages.append({"role": "user", "content": render_question(question, template)})
     return messages
