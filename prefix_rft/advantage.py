@@ -165,6 +165,7 @@ def rollout_advantages(
     fails there too). As for the other baselines, an on-policy rollout whose on-policy
     group-mates all have its reward gets exactly 0.
     """
+    check_choice("baseline", baseline, Baseline)
     if baseline != "official":
         adv = group_advantages(rewards, group_ids, baseline=baseline, is_prefixed=is_prefixed)
         return adv, adv

@@ -102,7 +102,8 @@ def test_module_checks_accept_exactly_their_literal_values():
     assert fields["loss.kernel_impl"] == choices(loss.KernelImpl)
     r, g = torch.tensor([1.0, 0.0]), torch.tensor([0, 0])
     for baseline in choices(advantage.Baseline):
-        advantage.group_advantages(r, g, baseline=baseline, is_prefixed=torch.tensor([True, False]))
+        advantage.rollout_advantages(r, g, baseline=baseline,
+                                     is_prefixed=torch.tensor([True, False]))
     for schedule in choices(prefix.Schedule):
         prefix.prefix_low_bound(3, schedule=schedule, decay_steps=10)
     for scope in choices(entropy_mask.EntropyMaskScope):
@@ -110,3 +111,5 @@ def test_module_checks_accept_exactly_their_literal_values():
             loss.PrefixRFTLoss(max_response_tokens=4, entropy_mask_scope=scope, impl=impl)
     with pytest.raises(ValueError, match="baseline must be one of group|on_policy"):
         advantage.group_advantages(r, g, baseline="mean")
+    with pytest.raises(ValueError, match=r"baseline must be one of group\|on_policy\|official"):
+        advantage.rollout_advantages(r, g, baseline="mean")
