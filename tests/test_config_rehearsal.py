@@ -111,8 +111,6 @@ def test_config_rehearses_on_cpu(config, assets, tmp_path):
     assert all(v == v for k, v in metrics.items() if k.startswith(("loss", "grad_norm"))), metrics
     if shipped.loss.baseline == "official":  # the per-token advantage reached the loop
         assert "adv_hybrid_prefix_mean" in metrics
-    if shipped.loss.entropy_coef:
-        assert metrics["entropy_bonus"] > 0
 
     # ---- precision: the masters moved at the config's own lr (1e-6 on the Qwen presets)
     from transformers import AutoModelForCausalLM

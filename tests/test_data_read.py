@@ -53,7 +53,7 @@ def test_each_schema_reads_from_each_format(tmp_path, schema, fmt, given):
     questions = read_questions(path, cfg)
     assert [(q.problem, q.demo, q.answer) for q in questions] == QUESTIONS
     assert all(isinstance(q, Question) for q in questions)
-    assert prompt_messages(questions[0].messages, "Be exact.", None) == [
+    assert prompt_messages(questions[0].messages, "{question} Be exact.", None) == [
         {"role": "user", "content": "What is 2+3? Be exact."}]
 
 
@@ -63,7 +63,7 @@ def test_evaluation_reads_every_training_schema_the_same(tmp_path):
     for schema, rows in ROWS.items():
         for fmt in ("jsonl", "parquet"):
             questions = read_questions(write(tmp_path, f"{schema}_{fmt}", rows, fmt))
-            seen.append([(prompt_messages(q.messages, "I.", None), q.answer) for q in questions])
+            seen.append([(prompt_messages(q.messages, "{question} I.", None), q.answer) for q in questions])
     assert all(s == seen[0] for s in seen[1:])
 
 
