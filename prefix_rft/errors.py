@@ -139,3 +139,23 @@ def format_error(command: str, err: BaseException) -> str:
     """``prefix-rft train: error: <message>`` on one line (newlines folded)."""
     message = " ".join(str(err).split()) or type(err).__name__
     return f"{command}: error: {message}"
+
+
+def report_user_errors(command: str, run: Callable[[], int], *, debug: bool = False) -> int:
+    """``run()``; a user error (a :class:`UserError`, or an ``OSError`` such as a full disk,
+    possibly wrapped) prints one line to stderr and gives exit status 2 (with ``debug``, after
+    its traceback). Anything else propagates with its traceback: it is a bug."""
+    try:
+        return run()
+    except Exception as err:  # noqa: BLE001 -- re-raised unless it is the user's to fix
+        user = user_error_from(err)
+        if user is None:
+            raise
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        import sys
+
+        print(format_error(command, user), file=sys.stderr, flush=True)
+        return 2
