@@ -1,6 +1,6 @@
 """User errors: one clean line instead of a traceback.
 
-    raise UserError("model.path '/m' does not exist: set --model.path to a local HF model directory")
+    raise UserError("model.path '/m' does not exist: set it to a local HF model directory")
 
 A :class:`UserError` is a mistake the user can fix (a config value, a path, the data, the
 device, the disk); the command line prints its message as one line and exits with status 2.

@@ -3,7 +3,8 @@ that skips an optimizer step whose loss or gradient norm is not finite.
 
     check_weights_finite(model, "refusing to save checkpoint step_000012")  # NonFiniteError
     guard = StepGuard(max_bad_steps=3)
-    ok = guard.check(losses=[(0, loss)], grad_norm=norm, step=12)   # False: skip the step
+    guard.step = 11                                            # 0-based training step
+    ok = guard.check(losses=[(0, loss)], grad_norm=norm)      # False: skip the step
     # ... guard.raise_if_exhausted() stops the run after 3 bad optimizer steps in a row
 
 Under torchrun every rank checks its own shards and the verdict is agreed collectively, so
@@ -76,11 +77,12 @@ class StepGuard:
     messages (one line each: training step, micro-batch, loss / grad norm / advantages)."""
 
     max_bad_steps: int = 3
+    step: int = 0  # the current training step (0-based), set by the loop for the messages
     consecutive: int = 0
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)
 
-    def check(self, *, step: int, losses: list[tuple[int, float]], grad_norm: float,
+    def check(self, *, losses: list[tuple[int, float]], grad_norm: float,
               bad_advantages: int = 0) -> bool:
         """Decide one optimizer step (collective under torchrun). ``losses``: (micro-batch
         index, loss value) of the micro-batches accumulated into it; ``bad_advantages``:
@@ -99,7 +101,7 @@ class StepGuard:
             parts.append("non-finite loss or grad norm on another rank")
         self.consecutive += 1
         self.skipped += 1
-        self.reasons = (self.reasons + [f"step {step + 1}: skipped the optimizer step: "
+        self.reasons = (self.reasons + [f"step {self.step + 1}: skipped the optimizer step: "
                                         + ", ".join(parts)])[-5:]
         return False
 

@@ -30,6 +30,7 @@ checkpoint and return; an exception in a single-process run saves before re-rais
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -44,11 +45,14 @@ from .advantage import advantage_stats, group_advantages
 from .batching import Rollout, collate, micro_batches, response_logprob_entropy, run_head
 from .config import Config, resolve_config, validate_config
 from .entropy_mask import mini_batch_keep_masks
+from .errors import NonFiniteError, UserError
 from .loss import sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
 from .prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
+from .preflight import preflight
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
+from .runlock import RunLock
 from .setup import Run, peak_memory_gb, reset_peak_memory, start_run
 
 
@@ -104,18 +108,40 @@ def roll_out(run: Run, requests: list[RolloutRequest], meta: list) -> list[Rollo
     return rollouts
 
 
-def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) -> dict[str, float]:
-    """Rewards (math-verify) and Dr. GRPO advantages, written into the rollouts; returns metrics."""
+def _finite_or_zero(values: torch.Tensor, what: str, cfg: Config, step: int) -> tuple:
+    """``reward.non_finite``: ``zero`` sets NaN/Inf entries to 0 and counts them; ``error``
+    stops the run. Returns ``(values, count)``."""
+    bad = ~torch.isfinite(values)
+    count = int(bad.sum())
+    if count and cfg.reward.non_finite == "error":
+        raise NonFiniteError(f"step {step + 1}: {count} non-finite {what}; stopped, the last "
+                             f"good checkpoint is kept (reward.non_finite=zero sets them to 0)")
+    if count:
+        if D.is_main():
+            print(f"[prefix-rft] step {step + 1}: {count} non-finite {what} set to 0 "
+                  f"(reward.non_finite=zero)", flush=True)
+        values = values.masked_fill(bad, 0.0)
+    return values, count
+
+
+def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config,
+          step: int = 0) -> dict[str, float]:
+    """Rewards (math-verify) and Dr. GRPO advantages, written into the rollouts; returns
+    metrics. Non-finite rewards / advantages are zeroed and counted, or stop the run
+    (``reward.non_finite``)."""
     from .reward import math_rewards
 
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
     rewards, stats = math_rewards(texts, [items[r.group]["answer"] for r in rollouts],
                                   fallback=cfg.reward.fallback, timeout_s=cfg.reward.timeout_s,
                                   num_workers=cfg.reward.num_workers)
-    reward_t = torch.tensor(rewards, dtype=torch.float64)
+    reward_t, bad_rewards = _finite_or_zero(torch.tensor(rewards, dtype=torch.float64),
+                                            "rewards", cfg, step)
+    rewards = reward_t.tolist()
     groups = torch.tensor([r.group for r in rollouts])
     prefixed = torch.tensor([r.is_prefixed for r in rollouts], dtype=torch.bool)
     adv = group_advantages(reward_t, groups, baseline=cfg.loss.baseline, is_prefixed=prefixed)
+    adv, bad_advantages = _finite_or_zero(adv, "advantages", cfg, step)
     for r, value, a in zip(rollouts, rewards, adv.tolist()):
         r.reward, r.advantage = value, a
     solved = [0.0] * len(items)  # pass rate: a question counts when an on-policy rollout solved it
@@ -131,7 +157,8 @@ def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) ->
          "response_len_mean": float(np.mean(lengths)), "response_len_max": float(max(lengths)),
          "truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
          "reward_no_answer_frac": stats.no_answer / max(1, stats.total),
-         "reward_failures": float(stats.parse_failures + stats.timeouts + stats.errors)}
+         "reward_failures": float(stats.parse_failures + stats.timeouts + stats.errors),
+         "non_finite_rewards": float(bad_rewards), "non_finite_advantages": float(bad_advantages)}
     m.update(advantage_stats(adv))
     return m
 
@@ -189,7 +216,7 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
     cfg = run.cfg
     local_questions = cfg.train.mini_batch_size // run.world
     num_sequences = cfg.train.mini_batch_size * per_question  # global mini-batch, normalizer B
-    avg, grad_norms, tokens = MetricAverager(), [], 0
+    avg, grad_norms, tokens, skipped = MetricAverager(), [], 0, 0
     groups = sorted({r.group for r in rows})
     for epoch in range(cfg.train.ppo_epochs):
         for start in range(0, len(groups), local_questions):
@@ -199,21 +226,31 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
                        for mb in micro_batches(rows, picked, cfg.train.micro_batch_tokens)]
             first_update = epoch == 0 and start == 0
             keeps = keep_masks(batches, first_update) if keep_masks else [None] * len(batches)
-            for batch, keep in zip(batches, keeps):
+            losses, bad_adv = [], 0
+            for index, (batch, keep) in enumerate(zip(batches, keeps)):
                 with run.compute():
                     loss, m = micro_loss(batch, num_sequences, keep)
-                loss.backward()
+                loss.backward()  # even when non-finite: FSDP2 ranks reduce together
+                losses.append((index, float(loss.detach())))
+                bad_adv += int((~torch.isfinite(batch.advantages)).sum())
                 avg.add(m)
                 tokens += int(batch.attention_mask.sum())
             grad_norms.append(D.clip_grad_norm(run.model, cfg.optim.grad_clip))
-            run.optimizer_stepped = True
-            run.optimizer.step()
-            run.scheduler.step()
+            if run.guard.check(losses=losses, grad_norm=grad_norms[-1], bad_advantages=bad_adv):
+                run.optimizer_stepped = True
+                run.optimizer.step()
+                run.scheduler.step()
+            else:  # skip: no update, no schedule step; the reason is printed
+                skipped += 1
+                if D.is_main():
+                    print(f"[prefix-rft] {run.guard.reasons[-1]}", flush=True)
             run.optimizer.zero_grad(set_to_none=True)
             avg.n_mini += 1
+            run.guard.raise_if_exhausted()
     out = avg.result()
     out.update(grad_norm=float(np.mean(grad_norms)), grad_norm_max=float(np.max(grad_norms)),
-               lr=run.scheduler.get_last_lr()[0], update_tokens=float(tokens))
+               lr=run.scheduler.get_last_lr()[0], update_tokens=float(tokens),
+               skipped_steps=float(skipped))
     return out
 
 
@@ -280,7 +317,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     run.engine.sleep()
     t_rollout = time.perf_counter()
     # ---- reward + advantages
-    metrics = score(rollouts, items, run.tokenizer, cfg)
+    run.guard.step = step
+    metrics = score(rollouts, items, run.tokenizer, cfg, step=step)
     ratios = [ratio for _, prefixed, ratio in meta if prefixed]
     metrics.update(prefix_low=low,
                    prefix_ratio_mean=float(np.mean(ratios)) if ratios else float("nan"))
@@ -331,8 +369,8 @@ def _save(run: Run, done: int, sampler_state: dict, metrics: dict) -> Path:
 
 def _save_after_crash(run: Run, done: int, sampler_state: dict, error: BaseException) -> None:
     """Single process only (a collective save from one failing rank would hang the others)."""
-    if D.is_distributed():
-        return
+    if D.is_distributed() or isinstance(error, UserError):
+        return  # a user error (NaN, disk full, ...): keep the last good checkpoint as it is
     try:
         if not run.optimizer_stepped:  # model untouched this step: a clean checkpoint
             path = _save(run, done, sampler_state, {"crashed": repr(error)[:500]})
@@ -349,6 +387,17 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run (or resume) training as configured. Returns ``{"run_dir", "steps_done",
     "final_model_dir", "metrics" (last step's), "stopped_early", "resumed_from"}``."""
     cfg = validate_config(resolve_config(cfg))
+    preflight(cfg)  # paths, data files, resume, device: before the model is loaded
+    lock = RunLock(cfg.train.run_dir)
+    if os.environ.get("RANK", "0") == "0":  # the main rank (the process group is not up yet)
+        lock.acquire()
+    try:
+        return _train(cfg)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config) -> dict[str, Any]:
     run = start_run(cfg)
     run_dir, total, done = run.run_dir, cfg.train.steps, run.start_step
     logger = MetricsLogger(run_dir, total_steps=total, start_step=done,

@@ -4,7 +4,11 @@ resume, device) and the error reporting around a command."""
 from __future__ import annotations
 
 import errno
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,3 +129,102 @@ def test_os_errors_name_the_path():
     err = user_error_from(OSError(errno.EROFS, "Read-only file system", "/runs/x/metrics.jsonl"))
     assert str(err).startswith("read-only file system: /runs/x/metrics.jsonl")
     assert user_error_from(OSError(errno.ENOENT, "nope")) is None  # not a user-fixable class
+
+
+# ---------------------------------------------------------------- the command line
+def _cli(argv, capsys):
+    from prefix_rft.cli import main
+
+    rc = main(["train", *argv])
+    err = capsys.readouterr().err
+    # progress bars (transformers' weight loading, datasets' split generation) are not errors
+    lines = [line for line in err.splitlines()
+             if line.strip() and not re.search(r"\[\d\d:\d\d", line)]
+    return rc, lines
+
+
+def _base_args(assets, run_dir):
+    return [f"--model.path={assets['model']}", f"--data.train_files=[{assets['train']}]",
+            f"--train.run_dir={run_dir}", "--train.device=cpu", "--train.steps=1",
+            "--train.prompts_per_step=2", "--rollout.group_size=2",
+            "--rollout.max_response_tokens=8", "--log.progress=false",
+            "--log.tensorboard=false", "--log.plots=false", "--loss.kernel_impl=torch",
+            "--model.gradient_checkpointing=false", "--checkpoint.save_final=false"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--optim.lr=nan", r"optim.lr must be a finite number, got nan"),
+    ("--prefix.start=nan", r"prefix.start must be a finite number"),
+    ("--reward.timeout_s=inf", r"reward.timeout_s must be a finite number, got inf"),
+    ("--optim.betas=[0.9,.nan]", r"optim.betas\[1\] must be a finite number"),
+    ("--model.path=/does/not/exist", r"model.path '/does/not/exist' does not exist"),
+    ("--data.train_files=[/no/such.jsonl]", r"data.train_files\[0\]: '/no/such.jsonl' does "
+                                            r"not exist"),
+    ("--checkpoint.resume=/no/run", r"checkpoint.resume '/no/run' does not exist"),
+    ("--data.problem_key=nope", r"no usable rows"),
+])
+def test_cli_user_errors_are_one_line(tiny_assets, tmp_path, capsys, override, message):
+    rc, lines = _cli(_base_args(tiny_assets, tmp_path / "run") + [override], capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("prefix-rft train: error: ")
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_cli_yaml_syntax_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: [unclosed\ntrain:\n  steps: 3\n")
+    rc, lines = _cli(["--config", str(bad)], capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert re.search(r"config file '.*bad.yaml' is not valid YAML .*line \d+", lines[0])
+
+
+def test_cli_second_run_on_a_locked_dir(tiny_assets, tmp_path, capsys):
+    from prefix_rft.runlock import RunLock
+
+    with RunLock(tmp_path / "run"):
+        rc, lines = _cli(_base_args(tiny_assets, tmp_path / "run"), capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert re.search(r"train.run_dir '.*run' is in use by another run \(pid \d+", lines[0])
+
+
+def test_cli_read_only_run_dir(tiny_assets, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        rc, lines = _cli(_base_args(tiny_assets, ro / "run"), capsys)
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+    assert rc == 2 and len(lines) == 1, lines
+    assert re.search(r"read-only file system: .*ro/run", lines[0])
+
+
+def test_cli_disk_full_during_training(tiny_assets, tmp_path, capsys):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        rc, lines = _cli(_base_args(tiny_assets, small / "run"), capsys)
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+    assert rc == 2, lines
+    assert re.search(r"^prefix-rft train: error: no space left on device: .*small/run",
+                     lines[-1]), lines
+
+
+def test_cli_checks_run_before_heavy_imports(tmp_path):
+    code = ("import sys; from prefix_rft.cli import main; "
+            "rc = main(['train', '--model.path=/does/not/exist', '--train.device=cpu']); "
+            "print('heavy:', [m for m in ('transformers', 'vllm', 'datasets') "
+            "if m in sys.modules]); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "heavy: []" in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "prefix-rft train: error: model.path '/does/not/exist' does not exist: set it to a "
+        "local HF model directory (with config.json and the weights)"]
