@@ -108,7 +108,8 @@ def test_kill_during_metrics_rewrite_keeps_every_row(tmp_path):
     original = (tmp_path / "metrics.jsonl").read_text()
     _kill_inside(_REWRITE, "metrics-rewrite", tmp_path)
     assert (tmp_path / "metrics.jsonl").read_text() == original
-    MetricsLogger(tmp_path, total_steps=5, start_step=1, tensorboard="false", progress=False).close()
+    MetricsLogger(tmp_path, total_steps=5, start_step=1, tensorboard="false",
+                  progress=False).close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
     assert not list(tmp_path.glob(".tmp-*"))
 
