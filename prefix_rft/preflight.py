@@ -115,6 +115,6 @@ def preflight(cfg: Any) -> None:
     for i, path in enumerate(cfg.data.train_files):
         data_file_kind(path, cfg.data.format, f"data.train_files[{i}]")
     for i, path in enumerate(cfg.eval.files):
-        data_file_kind(path, "jsonl", f"eval.files[{i}]")
+        data_file_kind(path, "auto", f"eval.files[{i}]")
     check_resume(cfg.checkpoint.resume)
     check_device(cfg.train.device)
