@@ -228,3 +228,33 @@ def test_cli_checks_run_before_heavy_imports(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "prefix-rft train: error: model.path '/does/not/exist' does not exist: set it to a "
         "local HF model directory (with config.json and the weights)"]
+
+
+def test_two_concurrent_runs_and_a_killed_one(tiny_assets, tmp_path, capsys):
+    """A real run paused inside its first checkpoint save holds the directory: a second run
+    stops at once with one line; after kill -9 of the first, a run starts again (no stale
+    lock) and the killed run's half-written checkpoint is not taken for a checkpoint."""
+    run_dir = tmp_path / "run"
+    args = _base_args(tiny_assets, run_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PREFIX_RFT_TEST_PAUSE="checkpoint-replace:120")
+    first = subprocess.Popen([sys.executable, "-m", "prefix_rft.cli", "train", *args],
+                             env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             text=True)
+    try:
+        for line in first.stderr:
+            if "test pause at checkpoint-replace" in line:
+                break
+        else:
+            pytest.fail(f"the first run never reached its checkpoint save (rc {first.wait()})")
+        rc, lines = _cli(args, capsys)
+        assert rc == 2 and len(lines) == 1, lines
+        assert f"is in use by another run (pid {first.pid} " in lines[0]
+    finally:
+        first.kill()
+        first.wait()
+    from prefix_rft.checkpoint import list_checkpoints
+
+    assert list_checkpoints(run_dir) == []  # only a .tmp- directory was left
+    rc, lines = _cli(args + ["--resume", "auto"], capsys)
+    assert rc == 0, lines
+    assert [s for s, _ in list_checkpoints(run_dir)] == [1]
