@@ -9,11 +9,12 @@ import shutil
 
 import pytest
 import torch
-from train_helpers import read_jsonl, shared_assets, tiny_config
+from train_helpers import shared_assets, tiny_config
 
 import prefix_rft.train as train_module
 from prefix_rft.checkpoint import list_checkpoints
 from prefix_rft.errors import NonFiniteError
+from prefix_rft.metrics_log import read_metrics
 from prefix_rft.train import train
 
 
@@ -61,7 +62,7 @@ def test_poisoned_run_keeps_last_good_checkpoint_and_resumes(tiny_assets, tmp_pa
     assert "step 2: skipped the optimizer step: loss nan in micro-batch 0" in out
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]  # keep_last=1, yet step 1 survives
     assert not any(p.name.startswith("crash-") for p in tmp_path.iterdir())
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert math.isnan(rows[1]["loss"]) and rows[1]["skipped_steps"] == 2  # visible, not null
     assert rows[0]["skipped_steps"] == 0
@@ -70,7 +71,7 @@ def test_poisoned_run_keeps_last_good_checkpoint_and_resumes(tiny_assets, tmp_pa
     assert result["resumed_from"].endswith("step_000001") and result["steps_done"] == 3
     state = torch.load(list_checkpoints(tmp_path)[-1][1] / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values())
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows)
 
@@ -103,7 +104,7 @@ def test_non_finite_advantages_are_zeroed_and_counted(tiny_assets, tmp_path, mon
     _poison_advantages_at(monkeypatch, 2)
     result = train(_config(tiny_assets, tmp_path, train__steps=2))
     assert result["steps_done"] == 2
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["non_finite_advantages"] for r in rows] == [0, 2]
     assert all(r["skipped_steps"] == 0 and math.isfinite(r["loss"]) for r in rows)
 
