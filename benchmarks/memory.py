@@ -13,7 +13,8 @@ build model + optimizer + inputs, one warm-up step (allocates optimizer state; t
 compiles its step), then the Linux peak-RSS counter is reset (``/proc/self/clear_refs``) and
 one measured step runs (the trainer's fused path: ``model.model`` -> ``PrefixRFTLoss`` on the
 hidden states -> backward -> optimizer step). Measured training-side peak = peak RSS of that
-step - process overhead (RSS after building the model minus its tensors' bytes). glibc is told to ``mmap`` every
+step - process overhead (RSS after the warm-up step minus the bytes of the weights and the
+optimizer state: imports, lazily imported modeling code, torchao's compiled step functions). glibc is told to ``mmap`` every
 allocation >= 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so RSS follows live tensors instead of
 heap pages the allocator keeps. The prediction is ``prefix_rft.memory_model`` for the same
 shape and settings on ``device=cpu`` (no CUDA context, allocator slack or rollout engine).
@@ -104,16 +105,10 @@ def run_case(shape: str, case: str, batch: int, seq: int, device: str) -> dict:
     import torch
 
     from benchmarks.train_step import loss_of, make_inputs
-
-    if CASES[case][0] != "adamw":
-        import torchao.optim  # noqa: F401  -- its import is process overhead, not training
-    import prefix_rft.lora  # noqa: F401
+    from prefix_rft.optim import state_bytes
     cuda = device == "cuda"
+    rss0 = 0
     model, opt = build(shape, case, device)
-    tensors = [*model.parameters(), *model.buffers()]
-    # process overhead = RSS after building minus the model's own tensor bytes (the first
-    # model build also imports transformers' modeling modules lazily: not training memory)
-    rss0 = _rss_kib() * 1024 - sum(t.numel() * t.element_size() for t in tensors)
     x, P, T = make_inputs(SHAPES[shape][5], batch, seq, device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and CASES[case][1] == "fp32"
                 else contextlib.nullcontext())
@@ -127,6 +122,12 @@ def run_case(shape: str, case: str, batch: int, seq: int, device: str) -> dict:
             else:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+                # process overhead = RSS now minus the tensors the trainer holds between steps
+                # (weights + optimizer state): imports, lazily imported modeling code, torchao's
+                # compiled step functions -- not training memory, and absent from GPU memory
+                tensors = [*model.parameters(), *model.buffers()]
+                held = sum(t.numel() * t.element_size() for t in tensors) + state_bytes(opt)
+                rss0 = _rss_kib() * 1024 - held
         t0 = time.perf_counter()
         with autocast:
             loss = loss_of(model, "fused", x, P, T, "triton" if cuda else "torch")

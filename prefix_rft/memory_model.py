@@ -15,8 +15,8 @@ The model of one update step (per rank; ``N`` = FSDP2 ranks, params/grads/state 
 * activations under gradient checkpointing: one ``[T, H]`` checkpoint per layer plus one
   layer's recompute (``ACT_H * H + ACT_KV * kv + ACT_I * I`` values per token), at
   ``T = train.micro_batch_tokens``; without checkpointing every layer's recompute set;
-* the fused head: fp32 ``dX [T, H]`` + its logit tiles + (when the lm_head trains and is not
-  an fp32 parameter) the fp32 ``dW [V, H]`` accumulator before the cast to the weight dtype;
+* the fused head: fp32 ``dX [T, H]`` + its logit tiles + (when the lm_head trains and the
+  kernel sees a non-fp32 or gathered weight) the fp32 ``dW [V, H]`` accumulator;
 * the optimizer step's temporaries (largest tensor, unfused / compiled per-tensor steps).
 
 The backward peak is taken as the maximum over layers of (grads so far + checkpoints left +
@@ -155,11 +155,13 @@ def _trainable_tensors(shape: ModelShape, inp: PlanInputs) -> list[int]:
 
 def _step_temporaries(inp: PlanInputs, largest: int, w: int) -> float:
     """Optimizer-step scratch: torch AdamW is fused on CUDA (no scratch) and per-tensor on CPU
-    (~2 tensors of the largest parameter); torchao's compiled per-tensor steps upcast the
-    largest tensor's state and update to fp32 (~4 fp32 copies)."""
+    (~2 tensors of the largest parameter); torchao's 8-bit step dequantizes the largest
+    tensor's two moments to fp32; its bf16 + SR step fuses into one in-place kernel."""
     if inp.optim == "adamw":
         return 0.0 if inp.device == "cuda" else 2.0 * w * largest
-    return 4.0 * 4 * largest
+    if inp.optim == "adamw8bit":  # the largest tensor's two moments dequantized to fp32
+        return 2.0 * 4 * largest
+    return 0.0  # bf16 + stochastic rounding: one compiled in-place kernel per tensor
 
 
 def component_bytes(shape: ModelShape, inp: PlanInputs) -> dict[str, float]:
@@ -210,14 +212,16 @@ def component_bytes(shape: ModelShape, inp: PlanInputs) -> dict[str, float]:
     layer_act = T * (ACT_H * H + ACT_KV * shape.kv_dim + ACT_I * shape.intermediate) * c
     if inp.lora_r and inp.lora_dropout > 0:  # peft's dropout copies of each target's input
         layer_act += T * sum(shape.linear_shapes()[t][0] for t in inp.lora_targets) * c
-    ckpt_one = T * H * c
+    # under single-process autocast the residual stream (the checkpointed input) stays fp32
+    autocast = inp.compute_bf16 and inp.device == "cuda" and not inp.fsdp and w == 4
+    ckpt_one = T * H * (4 if autocast else c)
     if not inp.gradient_checkpointing:
         ckpt_one = layer_act
     fixed_act = 3 * T * H * 4 + inp.attention_mask_bytes  # embeddings out, final norm, head input
     # fused head workspace
     rows = min(T, HEAD_TOKEN_CHUNK)
     tiles = rows * HEAD_VOCAB_CHUNK * 4 * HEAD_TILES
-    dw_extra = V * H * 4 if head_trains and (c != w or inp.fsdp) else 0.0
+    dw_extra = V * H * 4 if head_trains and (c != 4 or inp.fsdp) else 0.0
     head_ws = T * H * 4 + tiles + dw_extra
     head_grad = (V * H * w / N) if head_trains and not shape.tied else 0.0
     # backward: max over layers of grads so far + checkpoints left + one layer's recompute
