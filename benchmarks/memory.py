@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(run_case(shape, case, int(batch), int(seq), device)))
         return []
     device = "cuda" if args.gpu else "cpu"
+    import platform
+
+    note = (f"Machine: {platform.machine()} x{os.cpu_count()} CPUs, shared with other jobs, "
+            f"OMP_NUM_THREADS=1, fresh process per case, peak RSS (CPU) or "
+            f"max_memory_allocated (CUDA); "
+            f"`{' '.join(['python -m benchmarks.memory'] + list(argv or sys.argv[1:]))}`")
     results = []
     for case in args.cases:
         r = measure(args.shape, case, 1, args.tokens, device)
@@ -246,13 +252,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"  planner {r['predicted_bytes'] / 2**30:6.2f} GiB ({r['rel_error']:+.1%})"
               f"  {r['tokens_per_s']:7.1f} tok/s", flush=True)
         results.append(r)
-    if args.out != "-":
-        import platform
-
-        note = (f"Machine: {platform.machine()} x{os.cpu_count()} CPUs, shared with other jobs, "
-                f"OMP_NUM_THREADS=1, fresh process per case, peak RSS (CPU) or "
-                f"max_memory_allocated (CUDA); `{' '.join(['python -m benchmarks.memory'] + (argv or sys.argv[1:]))}`")
-        write_results(results, args.out or os.path.join(RESULTS, "memory.csv"), note)
+        if args.out != "-":  # each case as it finishes (a long run keeps what it measured)
+            write_results([r], args.out or os.path.join(RESULTS, "memory.csv"), note)
     return results
 
 
