@@ -187,16 +187,18 @@ def _row(label: str, value: float, indent: int = 2) -> str:
 def format_plan(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, est: dict,
                 sugg: list[tuple[str, float, bool]], gpus: int) -> str:
     w = "bf16" if inp.weight_bytes == 2 else "fp32"
+    stored = ("bf16 frozen base" if inp.compute_bf16 else "fp32 frozen base") if inp.lora_r else w
     lines = [
         f"model: {est['total_params'] / 1e9:.2f} B params (hidden {shape.hidden}, {shape.layers} "
         f"layers, vocab {shape.vocab:,}, {'tied' if shape.tied else 'untied'} embeddings); "
         f"trainable {est['trainable_params'] / 1e6:,.1f} M",
-        f"run: {gpus} x {est['gpu_bytes'] / GiB:.1f} GiB, optim {inp.optim}, weights {w}"
+        f"run: {gpus} x {est['gpu_bytes'] / GiB:.1f} GiB, optim {inp.optim}, weights {stored}"
         f"{' + bf16 compute' if inp.compute_bf16 else ''}, LoRA "
         f"{'r=' + str(inp.lora_r) if inp.lora_r else 'off'}, offload {inp.offload}, "
         f"micro_batch_tokens {inp.micro_batch_tokens}, engine {eng.engine}",
         "", f"{'update phase, per rank':42s}    GiB",
-        _row(f"params (stored{', fp32 masters' if w == 'fp32' and inp.compute_bf16 else ''})",
+        _row("params (frozen base + fp32 adapters)" if inp.lora_r else
+             f"params (stored{', fp32 masters' if w == 'fp32' and inp.compute_bf16 else ''})",
              est["params"]),
         _row("gradients", est["grads"]),
         _row(f"optimizer state ({inp.optim})", est["optimizer_state"]),
@@ -276,8 +278,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.gpus < 1:
         raise SystemExit(f"prefix-rft plan: --gpus must be >= 1, got {args.gpus}")
-    cfg = load_config(args.config, _split_overrides(extra))
-    gpu_bytes = parse_memory(args.gpu_memory) if args.gpu_memory else _default_gpu_bytes()
-    text, est = plan_config(copy.deepcopy(cfg), gpu_bytes, args.gpus, args.model_config)
+    try:
+        cfg = load_config(args.config, _split_overrides(extra))
+        gpu_bytes = parse_memory(args.gpu_memory) if args.gpu_memory else _default_gpu_bytes()
+        text, est = plan_config(copy.deepcopy(cfg), gpu_bytes, args.gpus, args.model_config)
+    except ValueError as err:  # a config / argument mistake: one clean line
+        raise SystemExit(f"prefix-rft plan: {err}") from None
     print(json.dumps(est, indent=1) if args.json else text)
     return est
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``prefix-rft plan``: exit status 0 when the run fits, 1 when it does not."""
+    return 0 if main(argv)["fits"] else 1
