@@ -12,12 +12,13 @@ decoder (fp32 frozen base on CPU). Each case runs in a **fresh process**, sequen
 build model + optimizer + inputs, one warm-up step (allocates optimizer state; torchao
 compiles its step), then the Linux peak-RSS counter is reset (``/proc/self/clear_refs``) and
 one measured step runs (the trainer's fused path: ``model.model`` -> ``PrefixRFTLoss`` on the
-hidden states -> backward -> optimizer step). Measured training-side peak = peak RSS of that
-step - process overhead (RSS after the warm-up step minus the bytes of the weights and the
-optimizer state: imports, lazily imported modeling code, torchao's compiled step functions). glibc is told to ``mmap`` every
-allocation >= 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so RSS follows live tensors instead of
-heap pages the allocator keeps. The prediction is ``prefix_rft.memory_model`` for the same
-shape and settings on ``device=cpu`` (no CUDA context, allocator slack or rollout engine).
+hidden states -> backward -> optimizer step). Measured training-side peak = peak RSS of
+that step - process overhead (RSS after the warm-up step minus the bytes of the weights and
+the optimizer state: imports, lazily imported modeling code, torchao's compiled steps).
+glibc is told to ``mmap`` every allocation >= 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so RSS
+follows live tensors instead of heap pages the allocator keeps. The prediction is
+``prefix_rft.memory_model`` for the same shape and settings on ``device=cpu`` (no CUDA
+context, allocator slack or rollout engine).
 
 Rows go to ``benchmarks/results/memory.csv`` (+ ``.md`` with measured vs predicted and the
 relative error, ``.png``) through ``benchmarks/results_io``. On CUDA (``--gpu``) the same
@@ -152,7 +153,8 @@ def measure(shape: str, case: str, batch: int, seq: int, device: str = "cpu") ->
            str(seq), device]
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"memory benchmark worker failed ({case}, {shape}):\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"memory benchmark worker failed ({case}, {shape}):\n"
+                           f"{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     pred = predict(shape, case, batch * seq, device)
     result["predicted_bytes"] = pred["update_peak"]
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for case in args.cases:
         r = measure(args.shape, case, 1, args.tokens, device)
-        print(f"{case:14s} {args.shape} T={args.tokens}: measured {r['peak_bytes'] / 2**30:6.2f} GiB"
+        print(f"{case:14s} {args.shape} T={args.tokens}: "
+              f"measured {r['peak_bytes'] / 2**30:6.2f} GiB"
               f"  planner {r['predicted_bytes'] / 2**30:6.2f} GiB ({r['rel_error']:+.1%})"
               f"  {r['tokens_per_s']:7.1f} tok/s", flush=True)
         results.append(r)

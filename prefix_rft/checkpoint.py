@@ -263,7 +263,8 @@ def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
     """Write the model (full weights, safetensors) and tokenizer as a plain HF directory,
     loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)``. ``dtype`` (e.g.
     ``torch.bfloat16``) casts the floating-point weights (default: as trained, fp32
-    masters; LoRA adapters merged in). Atomic like checkpoints; collective under FSDP2 (rank 0 writes)."""
+    masters; LoRA adapters merged in). Atomic like checkpoints; collective under FSDP2
+    (rank 0 writes)."""
     out_dir = Path(out_dir)
     state = D.gather_merged_state_dict(model)  # LoRA: adapters merged into the base weights
     if dtype is not None:

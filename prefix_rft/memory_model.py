@@ -75,7 +75,8 @@ class ModelShape:
     def from_model_dir(cls, path: str | Path) -> ModelShape:
         file = Path(path) / "config.json"
         if not file.is_file():
-            raise ValueError(f"model.path must be a directory with a config.json, got {str(path)!r}")
+            raise ValueError(f"model.path must be a directory with a config.json, "
+                             f"got {str(path)!r}")
         return cls.from_dict(json.loads(file.read_text(encoding="utf-8")))
 
     @property
@@ -103,7 +104,8 @@ class ModelShape:
         shapes = self.linear_shapes()
         unknown = [t for t in targets if t not in shapes]
         if unknown:
-            raise ValueError(f"model.lora.target_modules must be among {list(shapes)}, got {unknown}")
+            raise ValueError(f"model.lora.target_modules must be among {list(shapes)}, "
+                             f"got {unknown}")
         return self.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 

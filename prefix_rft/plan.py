@@ -32,7 +32,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .memory_model import GiB, LORA_TARGETS, ModelShape, PlanInputs, component_bytes, kv_bytes_per_token
+from .memory_model import (
+    LORA_TARGETS,
+    GiB,
+    ModelShape,
+    PlanInputs,
+    component_bytes,
+    kv_bytes_per_token,
+)
 
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspaces per process
 SLACK = 0.08  # caching-allocator fragmentation, fraction of the peak
@@ -102,7 +109,8 @@ def _engine(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, gpu_bytes: fl
         weights = shape.total_params() * c  # one engine per rank holds the whole model
         kv = max(0.0, budget - weights - VLLM_OVERHEAD_GIB * GiB)
         awake_during_update = eng.sleep_level == 0 or inp.device == "cpu"
-        return {"rollout": budget, "update": budget if awake_during_update else VLLM_ASLEEP_GIB * GiB,
+        asleep = VLLM_ASLEEP_GIB * GiB
+        return {"rollout": budget, "update": budget if awake_during_update else asleep,
                 "weights": weights, "kv_cache": kv,
                 "kv_tokens": kv / kv_bytes_per_token(shape, c)}
     kv = eng.rows * eng.seq_tokens * kv_bytes_per_token(shape, c)
@@ -212,7 +220,8 @@ def format_plan(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, est: dict
         _row("params + optimizer state (kept)", est["resident"]),
     ]
     if eng.engine == "vllm":
-        lines.append(_row(f"vLLM budget ({eng.gpu_memory_utilization} x GPU)", est["engine_rollout"]))
+        lines.append(_row(f"vLLM budget ({eng.gpu_memory_utilization} x GPU)",
+                          est["engine_rollout"]))
         lines.append(f"    of which weights {est['engine_weights'] / GiB:.2f}, KV cache "
                      f"{est['kv_cache'] / GiB:.2f} GiB = {est['kv_tokens']:,.0f} tokens "
                      f"(one sequence: {eng.seq_tokens:,}; all {eng.rows}: "
@@ -225,7 +234,8 @@ def format_plan(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, est: dict
               _row(f"allocator slack ({SLACK:.0%} of the larger phase)", est["allocator_slack"], 0),
               _row(f"PEAK per GPU (of {est['gpu_bytes'] / GiB:.1f} GiB)", est["peak"], 0)]
     if est["host_params"] or est["host_optimizer"]:
-        lines.append(f"host RAM per rank (offload): {(est['host_params'] + est['host_optimizer']) / GiB:.2f} GiB")
+        host = est["host_params"] + est["host_optimizer"]
+        lines.append(f"host RAM per rank (offload): {host / GiB:.2f} GiB")
     if eng.engine == "vllm" and est["kv_tokens"] < eng.seq_tokens:
         lines.append("WARNING: vLLM's KV cache cannot hold one full sequence: raise "
                      "rollout.gpu_memory_utilization")

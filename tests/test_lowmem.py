@@ -61,7 +61,7 @@ def test_resume_is_bit_exact(tmp_path, case):
     fresh, opt2 = _build(case)
     if case[2]:  # LoRA: the base comes from the pretrained weights, the adapters from the ckpt
         with torch.no_grad():
-            for (n, p), (_, q) in zip(fresh.named_parameters(), model.named_parameters()):
+            for (_n, p), (_, q) in zip(fresh.named_parameters(), model.named_parameters()):
                 if not p.requires_grad:
                     p.copy_(q)
     ckpt.load_checkpoint(ckpt.find_latest(tmp_path), model=fresh, optimizer=opt2)

@@ -45,7 +45,8 @@ def test_lora_param_count_matches_peft():
     model = _meta_model(config)
     apply_lora(model, r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert ModelShape.from_dict(config).lora_params(8, ("q_proj", "v_proj", "down_proj")) == trainable
+    targets = ("q_proj", "v_proj", "down_proj")
+    assert ModelShape.from_dict(config).lora_params(8, targets) == trainable
 
 
 def test_state_and_sharding_arithmetic():
