@@ -111,7 +111,7 @@ def test_param_offload_single_process_matches(tiny_assets, tmp_path):
 def test_torchrun_two_ranks_with_optimizer_offload_match_one_process(tiny_assets, tmp_path):
     """2-rank FSDP2 (gloo) with train.offload=optimizer (each rank steps its shards in host
     RAM) == one process without offload, as the plain 2-rank test."""
-    over = dict(train__steps=2, loss__entropy_top_fraction=1.0)
+    over = dict(train__steps=2, loss__entropy_top_fraction=1.0, train__mini_batch_size=2)
     train(_config(tiny_assets, tmp_path / "single", **over))
     cfg = _config(tiny_assets, tmp_path / "multi", train__offload="optimizer", **over)
     save_config(cfg, tmp_path / "multi.yaml")
