@@ -97,6 +97,7 @@ def test_make_optimizer_rejects_bad_input():
             make_optimizer("adamw_bf16_sr", [p], lr=1e-3)
 
 
+@pytest.mark.slow
 def test_planner_matches_measured_peak_rss_on_three_shapes():
     """Fresh process per shape: predicted update-phase peak vs measured peak RSS within 15 %."""
     psutil = pytest.importorskip("psutil")
