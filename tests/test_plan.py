@@ -133,3 +133,15 @@ def test_plan_command_verdicts(capsys):
     assert sharded["optimizer_state"] == pytest.approx(est["optimizer_state"] / 4)
     smaller, _ = _plan(capsys, "--gpu-memory", "24GiB", "--train.micro_batch_tokens=8192")
     assert smaller["activations"] < est["activations"] / 3
+
+
+def test_cli_plan_exit_status(capsys):
+    from prefix_rft.cli import main as cli_main
+
+    args = ["plan", "--config", str(ROOT / "configs" / "qwen2.5-math-1.5b-24gb.yaml"),
+            "--model-config", str(MODEL_CONFIGS / "qwen2.5-math-1.5b.json")]
+    assert cli_main(args + ["--gpu-memory", "24GiB"]) == 0  # the preset fits its card
+    assert cli_main(args + ["--gpu-memory", "16GiB"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="optim.name"):
+        cli_main(args + ["--optim.name=sgd"])
