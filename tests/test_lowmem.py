@@ -91,6 +91,11 @@ def test_lora_trains_only_adapters_and_merges():
     merged = merge_lora_state(model.state_dict(), scalings(model))
     plain = tiny_qwen(seed=1)
     plain.load_state_dict(merged)  # strict: exactly the plain model's keys
+    from prefix_rft.distributed import gather_merged_state_dict
+
+    synced = gather_merged_state_dict(model, rank0_only=False)  # what vLLM's sync receives
+    assert synced.keys() == merged.keys()
+    assert all(torch.equal(synced[k], merged[k]) for k in merged)
     after = model(input_ids=ids).logits
     assert not torch.allclose(after, before)
     torch.testing.assert_close(plain(input_ids=ids).logits, after, rtol=1e-5, atol=1e-5)
