@@ -222,3 +222,46 @@ def test_import_fails_clearly_on_unsupported_trl(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(integration)
+
+
+# ---------------------------------------------------------------------------- hybrid rollouts
+DEMOS = {p: f"{p} so the answer is \\boxed{{5}} because 2 + 3 = 5" for p in PROMPTS}
+
+
+def test_prefix_rollout_func_starts_hybrids_from_demonstration_prefixes(tok_model, tmp_path):
+    from prefix_rft.integrations.trl import make_prefix_rollout_func
+
+    tok = tok_model[0]
+    trainer = _trainer(PrefixRFTGRPOTrainer, tok_model, tmp_path, num_generations=4,
+                       max_completion_length=12)
+    rollout = make_prefix_rollout_func(DEMOS, num_prefixed=1, start=0.5, end=0.5, high=0.5)
+    prompts = [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4
+    out = rollout(prompts, trainer)
+    assert len(out["completion_ids"]) == len(out["prefix_len"]) == 8
+    for i, (ids, n) in enumerate(zip(out["completion_ids"], out["prefix_len"])):
+        demo = tok(DEMOS[prompts[i]], add_special_tokens=False)["input_ids"]
+        assert out["prompt_ids"][i] == tok(prompts[i], add_special_tokens=False)["input_ids"]
+        assert 1 <= len(ids) <= 12
+        if i % 4 == 0:  # the group's hybrid: ratio 0.5 of the demonstration, kept as ids
+            assert n == len(demo) // 2 or n == 11
+            assert ids[:n] == demo[:n] and len(ids) > n
+        else:
+            assert n == 0
+
+
+def test_hybrid_train_logs_prefix_metrics(tok_model, tmp_path):
+    from prefix_rft.integrations.trl import make_prefix_rollout_func
+
+    tok, model = tok_model
+    args = _args(tmp_path, num_generations=4, max_completion_length=12)
+    trainer = PrefixRFTGRPOTrainer(
+        model=copy.deepcopy(model), reward_funcs=_reward, args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok,
+        rollout_func=make_prefix_rollout_func(DEMOS, num_prefixed=1),
+        entropy_top_fraction=0.5)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    assert all(h["prefix/prefix_token_frac"] > 0 for h in logs)
+    # top half of the prefix tokens by entropy (rounded up), not all of them
+    assert all(0.4 < h["prefix/kept_prefix_frac"] < 0.75 for h in logs)

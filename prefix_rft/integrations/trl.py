@@ -30,9 +30,14 @@ importance-sampling correction (any ``vllm_importance_sampling_mode``) multiplie
 losses as in TRL; ``tool_mask`` / ``env_mask`` multiply the mask. Settings it cannot honour are
 refused at construction with one line naming them (:func:`check_grpo_settings`).
 
-**The one place that touches TRL internals** is :meth:`PrefixRFTGRPOTrainer._compute_loss`
-(TRL's private loss hook, same in 1.15 and 1.16) and the fused-head forward protocol it calls
-(:mod:`prefix_rft.integrations.trl_head`); both are why the TRL versions are pinned.
+**Where TRL internals are touched** -- all in :class:`PrefixRFTGRPOTrainer`, and the reason
+the TRL versions are pinned: its ``_compute_loss`` (TRL's private loss hook, same in 1.15 and
+1.16), its ``_generate_and_score_completions`` (only to add ``prefix_mask`` to TRL's batch for
+hybrid rollouts) and the fused-head forward protocol (:mod:`prefix_rft.integrations.trl_head`).
+
+**Hybrid prefix rollouts** (Prefix-RFT inside TRL): pass
+``rollout_func=make_prefix_rollout_func(dict(zip(prompts, demonstrations)))`` to
+:class:`PrefixRFTGRPOTrainer`; see :mod:`prefix_rft.integrations.trl_prefix`.
 """
 
 from __future__ import annotations
@@ -45,10 +50,14 @@ import torch  # noqa: E402  (after the version check, which must fail before TRL
 from trl import GRPOTrainer  # noqa: E402
 
 from prefix_rft.integrations.trl_head import add_prefix_rft_head  # noqa: E402
+from prefix_rft.integrations.trl_prefix import (  # noqa: E402
+    make_prefix_rollout_func,
+    prefix_mask_from_lengths,
+)
 from prefix_rft.loss import prefix_rft_loss  # noqa: E402
 
 __all__ = ["PrefixRFTGRPOTrainer", "use_fused_head", "check_grpo_settings", "SUPPORTED_TRL",
-           "TRL_VERSION", "add_prefix_rft_head"]
+           "TRL_VERSION", "add_prefix_rft_head", "make_prefix_rollout_func"]
 
 
 def check_grpo_settings(args) -> None:
@@ -120,7 +129,18 @@ class PrefixRFTGRPOTrainer(GRPOTrainer):
         self.entropy_top_fraction, self.clip_c = entropy_top_fraction, clip_c
         use_fused_head(self, impl=impl)
 
-    # The one TRL-internal hook (GRPOTrainer._compute_loss, trl 1.15-1.16).
+    # TRL-internal hooks (trl 1.15-1.16): the batch builder and the loss.
+    def _generate_and_score_completions(self, inputs):
+        """TRL's batch, plus ``prefix_mask`` when the rollout function returned ``prefix_len``
+        (TRL merges a rollout function's extra fields into ``inputs``, row by row)."""
+        output = super()._generate_and_score_completions(inputs)
+        if inputs and "prefix_len" in inputs[0]:
+            completion_ids = output["completion_ids"]
+            output["prefix_mask"] = prefix_mask_from_lengths(
+                [row["prefix_len"] for row in inputs], completion_ids.size(1),
+                completion_ids.device)
+        return output
+
     def _compute_loss(self, model, inputs):
         if any(k in inputs for k in ("pixel_values", "image_grid_thw", "token_type_ids")):
             raise ValueError("multimodal inputs are not supported by PrefixRFTGRPOTrainer")
