@@ -14,9 +14,10 @@ AdamW; on-policy, ``num_iterations=1``, so no old-log-prob pass unless the case 
   ``LigerFusedLinearGRPOLoss`` over the last hidden states, as TRL <= 1.12 did with
   ``use_liger_loss=True`` (``compiled=True``, its default; no entropy).
 * ``trl_prefix_rft`` -- :class:`prefix_rft.integrations.trl.PrefixRFTGRPOTrainer`.
-* ``prefix_rft_trainer`` -- this project's trainer update (``prefix_rft.train.update``) on the
-  same token ids, as rollouts; ``prefix_rft_trainer+old`` adds the old-log-prob pass
-  (``prefix_rft.train.old_logprobs``), which the trainer runs before every update.
+* ``prefix_rft_trainer`` -- this project's trainer (``prefix_rft.train.policy_rows`` +
+  ``policy_update``) on the same token ids, as rollouts: one optimizer step per rollout batch,
+  so it skips the old-log-prob pass (``is_exactly_on_policy``); ``prefix_rft_trainer+old``
+  forces that pass (``prefix_rft.train.old_logprobs``), as the trainer ran before it skipped it.
 
 Every case uses fp32 weights and compute, no gradient checkpointing, ``torch.set_num_threads(1)``,
 AdamW (lr 1e-6). Time: wall clock of each timed step after one warm-up step (Liger's
@@ -173,17 +174,31 @@ def build_trainer_case(model, batch: dict, micro: int):
     return cfg, rollouts, loss_fn
 
 
-def trainer_step(model, optimizer, scheduler, cfg, loss_fn, rollouts, with_old: bool) -> None:
-    """``update`` (and, with ``with_old``, the old-log-prob pass before it) as train.py runs it.
-    Without ``with_old`` the rollouts keep the old log-probs of the setup pass (untimed)."""
+def build_run(model, cfg, loss_fn, tmp: str):
+    """A :class:`prefix_rft.setup.Run` around the benchmark's model (no engine, no data)."""
+    from pathlib import Path
+
     import torch
 
-    from prefix_rft.train import old_logprobs, update
+    from prefix_rft.setup import Run
 
-    dev = torch.device("cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return Run(cfg=cfg, model=model, tokenizer=None, engine=None, optimizer=optimizer,
+               scheduler=scheduler, loss_fn=loss_fn, dataset=None, sampler=None,
+               device=torch.device("cpu"), rank=0, world=1, run_dir=Path(tmp), pad_id=0)
+
+
+def trainer_step(run, rollouts, with_old: bool) -> None:
+    """What ``prefix_rft.train.train_step`` runs after scoring: ``policy_rows`` (the old-log-prob
+    pass, skipped when exactly on-policy) and ``policy_update``. ``with_old`` forces the pass
+    (the trainer before it learned to skip it)."""
+    import prefix_rft.train as T
+
     if with_old:
-        old_logprobs(model, cfg, dev, loss_fn, rollouts, 0)
-    update(model, optimizer, scheduler, cfg, dev, loss_fn, rollouts, 0, 1, {})
+        T.is_exactly_on_policy = lambda cfg: False
+    rows, _ = T.policy_rows(run, [], rollouts)
+    T.policy_update(run, rows)
 
 
 # ---------------------------------------------------------------------------- one case
@@ -205,18 +220,15 @@ def run_case(case: str, shape: str, sequences: int, prompt: int, completion: int
 
             def step():
                 trl_step(trainer, mbs)
-        else:
-            from prefix_rft.train import old_logprobs
 
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        else:
             cfg, rollouts, loss_fn = build_trainer_case(model, batch, micro)
+            run = build_run(model, cfg, loss_fn, tmp)
             with_old = case.endswith("+old")
-            old_logprobs(model, cfg, torch.device("cpu"), loss_fn, rollouts, 0)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        if case not in TRL_CASES:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
             def step():
-                trainer_step(model, optimizer, scheduler, cfg, loss_fn, rollouts, with_old)
+                trainer_step(run, rollouts, with_old)
         rss_setup = _rss_mb()
         times = []
         for i in range(repeats + 1):
