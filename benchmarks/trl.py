@@ -109,7 +109,8 @@ def _liger_trainer_class():
             hidden = hidden[:, :-1][:, -T:]
             loss, metrics = self.liger_loss(
                 _input=hidden, lin_weight=model.lm_head.weight,
-                selected_token_ids=inputs["completion_ids"], attention_mask=inputs["completion_mask"],
+                selected_token_ids=inputs["completion_ids"],
+                attention_mask=inputs["completion_mask"],
                 advantages=inputs["advantages"], bias=model.lm_head.bias,
                 old_per_token_logps=inputs.get("old_per_token_logps"))
             self._metrics["train"]["clip_ratio"].append(metrics[-1].mean().item())
@@ -216,7 +217,8 @@ def run_case(case: str, shape: str, sequences: int, prompt: int, completion: int
         if case in TRL_CASES:
             trainer = build_trl_trainer(case, model, micro, accumulation, completion, tmp)
             model = trainer.model
-            mbs = [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, sequences, micro)]
+            mbs = [{k: v[i:i + micro] for k, v in batch.items()}
+                   for i in range(0, sequences, micro)]
 
             def step():
                 trl_step(trainer, mbs)
@@ -312,7 +314,8 @@ def render_png(rows: list[dict], png_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.trl", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.trl",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--sequences", type=int, default=32, help="rollouts in the batch (x8 groups)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per rollout")

@@ -17,9 +17,9 @@ pytest.importorskip("accelerate")
 
 from prefix_rft.integrations import trl_compat  # noqa: E402
 
-if trl_compat._release(__import__("trl").__version__) is None or not (
-    trl_compat._MIN <= trl_compat._release(__import__("trl").__version__) < trl_compat._MAX_EXCLUSIVE
-):
+try:
+    trl_compat.check_trl_version()
+except ImportError:
     pytest.skip("installed trl is outside the supported range", allow_module_level=True)
 
 from datasets import Dataset  # noqa: E402

@@ -1,4 +1,5 @@
-"""TRL's fused-LM-head forward protocol, served by :func:`prefix_rft.kernels.linear_logprob_entropy`.
+"""TRL's fused-LM-head forward protocol, served by this project's fused kernel
+(:func:`prefix_rft.kernels.linear_logprob_entropy`).
 
 TRL (>= 1.15) patches the policy's ``forward`` so that
 ``model(input_ids, attention_mask, labels=labels, fused_lm_head=True)`` runs the backbone and
@@ -113,7 +114,8 @@ def add_prefix_rft_head(model, *, temperature: float = 1.0, impl: str = "auto") 
     from trl.trainer.utils import FusedCausalLMOutput
 
     check_model_supported(model)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or temperature <= 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be one of ('auto', 'torch', 'triton'), got {impl!r}")
