@@ -115,6 +115,22 @@ def check_config(cfg: Config) -> None:
     if t.mini_batch_size and t.prompts_per_step % t.mini_batch_size:
         raise ValueError(f"train.mini_batch_size must divide train.prompts_per_step "
                          f"({t.prompts_per_step}), got {t.mini_batch_size}")
+    _check_limited_gpu_options(cfg)
     if cfg.model.path == "" and cfg.model.tokenizer_path:
         raise ValueError(f"model.path must be set when model.tokenizer_path is, "
                          f"got {cfg.model.path!r}")
+
+
+def _check_limited_gpu_options(cfg: Config) -> None:
+    """LoRA, optimizer and offload settings (prefix_rft/lora.py, optim.py, offload.py)."""
+    lora = cfg.model.lora
+    check_int("model.lora.r", lora.r, 0)
+    check_number("model.lora.alpha", lora.alpha, 0.0, lo_open=True)
+    check_number("model.lora.dropout", lora.dropout, 0.0, 1.0, hi_open=True)
+    if lora.r and not lora.target_modules:
+        raise ValueError("model.lora.target_modules must name at least one module, got []")
+    if lora.r and cfg.optim.name == "adamw_bf16_sr":
+        raise ValueError("optim.name=adamw_bf16_sr updates bf16-stored weights; LoRA adapters "
+                         "are fp32 (use adamw or adamw8bit with model.lora.r > 0)")
+    if cfg.rollout.sleep_level not in (0, 1, 2):
+        raise ValueError(f"rollout.sleep_level must be 0, 1 or 2, got {cfg.rollout.sleep_level!r}")

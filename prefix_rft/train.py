@@ -451,7 +451,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if D.is_main() and cfg.log.plots:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
     run.engine.close()
-    if run.world > 1:
+    if run.world > 1 or cfg.train.offload == "params":  # (a one-rank group for offload)
         D.destroy_distributed()
     return {"run_dir": str(run_dir), "steps_done": done,
             "final_model_dir": str(final_dir) if final_dir else None, "metrics": metrics,
