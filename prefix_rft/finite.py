@@ -115,3 +115,21 @@ class StepGuard:
                 f"{self.consecutive} optimizer steps in a row had a non-finite loss or gradient "
                 f"norm ({self.reasons[-1] if self.reasons else ''}); stopped, the last good "
                 f"checkpoint is kept: lower optim.lr, check the data, or raise {field_name}")
+
+
+def zero_non_finite(values: torch.Tensor, what: str, mode: str, step: int
+                    ) -> tuple[torch.Tensor, int]:
+    """``mode`` (``reward.non_finite``): ``zero`` sets the NaN/Inf entries of ``values`` (e.g.
+    rewards, advantages) to 0, printing how many; ``error`` stops the run. Returns
+    ``(values, count)``; ``step`` (0-based) names the training step."""
+    bad = ~torch.isfinite(values)
+    count = int(bad.sum())
+    if count and mode == "error":
+        raise NonFiniteError(f"step {step + 1}: {count} non-finite {what}; stopped, the last "
+                             f"good checkpoint is kept (reward.non_finite=zero sets them to 0)")
+    if count:
+        if D.is_main():
+            print(f"[prefix-rft] step {step + 1}: {count} non-finite {what} set to 0 "
+                  f"(reward.non_finite=zero)", flush=True)
+        values = values.masked_fill(bad, 0.0)
+    return values, count
