@@ -8,7 +8,8 @@ Per step, top to bottom in :func:`train_step`: sample this rank's questions -> b
 requests per question (``num_prefixed`` hybrids continuing a scheduled demonstration
 prefix, the rest on-policy) -> roll out through the engine -> decode + reward -> Dr. GRPO
 advantages (group = question) -> old log-probs with the fused kernel (no grad; prefix tokens
-too) and the engine-vs-trainer log-prob mismatch -> ``ppo_epochs`` x mini-batches of
+too) and the engine-vs-trainer log-prob mismatch (skipped when the update is exactly on-policy:
+:func:`is_exactly_on_policy`) -> ``ppo_epochs`` x mini-batches of
 micro-batched :class:`~prefix_rft.loss.PrefixRFTLoss` over the decoder's hidden states ->
 AdamW (warmup, clipping) -> weight sync to the engine -> log -> checkpoint.
 
@@ -44,8 +45,8 @@ from .advantage import advantage_stats, group_advantages
 from .batching import Rollout, collate, micro_batches, response_logprob_entropy, run_head
 from .config import Config, resolve_config, validate_config
 from .data import Question, read_questions
-from .entropy_mask import mini_batch_keep_masks
-from .loss import sft_loss
+from .entropy_mask import mini_batch_keep_masks, needs_mini_batch_pass
+from .loss import prefix_rft_loss, sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
 from .prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
@@ -151,19 +152,28 @@ def old_logprobs(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
                 n = len(rollouts[i].response_ids)
                 rollouts[i].old_logprob = lp[b, :n].float().cpu()
                 rollouts[i].old_entropy = ent[b, :n].float().cpu()
+    return engine_mismatch(rollouts, [r.old_logprob for r in rollouts])
+
+
+def engine_mismatch(rollouts: list[Rollout], trainer_logprobs: list[torch.Tensor]
+                    ) -> dict[str, float]:
+    """``mismatch_mean`` / ``mismatch_max``: |engine - trainer| log-prob on continuation tokens,
+    given the trainer's ``[len(response_ids)]`` log-probs of each rollout."""
     width = max(len(r.response_ids) for r in rollouts)
     trainer = torch.zeros(len(rollouts), width)
-    for i, r in enumerate(rollouts):
-        trainer[i, : len(r.response_ids)] = r.old_logprob
-    return logprob_mismatch([r.engine_logprobs for r in rollouts], trainer,
-                            continuation_mask_for(rollouts, width))
+    for i, (r, lp) in enumerate(zip(rollouts, trainer_logprobs)):
+        trainer[i, : len(r.response_ids)] = lp[: len(r.response_ids)]
+    mismatch = logprob_mismatch([r.engine_logprobs for r in rollouts], trainer,
+                                continuation_mask_for(rollouts, width))
+    return {"mismatch_mean": mismatch["mismatch_mean"], "mismatch_max": mismatch["mismatch_max"]}
 
 
 def policy_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
-    """The rollouts, with their old log-probs; the mismatch metrics."""
-    mismatch = old_logprobs(run, rollouts)
-    return rollouts, {"mismatch_mean": mismatch["mismatch_mean"],
-                      "mismatch_max": mismatch["mismatch_max"]}
+    """The rollouts, with their old log-probs; the mismatch metrics. Exactly on-policy, no
+    old-log-prob pass: the update measures the mismatch (see :func:`is_exactly_on_policy`)."""
+    if is_exactly_on_policy(run.cfg):
+        return rollouts, {}
+    return rollouts, old_logprobs(run, rollouts)
 
 
 def sft_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
@@ -223,6 +233,8 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
 def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """The Prefix-RFT / RFT update over the scored rollouts."""
     cfg, loss_fn = run.cfg, run.loss_fn
+    if is_exactly_on_policy(cfg):
+        return on_policy_update(run, rollouts)
 
     def micro_loss(batch, num_sequences, keep):
         old = _padded([r.old_logprob for r in rollouts], batch.rows, batch.response_ids.shape[1],
@@ -250,6 +262,43 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
 
     return optimize(run, rollouts, per_question=cfg.rollout.group_size, micro_loss=micro_loss,
                     keep_masks=keep_masks)
+
+
+# ---------------------------------------------------------------------------- exactly on-policy
+def is_exactly_on_policy(cfg: Config) -> bool:
+    """One optimizer step per rollout batch (``ppo_epochs`` 1, one mini-batch) and no
+    mini-batch entropy ranking before the first backward: the policy before the update is the
+    one the update's only forward sees, so the old-log-prob pass is redundant. The loss then
+    uses the detached log-probs of that forward (ρ = 1, as TRL does with ``num_iterations=1``)
+    and the engine mismatch is measured on them."""
+    return (cfg.loss.algo != "sft" and cfg.train.ppo_epochs == 1
+            and cfg.train.mini_batch_size == cfg.train.prompts_per_step
+            and not needs_mini_batch_pass(cfg.loss.entropy_mask_scope,
+                                          cfg.loss.entropy_top_fraction))
+
+
+def on_policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
+    """:func:`policy_update` without old log-probs; adds the mismatch metrics."""
+    loss_fn, seen = run.loss_fn, {}
+
+    def micro_loss(batch, num_sequences, keep):
+        def head(hidden, weight, bias):
+            lp, ent = loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
+                                                    batch.response_mask, bias)
+            for b, i in enumerate(batch.rows):
+                seen[i] = lp[b].detach().float().cpu()
+            return prefix_rft_loss(
+                lp, None, batch.advantages, batch.response_mask, batch.prefix_mask, ent,
+                max_response_tokens=loss_fn.max_response_tokens, clip_low=loss_fn.clip_low,
+                clip_high=loss_fn.clip_high, clip_c=loss_fn.clip_c,
+                entropy_top_fraction=loss_fn.entropy_top_fraction,
+                entropy_coef=loss_fn.entropy_coef, loss_scale=float(run.world),
+                num_sequences=num_sequences)
+        return run_head(run.model, batch, head)
+
+    out = optimize(run, rollouts, per_question=run.cfg.rollout.group_size, micro_loss=micro_loss)
+    out.update(engine_mismatch(rollouts, [seen[i] for i in range(len(rollouts))]))
+    return out
 
 
 def sft_update(run: Run, demos: list[Rollout]) -> dict[str, float]:
