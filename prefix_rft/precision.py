@@ -46,6 +46,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BF16_SAFE_OPTIMIZERS = ("adamw_bf16_sr",)
 
 
+def stored_weights_dtype(weights_dtype: str, optim_name: str) -> str:
+    """``model.weights_dtype``, or bf16 when the optimizer is a bf16 stochastic-rounding one
+    (it exists to update bf16-stored weights)."""
+    return "bf16" if optim_name in BF16_SAFE_OPTIMIZERS else weights_dtype
+
+
 def check_precision(model_dtype: str, weights_dtype: str, optim_name: str = "adamw") -> None:
     """One-line ValueError for combinations that would not train as asked."""
     if weights_dtype not in DTYPES:
