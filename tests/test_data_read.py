@@ -63,7 +63,8 @@ def test_evaluation_reads_every_training_schema_the_same(tmp_path):
     for schema, rows in ROWS.items():
         for fmt in ("jsonl", "parquet"):
             questions = read_questions(write(tmp_path, f"{schema}_{fmt}", rows, fmt))
-            seen.append([(prompt_messages(q.messages, "{question} I.", None), q.answer) for q in questions])
+            seen.append([(prompt_messages(q.messages, "{question} I.", None), q.answer)
+                         for q in questions])
     assert all(s == seen[0] for s in seen[1:])
 
 
