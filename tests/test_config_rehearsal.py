@@ -120,6 +120,14 @@ def test_config_rehearses_on_cpu(config, assets, tmp_path):
     masters = _latest_masters(run_dir)
     weights_dtype = getattr(shipped.model, "weights_dtype", "fp32")
     expected = torch.bfloat16 if weights_dtype == "bf16" else torch.float32
+    if getattr(getattr(shipped.model, "lora", None), "r", 0):
+        # LoRA: the frozen base does not move; the adapters' B matrices start at 0 and must
+        lora_b = [k for k in masters if "lora_B" in k]
+        assert lora_b, sorted(masters)[:5]
+        for key in lora_b:
+            assert masters[key].dtype == torch.float32, (key, masters[key].dtype)
+            assert masters[key].abs().max().item() > 0, f"{config.name}: {key} did not move"
+        return
     layer_weights = [k for k in masters if ".layers." in k and k.endswith("proj.weight")]
     assert layer_weights
     for key in layer_weights:
