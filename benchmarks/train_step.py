@@ -1,6 +1,7 @@
-"""One policy-update step (forward + backward + AdamW) of a random-init Qwen2: fused vs full logits.
+"""One policy-update step (forward + backward + AdamW) of a random-init Qwen2: fused vs full
+logits.
 
-    python -m benchmarks.train_step                  # CPU: small Qwen2, vocab 151,936, 2 x 512 tokens
+    python -m benchmarks.train_step          # CPU: small Qwen2, vocab 151,936, 2 x 512 tokens
     python -m benchmarks.train_step --gpu            # Qwen2.5-1.5B shape, bf16, 8k/16k/32k tokens
     python -m benchmarks.train_step --smoke          # seconds; for CI (writes nothing)
     prefix-rft bench train_step [--gpu]
@@ -144,8 +145,8 @@ def run_case(impl: str, shape: str, batch: int, seq: int, repeats: int, device: 
     peak_mb = (torch.cuda.max_memory_allocated() if cuda
                else max(_peak_rss() - rss_before, 0)) / 2**20
     tokens_per_s = batch * seq / (sorted(times)[len(times) // 2] / 1e3)
-    return {"impl": impl, "oom": False, "tokens": batch * seq, "times_ms": times, "peak_mb": peak_mb,
-            "tokens_per_s": tokens_per_s, "loss": float(loss.detach())}
+    return {"impl": impl, "oom": False, "tokens": batch * seq, "times_ms": times,
+            "peak_mb": peak_mb, "tokens_per_s": tokens_per_s, "loss": float(loss.detach())}
 
 
 def _rss() -> int:
@@ -183,7 +184,8 @@ def write_results(rows: list[dict], csv_path: str) -> None:
     every = read_rows(csv_path)
     stem = os.path.splitext(csv_path)[0]
     with open(stem + ".md", "w") as f:
-        f.write(render_markdown(every, "Policy-update step: fused hidden-state loss vs full logits"))
+        f.write(render_markdown(every,
+                                "Policy-update step: fused hidden-state loss vs full logits"))
     timed = [r for r in every if r["ms_p50"] not in ("", "nan")]
     if timed:
         render_png(timed, stem + ".png", "train step (fwd+bwd+AdamW), p50 ms")
@@ -191,11 +193,14 @@ def write_results(rows: list[dict], csv_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="prefix-rft bench train_step", description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B shape on CUDA at 8k/16k/32k tokens")
+    ap = argparse.ArgumentParser(prog="prefix-rft bench train_step",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true",
+                    help="Qwen2.5-1.5B shape on CUDA at 8k/16k/32k tokens")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 step, nothing written")
     ap.add_argument("--tokens", type=int, nargs="+", default=None,
-                    help="tokens per micro-batch (CPU default 1024 as 2 x 512; GPU 8192 16384 32768)")
+                    help="tokens per micro-batch (CPU default 1024 as 2 x 512; "
+                         "GPU 8192 16384 32768)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case")
     ap.add_argument("--out", default=None,
                     help=f"CSV to append to (default {DEFAULT_OUT}; '-' = none; --smoke writes "
@@ -226,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, fits = [], {impl: [] for impl in IMPLS}
     for batch, seq in sizes:
         for impl in IMPLS:
-            r = measure(impl, shape, batch, seq, repeats, device, subprocess_isolation=not args.smoke)
+            r = measure(impl, shape, batch, seq, repeats, device,
+                        subprocess_isolation=not args.smoke)
             label = f"{shape} tokens={batch * seq} ({batch}x{seq})"
             if r.get("failed"):
                 print(f"  {batch * seq:6d} tokens  {impl:11s}  failed", flush=True)
@@ -241,8 +247,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             p50 = sorted(r["times_ms"])[len(r["times_ms"]) // 2]
             print(f"  {batch * seq:6d} tokens  {impl:11s}  p50 {p50:9.1f} ms  "
                   f"{r['tokens_per_s']:9.1f} tok/s  peak {r['peak_mb']:9.1f} MB", flush=True)
-            rows.append(make_row("train_step", impl, "fwd+bwd+adamw", label, r["times_ms"], r["peak_mb"],
-                                 f"tokens_per_s={r['tokens_per_s']:.1f}"))
+            rows.append(make_row("train_step", impl, "fwd+bwd+adamw", label, r["times_ms"],
+                                 r["peak_mb"], f"tokens_per_s={r['tokens_per_s']:.1f}"))
     for impl in IMPLS:
         largest = max(fits[impl]) if fits[impl] else None
         print(f"largest micro-batch that fits, {impl}: {largest if largest else 'none'} tokens")

@@ -3,8 +3,7 @@
 Shape of this module (house rule): Triton jit kernels and their launchers live in
 ``linear_logprob_entropy_triton.py`` (``triton_fwd`` and the atomic backward ``triton_bwd``)
 and ``linear_logprob_entropy_split.py`` (the vocab-split backward ``triton_bwd_split``), the
-chunked torch
-implementation and the full-logits reference in ``reference.py`` (``torch_fwd`` /
+chunked torch implementation in ``linear_logprob_entropy_torch.py`` (``torch_fwd`` /
 ``torch_bwd``); here are the ``autograd.Function`` that calls either, and the public
 function with its argument checks.
 """
@@ -16,7 +15,7 @@ import os
 import torch
 
 from ._checks import check_linear_logprob_entropy_inputs
-from .reference import torch_bwd, torch_fwd
+from .linear_logprob_entropy_torch import torch_bwd, torch_fwd
 
 IMPLS = ("auto", "torch", "triton")
 # Triton backwards: "split" (per vocab chunk a dz kernel + library GEMMs, deterministic) and

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from . import linear_logprob_entropy_triton as _atomic
+from .linear_logprob_entropy_torch import torch_bwd
 from .linear_logprob_entropy_triton import _compute_dtype, _dot_precision
-from .reference import torch_bwd
 from .tl_utils import tl_any_at_least, tl_grad_logit_tile, tl_logit_tile
 
 
@@ -151,7 +151,7 @@ def triton_bwd_split(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Vocab-split backward. Returns ``(dX [N,H], dW [V,H], db [V])`` or Nones.
 
-    Same contract as ``triton_bwd`` (the atomic backward) and ``reference.torch_bwd``: dX
+    Same contract as ``triton_bwd`` (the atomic backward) and the torch path's ``torch_bwd``: dX
     accumulates in fp32, dW / db come out in the weight / bias dtype, ignored rows get
     exactly 0. ``chunk_v`` overrides the checked-in ``CHUNK_V`` (vocab columns per chunk).
     ``filter_eps > 0``: the kernel flags (row tile, vocab tile) pairs with some

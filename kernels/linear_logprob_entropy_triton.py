@@ -5,9 +5,9 @@ launcher :func:`triton_fwd`, ``_linear_logprob_entropy_bwd_kernel`` (jit) -> lau
 :func:`triton_bwd` (the atomic backward; the vocab-split one is in
 ``linear_logprob_entropy_split.py``); the autograd.Function and public entry are in
 ``linear_logprob_entropy.py``, the plain-torch twins ``torch_fwd`` / ``torch_bwd`` in
-``reference.py`` (same arguments, same semantics).
+``linear_logprob_entropy_torch.py`` (same arguments, same semantics).
 
-Math (per row, z = (x @ W.T + b) / T; see reference.py):
+Math (per row, z = (x @ W.T + b) / T; see linear_logprob_entropy_torch.py):
     m = max z,  s = sum e^{z-m},  w = sum e^{z-m} (z - m)
     lse = m + log s,  entropy = log s - w / s,  logprob = z_y - lse
     dz_j = [g_lp (δ_jy - p_j) - g_H p_j (z_j - (lse - H))] / T
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import torch_bwd, torch_fwd
+from .linear_logprob_entropy_torch import torch_bwd, torch_fwd
 from .tl_utils import (
     tl_any_at_least,
     tl_atomic_add_tile_product,
@@ -118,7 +118,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _merge_splits(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge ``[4, S, N]`` per-split partials into (m, s, w) over the whole vocab.
 
-    Vectorised form of :func:`reference.merge_softmax_stats` over the split axis; every
+    Vectorised form of the torch path's ``merge_softmax_stats`` over the split axis; every
     split holds at least one logit, so each split max is finite for finite inputs.
     """
     m_p, s_p, w_p = part[0], part[1], part[2]
@@ -142,7 +142,7 @@ def triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward. Returns fp32 ``(logprob [N], entropy [N], lse [N])``; ignored rows are 0.
 
-    Same contract as ``reference.torch_fwd``. ``n_splits`` overrides how many programs
+    Same contract as the torch path's ``torch_fwd``. ``n_splits`` overrides how many programs
     share one row tile's vocabulary (default: enough to fill the GPU). fp64 inputs go to the
     torch path (tl.dot in fp64 would be slow and is not what this kernel is for).
     """
@@ -278,7 +278,7 @@ def triton_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward with logit recompute. Returns ``(dX [N,H], dW [V,H], db [V])`` or Nones.
 
-    Same contract as ``reference.torch_bwd``: fp32 accumulation, results in the input
+    Same contract as the torch path's ``torch_bwd``: fp32 accumulation, results in the input
     dtypes, ignored rows get exactly 0. ``filter_eps > 0`` skips the gradient GEMMs of
     tiles whose every |dz| < filter_eps; then each element of dX, dW, db is off by at most
     ``filter_eps * sum_v |W[v, k]|``, ``filter_eps * sum_n |X[n, k]|``, ``filter_eps * N``.

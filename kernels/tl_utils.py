@@ -11,7 +11,8 @@ import triton.language as tl
 
 @triton.jit
 def tl_max_nan(a, b):
-    """Elementwise max that returns NaN when either side is NaN (``tl.maximum`` default drops it)."""
+    """Elementwise max that returns NaN when either side is NaN (``tl.maximum``'s default
+    drops it)."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 

@@ -130,7 +130,8 @@ def run_head(model: torch.nn.Module, batch: UpdateBatch,
     return forward_with_head(model, head_fn, batch.input_ids, attention_mask=batch.attention_mask)
 
 
-def response_logprob_entropy(model: torch.nn.Module, batch: UpdateBatch, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logprob_entropy(model: torch.nn.Module, batch: UpdateBatch,
+                             loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logprob [B, T], entropy [B, T])`` fp32 of the response tokens (0 off-mask), through
     ``loss_fn.token_logprob_entropy`` (a :class:`prefix_rft.loss.PrefixRFTLoss`) -- the
     fused kernel at the loss's temperature. Differentiable unless called under no_grad."""
@@ -141,7 +142,8 @@ def response_logprob_entropy(model: torch.nn.Module, batch: UpdateBatch, loss_fn
     return run_head(model, batch, head)
 
 
-def micro_batches(rollouts: Sequence[Rollout], rows: Sequence[int], max_tokens: int) -> list[list[int]]:
+def micro_batches(rollouts: Sequence[Rollout], rows: Sequence[int],
+                  max_tokens: int) -> list[list[int]]:
     """Split ``rows`` (indices into ``rollouts``) into micro-batches of at most ``max_tokens``
     padded tokens (``len(mb) * longest``); a row alone over budget gets its own."""
     from .micro_batching import split_micro_batches

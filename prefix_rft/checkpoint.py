@@ -174,7 +174,9 @@ def _load_model_state(model: nn.Module, path: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     # Only rank 0 reads the file; FSDP2 scatters the shards (no N copies in host memory).
-    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if D.is_main() else {}
+    state = {}
+    if D.is_main():
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     set_model_state_dict(model, state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True))
 

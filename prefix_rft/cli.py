@@ -96,7 +96,8 @@ def _delegate(module: str, function: str, argv: Sequence[str], what: str) -> int
 def _cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
     name = args.name or "kernels"
     if name not in BENCHMARKS:
-        raise SystemExit(f"prefix-rft bench: unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+        raise SystemExit(f"prefix-rft bench: unknown benchmark {name!r}; choose from "
+                         f"{sorted(BENCHMARKS)}")
     module = BENCHMARKS[name]
     try:
         importlib.import_module(module)

@@ -32,6 +32,7 @@ from .checks import choices, is_choice_type
 from .entropy_mask import EntropyMaskScope
 from .loss import KernelImpl
 from .prefix import Schedule
+from .reward.extract import Fallback
 
 Algo = Literal["sft", "rft", "prefix_rft"]  # the update: SFT, plain RFT, Prefix-RFT
 Switch = Literal["auto", "true", "false"]  # auto = when installed / where it applies
@@ -55,9 +56,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # local .jsonl/.parquet / saved dirs
-    format: Literal["auto", "jsonl", "parquet", "disk"] = "auto"  # auto: by extension / directory
+    format: str = "auto"  # auto (by extension / directory) or a name in prefix_rft.data.FORMATS
     # flat: problem/solution/answer fields; verl: prompt/target/reward_model
-    schema: Literal["flat", "verl"] = "flat"  # row layout (see the keys below)
+    schema: str = "flat"  # row layout: a name in prefix_rft.data.SCHEMAS, or auto (per file)
     problem_key: str = "problem"  # flat: question text
     solution_key: str = "solution"  # flat: demonstration text (the expert's response)
     answer_key: str = "answer"  # flat: gold final answer
@@ -157,7 +158,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    files: list[str] = field(default_factory=list)  # benchmark jsonl files (flat schema)
+    files: list[str] = field(default_factory=list)  # benchmark files, any schema (auto per file)
     every: int = 0  # evaluate during training every N steps; 0 = never
     k: int = 1  # samples per question during training (prefix-rft eval uses --k)
     temperature: float = 0.6  # sampling temperature
@@ -168,7 +169,7 @@ class EvalConfig:
 @dataclass
 class RewardConfig:
     # where the answer comes from when a response has no \boxed{}
-    fallback: Literal["none", "last_number", "answer_is"] = "none"  # none = no answer (reward 0)
+    fallback: Fallback = "none"  # none = no answer (reward 0)
     timeout_s: float = 5.0  # seconds per verification (enforced in a helper process)
     num_workers: int = 1  # helper processes verifying a batch in parallel
 

@@ -48,7 +48,8 @@ HIDDEN_FORWARD = "prefix_rft_hidden_forward"
 
 
 # ---------------------------------------------------------------- process group
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+def init_distributed(device: str = "auto",
+                     timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """Join the process group described by torchrun's env vars; return (rank, world, device).
 
     ``device``: ``auto`` (cuda when available) | ``cpu`` | ``cuda``. Backend is nccl on CUDA,
@@ -192,7 +193,8 @@ def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool,
     )
 
     if not dist.is_initialized():
-        raise ValueError("wrap_fsdp2 needs an initialized process group (run init_distributed under torchrun)")
+        raise ValueError("wrap_fsdp2 needs an initialized process group (run init_distributed "
+                         "under torchrun)")
     layers = _decoder_layers(model)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision_bf16 else MixedPrecisionPolicy()

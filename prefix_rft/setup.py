@@ -34,6 +34,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import Config, save_config
+from .data import PromptDataset, StatefulSampler, load_prompt_dataset
 from .loss import PrefixRFTLoss
 from .rollout import RolloutEngine, engine_class
 
@@ -49,8 +50,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: PrefixRFTLoss
-    dataset: Any  # prefix_rft.data's prompt dataset: items with prompt_ids / demo_ids / answer
-    sampler: Any  # prefix_rft.data.StatefulSampler: this rank's question order (resumable)
+    dataset: PromptDataset  # the training questions; dataset[i] is a data.Question
+    sampler: StatefulSampler  # this rank's question order (seeded, resumable)
     device: torch.device
     rank: int
     world: int  # number of ranks
@@ -200,8 +201,6 @@ def check_divisible(cfg: Config, world: int) -> None:
 
 def start_run(cfg: Config) -> Run:
     """Process group, seed, data, model (+FSDP2), optimizer, resume, engine, loss."""
-    from .data import StatefulSampler, load_prompt_dataset
-
     rank, world, device = D.init_distributed(cfg.train.device)
     check_divisible(cfg, world)
     seed_everything(cfg.train.seed)
