@@ -162,20 +162,21 @@ class Runner:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from prefix_rft.demo.task import read_jsonl
-        from prefix_rft.evaluate import evaluate_rows
+        from prefix_rft.data import read_questions
+        from prefix_rft.evaluate import evaluate_questions
 
-        rows = read_jsonl(self.paths[split])
+        questions = read_questions(self.paths[split])
         start = time.perf_counter()
         if self._loaded[0] != model_dir:  # one load per model for all its splits / settings
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             self._loaded = (model_dir, model, tokenizer)
         _, model, tokenizer = self._loaded
-        result = evaluate_rows(model, tokenizer, rows, k, temperature=float(setting["temperature"]),
-                               top_p=float(setting["top_p"]), max_response_tokens=max_tokens,
-                               batch_questions=int(ev.get("batch_questions", 50)), seed=seed,
-                               instruction=self.instruction())
+        result = evaluate_questions(
+            model, tokenizer, questions, k, temperature=float(setting["temperature"]),
+            top_p=float(setting["top_p"]), max_response_tokens=max_tokens,
+            batch_questions=int(ev.get("batch_questions", 50)), seed=seed,
+            instruction=self.instruction())
         out = {"scores": [c / k for c in result["correct"]], "avg": result[f"avg@{k}"],
                "pass": result[f"pass@{k}"], "k": k, "length": result["mean_response_tokens"],
                "seconds": time.perf_counter() - start}

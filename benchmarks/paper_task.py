@@ -10,12 +10,10 @@ Built on the embedded demo task (``prefix_rft.demo.task``), without changing it:
   any training problem) and ``phrasing`` (held-out hard problems in a wording no training
   problem uses). All tuning reads ``validation``; ``test``, ``ood`` and ``phrasing`` are
   scored once, at the end.
-- **Demonstrator variants** (``variant``, a flag; the demo's own task is untouched):
-  ``expert`` writes the exact worked solution (the demo's demonstrator); ``systematic``
-  mis-applies multiplication -- every ``x*k`` line is computed as ``x+k`` and the error is
-  carried through the following lines -- on the recognizable subclass of problems whose
-  expression contains ``*``. The gold ``answer`` always stays correct, so a reward can
-  unlearn the wrong mode that SFT imitates.
+- **Demonstrator variants**: the demo task's flag (``prefix_rft.demo.task.DEMONSTRATORS``,
+  ``prefix-rft demo --demonstrator``): ``expert`` writes the exact worked solution;
+  ``systematic`` computes every ``x*k`` as ``x+k`` on problems with a multiplication, the
+  gold ``answer`` staying correct, so a reward can unlearn the wrong mode SFT imitates.
 
 The base model is trained once per (seed, size) on the ``base`` split with the expert's
 (correct) demonstrations, so both variants start from the same model.
@@ -31,16 +29,19 @@ import random
 import time
 
 from prefix_rft.demo.task import (
+    DEMONSTRATORS,
     DIFFICULTIES,
     INSTRUCTION,
     Difficulty,
+    apply_demonstrator,
     is_held_out_problem,
     make_problem,
     make_split,
     write_jsonl,
 )
+from prefix_rft.demo.task import in_systematic_subclass as in_subclass
 
-VARIANTS = ("expert", "systematic")
+VARIANTS = DEMONSTRATORS  # the demo task's demonstrator flag
 # wording of the "phrasing" split; the demo's templates are "Compute/What is/Evaluate"
 UNSEEN_TEMPLATE = "Work out the value of {expr} please."
 # share of the held-out problem space (by a second hash) that is validation, the rest test
@@ -53,52 +54,6 @@ def is_validation_problem(problem: str) -> bool:
     """True when a held-out ``problem`` belongs to validation (else to test), by hash."""
     digest = hashlib.sha256(("validation/" + problem).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < VALIDATION_SHARE
-
-
-def in_subclass(row: dict) -> bool:
-    """The ``systematic`` demonstrator's subclass: problems with a multiplication."""
-    return "*" in row["problem"]
-
-
-def _steps_of(solution: str) -> list[tuple[int, str, int]]:
-    """``"17+25=42\\n..."`` -> [(17, "+", 25), ...] (the demonstration's operation lines)."""
-    out = []
-    for line in solution.splitlines():
-        if "=" not in line or line.startswith("The answer"):
-            continue
-        left = line.split("=")[0]
-        for op in "+*-":
-            head, sep, tail = left[1:].partition(op)  # [1:]: a leading minus sign
-            if sep:
-                out.append((int(left[0] + head), op, int(tail)))
-                break
-    return out
-
-
-def systematic_solution(row: dict) -> str:
-    """The ``systematic`` demonstrator's text: ``x*k`` computed as ``x+k``, carried on."""
-    steps = _steps_of(row["solution"])
-    value = steps[0][0]
-    lines = []
-    for _, op, operand in steps:
-        new = value + operand if op in "+*" else value - operand  # '*' mis-applied as '+'
-        lines.append(f"{value}{op}{operand}={new}")
-        value = new
-    lines.append(f"The answer is \\boxed{{{value}}}.")
-    return "\n".join(lines)
-
-
-def apply_variant(rows: list[dict], variant: str) -> list[dict]:
-    """Copies of ``rows`` with the ``variant`` demonstrator's solutions (answers unchanged)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-    out = []
-    for row in rows:
-        new = dict(row, demonstrator=variant)
-        if variant == "systematic" and in_subclass(row):
-            new["solution"] = systematic_solution(row)
-        out.append(new)
-    return out
 
 
 def held_out_rows(num: int, difficulty, seed: int, split: str, template: str | None = None,
@@ -195,11 +150,11 @@ def prepare_table_assets(workdir: str, seed: int, task: TableTask, sft, model_si
     for name in ("base", "validation", "test", "ood", "phrasing"):
         write_jsonl(splits[name], paths[name])
     for variant in VARIANTS:
-        write_jsonl(apply_variant(splits["train"], variant), paths[f"train_{variant}"])
+        write_jsonl(apply_demonstrator(splits["train"], variant), paths[f"train_{variant}"])
     tok_dir = os.path.join(assets, "tokenizer")
     # the tokenizer sees what the base and the methods train on (both variants), no eval text
     tokenizer = build_tokenizer(splits["base"] + splits["train"]
-                                + apply_variant(splits["train"], "systematic"), tok_dir,
+                                + apply_demonstrator(splits["train"], "systematic"), tok_dir,
                                 INSTRUCTION)
     model = build_tiny_model(tok_dir, None, size=model_size, seed=seed)
     losses = sft_train(model, tokenizer, splits["base"], sft, seed=seed, log=log)

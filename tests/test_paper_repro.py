@@ -13,15 +13,8 @@ import yaml
 
 from benchmarks import paper_repro as pr
 from benchmarks.paper_stats import paired_bootstrap, per_seed_differences
-from benchmarks.paper_task import (
-    UNSEEN_TEMPLATE,
-    TableTask,
-    _steps_of,
-    apply_variant,
-    build_splits,
-    in_subclass,
-)
-from prefix_rft.demo.task import is_correct, read_jsonl
+from benchmarks.paper_task import UNSEEN_TEMPLATE, TableTask, build_splits
+from prefix_rft.data import read_rows
 
 METHODS = ["base", "sft", "rft", "prefix_rft", "prefix_rft_all_tokens", "prefix_rft_uniform",
            "sft_rft"]
@@ -87,43 +80,6 @@ def test_splits_are_disjoint_and_base_never_sees_train(splits):
     assert not any(r["problem"].startswith(prefix) for r in splits["train"] + splits["base"])
 
 
-def _value_of(chain):
-    value = chain[0][0]
-    for _, op, k in chain:
-        value = value + k if op == "+" else value - k if op == "-" else value * k
-    return value
-
-
-def test_systematic_variant_changes_exactly_the_multiplication_subclass(splits):
-    train = splits["train"]
-    expert = apply_variant(train, "expert")
-    systematic = apply_variant(train, "systematic")
-    assert [r["solution"] for r in expert] == [r["solution"] for r in train]
-    changed = 0
-    for orig, new in zip(train, systematic):
-        assert new["answer"] == orig["answer"] and new["problem"] == orig["problem"]
-        assert str(_value_of(_steps_of(orig["solution"]))) == orig["answer"]  # gold is right
-        if not in_subclass(orig):
-            assert new["solution"] == orig["solution"]
-            continue
-        # every line follows the wrong rule x*k = x+k, carried through the chain
-        value = None
-        for line in new["solution"].splitlines()[:-1]:
-            (x, op, k), result = _steps_of(line)[0], int(line.rsplit("=", 1)[1])
-            assert value is None or x == value
-            assert result == (x - k if op == "-" else x + k)
-            value = result
-        assert new["solution"].endswith(f"\\boxed{{{value}}}.")
-        changed += new["solution"] != orig["solution"]
-    subclass = sum(map(in_subclass, train))
-    assert 0.3 * len(train) < subclass < len(train)  # a recognizable, sizeable subclass
-    assert changed >= 0.9 * subclass
-    wrong = sum(not is_correct(n["solution"], o["answer"]) for o, n in zip(train, systematic))
-    assert wrong >= 0.8 * subclass
-    with pytest.raises(ValueError, match="variant"):
-        apply_variant(train, "nope")
-
-
 def test_full_config_exercises_the_method():
     table = pr.load_config(pr.DEFAULT_CONFIG)
     b = table["budget"]
@@ -175,8 +131,8 @@ def test_quick_runs_use_the_budget_and_base_is_disjoint(quick):
         assert saved["train"]["mini_batch_size"] < saved["train"]["prompts_per_step"]
         assert saved["loss"]["clip_c"] == 3.0
     assets = tmp / "work" / "assets"
-    base = {r["problem"] for r in read_jsonl(str(assets / "base.jsonl"))}
-    train = {r["problem"] for r in read_jsonl(str(assets / "train_expert.jsonl"))}
+    base = {r["problem"] for r in read_rows(str(assets / "base.jsonl"))}
+    train = {r["problem"] for r in read_rows(str(assets / "train_expert.jsonl"))}
     assert not base & train
 
 
