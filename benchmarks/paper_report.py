@@ -81,7 +81,7 @@ def render_markdown(table, header, selected, sweep_rows, rows) -> str:
             mark = "yes" if selected[variant][r["method"]] == r["lr"] else ""
             lines.append(f"| {r['method']} | {r['lr']:g} | {100 * r['val_avg']:.1f} | {mark} |")
         cols = [(s, st) for s in ev["splits"] for st in ev["settings"]]
-        lines += ["", "### Test accuracy", "",
+        lines += ["", "### Accuracy (scored once, with the selected lrs)", "",
                   "| method | " + " | ".join(f"{s} {_setting_name(st['temperature'], st['top_p'])}"
                                              for s, st in cols) + " |",
                   "|---|" + "---:|" * len(cols)]

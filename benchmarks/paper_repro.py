@@ -23,9 +23,17 @@ is selected *is* the seed-``sweep.seed`` run of the table, not trained twice), a
 (model, split, setting, k, seed); both under ``{workdir}/cache``. Re-running the command
 skips what is cached; a failed run is recorded and retried on the next invocation.
 
-Budget: ``--quick`` takes ~40-60 s on the shared 2-core CPU. The full run's estimate (not
-measured: it did not fit the session that wrote this) is in the config's comments and the
-README; measure it with the wall time the report prints.
+Budget: ``--quick`` took 101-140 s on the session's shared 2-core CPU at load ~9 (8 agents),
+so roughly 30 s on an idle one. The full run was NOT run in the session that wrote this.
+Its estimate for an idle 2-core CPU is ~80-90 min:
+- training: 2 variants x (9 sweep runs + 5 seeds x 6 methods - 3 runs reused from the
+  sweep) = 72 run-equivalents of 150 steps (SFT->RFT: 75 + 75). At ~0.35 s/step, the
+  old table's measured rate for the same 32 rollouts per step, that is ~63 min.
+- evaluation: ~65 models x 3 splits x 2 settings (3,600 samples per model at ~320
+  samples/s, the old table's rate) plus the sweep's validation scores: ~13 min.
+- assets: ~2 min (the demo's base step).
+- overhead: ~3 s of process-internal setup per run, ~4 min.
+The report prints the measured wall time; re-run the same command to resume.
 """
 
 from __future__ import annotations
