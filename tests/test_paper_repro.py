@@ -15,6 +15,7 @@ from benchmarks import paper_repro as pr
 from benchmarks.paper_stats import paired_bootstrap, per_seed_differences
 from benchmarks.paper_task import UNSEEN_TEMPLATE, TableTask, build_splits
 from prefix_rft.data import read_rows
+from prefix_rft.metrics_log import read_metrics
 
 METHODS = ["base", "sft", "rft", "prefix_rft", "prefix_rft_all_tokens", "prefix_rft_uniform",
            "sft_rft"]
@@ -126,10 +127,13 @@ def test_quick_runs_use_the_budget_and_base_is_disjoint(quick):
     records = [json.loads(p.read_text()) for p in (tmp / "work" / "cache").glob("train_*.json")]
     assert records and all(r["status"] == "ok" for r in records)
     for r in records:
-        saved = yaml.safe_load((tmp / "work" / "runs" / r["model_dir"].split("/runs/")[1]
-                                .split("/")[0] / "config.yaml").read_text(encoding="utf-8"))
+        run_dir = tmp / "work" / "runs" / r["model_dir"].split("/runs/")[1].split("/")[0]
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
         assert saved["train"]["mini_batch_size"] < saved["train"]["prompts_per_step"]
         assert saved["loss"]["clip_c"] == 3.0
+        if saved["loss"]["algo"] != "sft":  # no longer identically 1 (2 optimizer steps)
+            steps = read_metrics(run_dir / "metrics.jsonl")
+            assert any(m["ratio_max"] > m["ratio_min"] for m in steps), run_dir
     assets = tmp / "work" / "assets"
     base = {r["problem"] for r in read_rows(str(assets / "base.jsonl"))}
     train = {r["problem"] for r in read_rows(str(assets / "train_expert.jsonl"))}
