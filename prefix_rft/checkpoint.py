@@ -2,8 +2,10 @@
 
 Layout of ``run_dir/checkpoints/step_000042/``:
 
-    model.pt        full (unsharded) model state dict, fp32 masters, written by rank 0
-    optimizer.pt    full optimizer state dict keyed by parameter names (DCP state_dict API)
+    model.pt        full (unsharded) model state dict, fp32 masters, written by rank 0;
+                    under LoRA the adapters only (the frozen base is model.path's)
+    optimizer.pt    full optimizer state dict keyed by parameter names (DCP state_dict API);
+                    optimizer_rank{r}.pt per rank instead with train.offload: optimizer
     scheduler.pt    LR scheduler state dict (when one is given)
     rng_rank{r}.pt  python / numpy / torch CPU / CUDA RNG states of rank r
     state.json      {"step", "world_size", "sampler", "extra"}: JSON, human-readable
@@ -11,6 +13,13 @@ Layout of ``run_dir/checkpoints/step_000042/``:
 A checkpoint is written into ``.tmp-step_000042`` and renamed into place only when every
 file is complete, so a kill mid-write leaves the previous checkpoint as the latest;
 leftover ``.tmp-*`` directories are ignored by ``find_latest`` and removed by the next save.
+Re-saving an existing step renames the old directory aside (``.old-step_000042``), renames
+the new one in, then deletes the old one; a kill between the two renames leaves the old one
+aside, which ``list_checkpoints`` still counts (and the next save puts back), so some
+complete checkpoint is found at every instant. Weights are checked for NaN/Inf before every
+save and export (:class:`~prefix_rft.errors.NonFiniteError`, nothing written, nothing
+pruned). Files are written through Python file objects, so a full disk is reported as
+"no space left on device: <path>" (:class:`~prefix_rft.errors.UserError`).
 Under FSDP2 every rank must call ``save_checkpoint`` / ``load_checkpoint`` /
 ``save_hf_model`` (they gather and scatter the full state dicts collectively).
 
@@ -40,9 +49,12 @@ import torch
 from torch import nn
 
 from . import distributed as D
+from .errors import UserError, crash_point, fsync_dir, save_file, writing
+from .finite import check_weights_finite
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OLD_DIR = re.compile(r"^\.old-step_(\d+)$")
 
 
 # ---------------------------------------------------------------- RNG
@@ -74,12 +86,14 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = []
+    found, aside = {}, {}
     for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
+        match = _STEP_DIR.match(path.name) or _OLD_DIR.match(path.name)
         if match and path.is_dir() and (path / "state.json").is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+            (found if path.name.startswith("step_") else aside)[int(match.group(1))] = path
+    for step, path in aside.items():  # killed mid re-save: the old copy is the checkpoint
+        found.setdefault(step, path)
+    return sorted(found.items())
 
 
 def find_latest(run_dir: str | Path) -> Path | None:
@@ -102,16 +116,39 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     path = Path(resume)
     if (path / "state.json").is_file():
         return path
+    if not path.exists():
+        raise UserError(f"checkpoint.resume {str(path)!r} does not exist: give none, auto, or "
+                        f"a checkpoint or run directory")
     latest = find_latest(path)
     if latest is None:
-        raise ValueError(f"checkpoint.resume must be none|auto|a checkpoint or run directory; "
-                         f"no checkpoint found at {str(path)!r}")
+        raise UserError(f"checkpoint.resume must be none|auto|a checkpoint or run directory; "
+                        f"no checkpoint found at {str(path)!r}")
     return latest
 
 
 # ---------------------------------------------------------------- save / load
+def _is_host_optimizer(optimizer: Any) -> bool:
+    from .offload import HostOptimizer
+
+    return isinstance(optimizer, HostOptimizer)
+
+
+def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full model state; under LoRA only the adapters (the frozen base is
+    ``model.path``'s, reloaded at resume)."""
+    state = D.gather_full_state_dict(model)  # collective
+    from .lora import has_lora
+
+    if has_lora(model):
+        state = {k: v for k, v in state.items() if ".lora_" in k}
+    return state
+
+
 def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if _is_host_optimizer(optimizer):  # this rank's shards, saved per rank
+        return optimizer.state_dict()
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=D.is_distributed())
     return get_optimizer_state_dict(model, optimizer, options=options)
@@ -122,6 +159,57 @@ def _prune(run_dir: Path, keep_last: int) -> None:
     if keep_last > 0:
         for _, path in found[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _tidy(root: Path) -> None:
+    """Before a save (main rank): put back a checkpoint left aside by a kill mid re-save,
+    delete leftovers of finished re-saves and interrupted writes."""
+    if not root.is_dir():
+        return
+    for old in root.glob(".old-step_*"):
+        final = root / old.name[len(".old-"):]
+        if final.is_dir() and (final / "state.json").is_file():
+            shutil.rmtree(old, ignore_errors=True)
+        elif (old / "state.json").is_file():
+            shutil.rmtree(final, ignore_errors=True)
+            old.rename(final)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is renamed aside first and deleted
+    only after the new one is in place (a kill in between leaves the old one findable)."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    crash_point("checkpoint-replace")
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    save_file(path, lambda handle: torch.save(obj, handle))
+
+
+def _write_files(tmp: Path, model: nn.Module, optimizer: Any, scheduler: Any,
+                 meta_text: str) -> None:
+    _save_torch(capture_rng_state(), tmp / f"rng_rank{D.get_rank()}.pt")
+    model_state = _model_state(model)  # collective
+    optim_state = _full_optimizer_state(model, optimizer) if optimizer is not None else None
+    if optim_state is not None and _is_host_optimizer(optimizer):
+        _save_torch(optim_state, tmp / f"optimizer_rank{D.get_rank()}.pt")
+        optim_state = None
+    if D.is_main():
+        _save_torch(model_state, tmp / "model.pt")
+        if optim_state is not None:
+            _save_torch(optim_state, tmp / "optimizer.pt")
+        if scheduler is not None:
+            _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        # last: marks the directory complete
+        save_file(tmp / "state.json", lambda handle: handle.write(meta_text.encode()))
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
@@ -142,34 +230,39 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
     meta = {"step": step, "world_size": D.get_world_size(), "sampler": sampler_state,
             "extra": extra if extra is not None else {}}
     meta_text = json.dumps(meta, indent=1)  # fail early on non-JSON data, before any write
+    check_weights_finite(model, f"refusing to save checkpoint {final.name} (the last good "
+                                f"checkpoint is kept)")  # collective
     if D.is_main():
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        _tidy(root)
+        with writing(root):
+            tmp.mkdir(parents=True)
     D.barrier()
-    torch.save(capture_rng_state(), tmp / f"rng_rank{D.get_rank()}.pt")
-    model_state = D.gather_full_state_dict(model)  # collective
-    optim_state = _full_optimizer_state(model, optimizer) if optimizer is not None else None
-    if D.is_main():
-        torch.save(model_state, tmp / "model.pt")
-        if optim_state is not None:
-            torch.save(optim_state, tmp / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(meta_text)  # last: marks the directory complete
+    try:
+        _write_files(tmp, model, optimizer, scheduler, meta_text)
+    except Exception:
+        if D.is_main():  # e.g. disk full: give the space back, keep the older checkpoints
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     D.barrier()
     if D.is_main():
-        if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with writing(root):
+            _replace_dir(tmp, final)  # re-saving a step (final save after a periodic one)
         _prune(Path(run_dir), keep_last)
     D.barrier()
     return final
 
 
 def _load_model_state(model: nn.Module, path: Path) -> None:
+    from .lora import has_lora
+
+    partial = has_lora(model)  # LoRA checkpoints hold the adapters only
     if not D.is_fsdp(model):
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        result = model.load_state_dict(state, strict=not partial)
+        if partial and (result.unexpected_keys
+                        or any(".lora_" in k for k in result.missing_keys)):
+            raise ValueError(f"checkpoint {str(path)!r} does not match the model's LoRA "
+                             f"adapters (model.lora settings changed?)")
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -178,12 +271,20 @@ def _load_model_state(model: nn.Module, path: Path) -> None:
     if D.is_main():
         state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     set_model_state_dict(model, state, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True))
+        full_state_dict=True, broadcast_from_rank0=True, strict=not partial))
 
 
 def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if _is_host_optimizer(optimizer):
+        file = path / f"optimizer_rank{D.get_rank()}.pt"
+        if not file.is_file():
+            raise ValueError(f"checkpoint {str(path)!r} has no {file.name}: train.offload="
+                             f"optimizer resumes with the same number of ranks")
+        optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        optimizer.resync_from_model()
+        return
     broadcast = D.is_distributed()
     state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
         if (D.is_main() or not broadcast) else {}
@@ -206,7 +307,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module,
     meta = json.loads(state_file.read_text())
     _load_model_state(model, path)
     if optimizer is not None:
-        if not (path / "optimizer.pt").is_file():
+        if not _is_host_optimizer(optimizer) and not (path / "optimizer.pt").is_file():
             raise ValueError(f"checkpoint {str(path)!r} has no optimizer.pt to restore")
         _load_optimizer_state(model, optimizer, path)
     if scheduler is not None:
@@ -224,20 +325,21 @@ def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
     """Write the model (full weights, safetensors) and tokenizer as a plain HF directory,
     loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)``. ``dtype`` (e.g.
     ``torch.bfloat16``) casts the floating-point weights (default: as trained, fp32
-    masters). Atomic like checkpoints; collective under FSDP2 (rank 0 writes)."""
+    masters; LoRA adapters merged in). Atomic like checkpoints; collective under FSDP2
+    (rank 0 writes)."""
     out_dir = Path(out_dir)
-    state = D.gather_full_state_dict(model)
+    check_weights_finite(model, f"refusing to export {str(out_dir)!r}")  # collective
+    state = D.gather_merged_state_dict(model)  # LoRA: adapters merged into the base weights
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if D.is_main():
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        with writing(tmp):
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, out_dir)
     D.barrier()
     return out_dir
 

@@ -1,4 +1,4 @@
-"""``prefix-rft`` console script: train | eval | demo | bench.
+"""``prefix-rft`` console script: train | eval | demo | plan | bench.
 
     prefix-rft train --config configs/qwen2.5-math-1.5b.yaml --train.steps=100 --resume auto
     torchrun --nproc_per_node 8 -m prefix_rft.cli train --config configs/qwen2.5-math-7b.yaml
@@ -38,6 +38,7 @@ BENCHMARKS = {
     "gpu_kernels": "benchmarks.kernels",  # CUDA: triton/torch vs naive, compile, Liger, CCE
     "rollout": "benchmarks.rollout",  # HF vs vLLM engine tokens/s and log-prob mismatch
     "train_step": "benchmarks.train_step",  # one policy update: fused vs full-logits path
+    "memory": "benchmarks.memory",  # update-step peak memory per optimizer/LoRA vs the planner
 }
 
 
@@ -60,15 +61,25 @@ def _split_overrides(extra: Sequence[str]) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .config import load_config, save_config
+    """A user mistake (config, paths, data, device, resume, NaN, disk full, a locked run
+    directory) prints one line and exits with 2; ``--debug`` adds its traceback."""
+    from .errors import report_user_errors
 
     overrides = _split_overrides(extra)
+    return report_user_errors("prefix-rft train", lambda: _train(args, overrides),
+                              debug=args.debug)
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import load_config, save_config
+    from .errors import UserError
+
     if args.resume is not None:
         overrides.append(f"--checkpoint.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
-    except ValueError as err:  # a config mistake: one clean line, no traceback
-        raise SystemExit(f"prefix-rft train: {err}") from None
+    except ValueError as err:  # a config mistake (YAML syntax, key, value)
+        raise UserError(str(err)) from err
     if args.print_config:
         import tempfile
         from pathlib import Path
@@ -76,6 +87,9 @@ def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             print(save_config(cfg, Path(tmp) / "config.yaml").read_text(), end="")
         return 0
+    from .preflight import preflight
+
+    preflight(cfg)  # paths, data, resume, device: before transformers is even imported
     from .train import train
 
     result = train(cfg)
@@ -118,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prefix-RFT: RL fine-tuning on verifiable math with demonstration-prefix "
                     "rollouts (SFT + RFT blend), FSDP2 + fused log-prob/entropy kernels.")
     parser.add_argument("--version", action="version", version=f"prefix-rft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,demo,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,demo,plan,bench}")
 
     train = sub.add_parser(
         "train", help="train a model (Prefix-RFT, RFT or SFT) from a YAML config",
@@ -133,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "fresh); PATH: a checkpoint or run directory (= --checkpoint.resume)")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config as YAML and exit (validates it)")
+    train.add_argument("--debug", action="store_true",
+                       help="show the traceback of a user error too (bugs always show one)")
     train.set_defaults(handler=_cmd_train)
 
     for name, target, helptext in (
@@ -140,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
          "avg@k / pass@k of a model on benchmark files (run `prefix-rft eval --help`)"),
         ("demo", ("prefix_rft.demo.run", "main"),
          "end-to-end Prefix-RFT on an embedded task with a tiny model, on CPU (`demo --help`)"),
+        ("plan", ("prefix_rft.plan", "cli"),
+         "predict a run's peak GPU memory per component and whether it fits (`plan --help`)"),
     ):
         cmd = sub.add_parser(name, help=helptext, add_help=False,
                              description=helptext + "; arguments are passed through.")
@@ -158,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # eval/demo own their argument parsing: hand them everything after the command name.
-    if argv and argv[0] in ("eval", "demo"):
+    # eval/demo/plan own their argument parsing: hand them everything after the command name.
+    if argv and argv[0] in ("eval", "demo", "plan"):
         args, extra = parser.parse_args(argv[:1]), argv[1:]
     else:
         args, extra = parser.parse_known_args(argv)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,15 @@ DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer with
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0  # LoRA rank; 0 = off (full fine-tuning)
+    alpha: float = 32.0  # LoRA scale numerator: updates are scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input, [0, 1)
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # linears
+
+
+@dataclass
 class ModelConfig:
     path: str = ""  # local HF model directory (required to train); never a hub name
     tokenizer_path: str = ""  # local tokenizer directory; "" = model.path
@@ -51,6 +61,7 @@ class ModelConfig:
     gradient_checkpointing: bool = True  # recompute decoder layers in backward
     liger: Switch = "auto"  # auto (when liger-kernel is installed and on CUDA) | true | false
     trust_remote_code: bool = False  # passed to from_pretrained; keep off unless needed
+    lora: LoraConfig = field(default_factory=LoraConfig)  # {r, alpha, dropout, target_modules}
 
 
 @dataclass
@@ -96,6 +107,8 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     max_response_tokens: int = 8192  # response cap incl. prefix, tokens; also Dr. GRPO's L_max
     gpu_memory_utilization: float = 0.4  # vllm: share of GPU memory for weights + KV cache
+    sleep_level: int = 1  # vllm on GPU, during the update: 0 = stay awake | 1 = free the KV
+    # cache, weights to CPU RAM | 2 = free KV cache and weights (all re-sent at the sync)
     enforce_eager: bool = False  # vllm: no CUDA graphs (slower, less memory, faster start)
     tensor_parallel_size: int = 1  # vllm: GPUs per engine
     hf_batch_size: int = 0  # hf engine: sequences generated together; 0 = all at once
@@ -117,6 +130,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw (torch) | adamw8bit (torchao, 8-bit moments) | adamw_bf16_sr (torchao, bf16-stored
+    # weights + stochastic rounding)
+    name: Literal["adamw", "adamw8bit", "adamw_bf16_sr"] = "adamw"  # see prefix_rft/optim.py
     lr: float = 1e-6  # AdamW peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     eps: float = 1e-8  # AdamW epsilon
@@ -138,6 +154,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (cuda when available) | cpu | cuda
     run_dir: str = "runs/prefix-rft"  # config, metrics, checkpoints, plots go here
     max_steps_per_run: int = 0  # stop (after checkpointing) after this many steps; 0 = no limit
+    max_bad_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite
+    #   loss or grad norm (each is skipped); 0 = never stop
+    # none | optimizer (state + step in host RAM) | params (FSDP2 CPUOffloadPolicy: params,
+    # grads and state in host RAM)
+    offload: Literal["none", "optimizer", "params"] = "none"  # see prefix_rft/offload.py
 
 
 @dataclass
@@ -172,6 +193,8 @@ class RewardConfig:
     fallback: Fallback = "none"  # none = no answer (reward 0)
     timeout_s: float = 5.0  # seconds per verification (enforced in a helper process)
     num_workers: int = 1  # helper processes verifying a batch in parallel
+    non_finite: Literal["zero", "error"] = "zero"  # NaN/Inf rewards or advantages: zero
+    #   (counted in non_finite_rewards / non_finite_advantages, set to 0) | error (stop)
 
 
 @dataclass
@@ -206,8 +229,16 @@ def choice_fields() -> dict[str, tuple[str, ...]]:
 
 # ---------------------------------------------------------------- conversion
 def all_keys() -> list[str]:
-    """Every valid dotted key, e.g. ``"loss.clip_high"``."""
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    """Every valid dotted key, e.g. ``"loss.clip_high"`` (and ``"model.lora.r"``)."""
+    keys = []
+    for s, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            tp = _field_type(s, f.name)
+            if dataclasses.is_dataclass(tp):
+                keys += [f"{s}.{f.name}.{g.name}" for g in dataclasses.fields(tp)]
+            else:
+                keys.append(f"{s}.{f.name}")
+    return keys
 
 
 def _unknown_key_error(key: str) -> ValueError:
@@ -248,14 +279,19 @@ def _coerce_scalar(key: str, tp: Any, value: Any) -> Any:
             return int(number)
         raise _bad(key, "an integer", value)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise _bad(key, "a number", value)
+        if number is None:
+            raise _bad(key, "a number", value)
+        if not math.isfinite(number):
+            raise _bad(key, "a finite number", number)
+        return number
     if tp is str or is_choice_type(tp):
         if isinstance(value, bool):  # `liger: true` in YAML is a bool; the field is a choice
             return "true" if value else "false"
@@ -284,14 +320,37 @@ def coerce_value(key: str, tp: Any, value: Any) -> Any:
     return _coerce_scalar(key, tp, value)
 
 
+def _set_nested(obj: Any, key: str, sub: str, value: Any) -> None:
+    """Set ``obj``'s field ``sub`` (``key`` = its dotted config name) from ``value``; a
+    mapping value sets several fields (``model.lora: {r: 16, alpha: 32}``)."""
+    if not sub:
+        if not isinstance(value, dict):
+            raise _bad(key, "a mapping of its fields", value)
+        for name, v in value.items():
+            _set_nested(obj, key, str(name), v)
+        return
+    names = {f.name for f in dataclasses.fields(obj)}
+    if sub not in names:
+        raise _unknown_key_error(f"{key}.{sub}")
+    tp = typing.get_type_hints(type(obj))[sub]
+    setattr(obj, sub, coerce_value(f"{key}.{sub}", tp, value))
+
+
 def _set(cfg: Config, key: str, value: Any) -> None:
     section, _, name = key.partition(".")
     if section not in SECTIONS or not name:
         raise _unknown_key_error(key)
+    name, _, sub = name.partition(".")
     names = {f.name for f in dataclasses.fields(SECTIONS[section])}
     if name not in names:
         raise _unknown_key_error(key)
-    setattr(getattr(cfg, section), name, coerce_value(key, _field_type(section, name), value))
+    tp = _field_type(section, name)
+    if dataclasses.is_dataclass(tp):  # a nested group of fields, e.g. model.lora
+        _set_nested(getattr(getattr(cfg, section), name), f"{section}.{name}", sub, value)
+        return
+    if sub:
+        raise _unknown_key_error(key)
+    setattr(getattr(cfg, section), name, coerce_value(key, tp, value))
 
 
 def config_from_dict(raw: dict[str, Any] | None, base: Config | None = None) -> Config:
@@ -402,8 +461,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        with open(path, encoding="utf-8") as handle:
-            config_from_dict(yaml.safe_load(handle), cfg)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                raw = yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ValueError(f"config file {str(path)!r} is not valid YAML{where} ({problem}): "
+                             f"fix the file") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {str(path)!r} is not UTF-8 text") from None
+        config_from_dict(raw, cfg)
     apply_overrides(cfg, list(overrides or []))
     return validate_config(resolve_config(cfg))
 

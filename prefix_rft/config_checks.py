@@ -76,8 +76,24 @@ def _check_module_options(cfg: Config) -> None:
              num_workers=("reward.num_workers", w.num_workers))
 
 
+def _check_finite(cfg: Config) -> None:
+    """NaN/Inf in any number field (also inside lists, e.g. ``optim.betas``) is refused."""
+    import dataclasses
+    import math
+
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+            for i, item in items:
+                if isinstance(item, float) and not math.isfinite(item):
+                    key = f"{section.name}.{f.name}" + (f"[{i}]" if i is not None else "")
+                    raise ValueError(f"{key} must be a finite number, got {item!r}")
+
+
 def check_config(cfg: Config) -> None:
     """Check every field; raise a one-line ValueError naming the first bad one."""
+    _check_finite(cfg)
     _check_choices(cfg)
     d, p, r, o, t = cfg.data, cfg.prefix, cfg.rollout, cfg.optim, cfg.train
     for key, value in [
@@ -95,6 +111,7 @@ def check_config(cfg: Config) -> None:
         ("train.max_steps_per_run", t.max_steps_per_run),
         ("checkpoint.every", cfg.checkpoint.every),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("eval.every", cfg.eval.every),
+        ("train.max_bad_steps", t.max_bad_steps),
         ("eval.max_response_tokens", cfg.eval.max_response_tokens),
     ]:
         check_int(key, value, 0)
@@ -115,6 +132,22 @@ def check_config(cfg: Config) -> None:
     if t.mini_batch_size and t.prompts_per_step % t.mini_batch_size:
         raise ValueError(f"train.mini_batch_size must divide train.prompts_per_step "
                          f"({t.prompts_per_step}), got {t.mini_batch_size}")
+    _check_limited_gpu_options(cfg)
     if cfg.model.path == "" and cfg.model.tokenizer_path:
         raise ValueError(f"model.path must be set when model.tokenizer_path is, "
                          f"got {cfg.model.path!r}")
+
+
+def _check_limited_gpu_options(cfg: Config) -> None:
+    """LoRA, optimizer and offload settings (prefix_rft/lora.py, optim.py, offload.py)."""
+    lora = cfg.model.lora
+    check_int("model.lora.r", lora.r, 0)
+    check_number("model.lora.alpha", lora.alpha, 0.0, lo_open=True)
+    check_number("model.lora.dropout", lora.dropout, 0.0, 1.0, hi_open=True)
+    if lora.r and not lora.target_modules:
+        raise ValueError("model.lora.target_modules must name at least one module, got []")
+    if lora.r and cfg.optim.name == "adamw_bf16_sr":
+        raise ValueError("optim.name=adamw_bf16_sr updates bf16-stored weights; LoRA adapters "
+                         "are fp32 (use adamw or adamw8bit with model.lora.r > 0)")
+    if cfg.rollout.sleep_level not in (0, 1, 2):
+        raise ValueError(f"rollout.sleep_level must be 0, 1 or 2, got {cfg.rollout.sleep_level!r}")

@@ -6,8 +6,9 @@
 :class:`Run` is the typed state of a run that :mod:`prefix_rft.train` reads and updates;
 ``start_run`` builds it from the pieces below (each usable on its own):
 
-* :func:`load_policy` -- the policy and tokenizer from a local HF directory.
-* :func:`build_optimizer` -- AdamW and its per-optimizer-step LR schedule.
+* :func:`load_policy` -- the policy and tokenizer from a local HF directory (+ LoRA).
+* :func:`build_optimizer` -- ``optim.name`` (optionally offloaded to host RAM) and its
+  per-optimizer-step LR schedule.
 * :func:`build_engine` -- the rollout engine named by ``rollout.engine`` (the registry in
   :mod:`prefix_rft.rollout`).
 * :func:`build_loss` -- the fused :class:`~prefix_rft.loss.PrefixRFTLoss` from ``loss.*``.
@@ -24,7 +25,7 @@ import importlib.util
 import math
 import random
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .config import Config, save_config
 from .data import PromptDataset, StatefulSampler, load_prompt_dataset
+from .errors import UserError
+from .finite import StepGuard, check_weights_finite
 from .loss import PrefixRFTLoss
 from .rollout import RolloutEngine, engine_class
 
@@ -60,6 +63,7 @@ class Run:
     start_step: int = 0  # steps already done when this process started (resume)
     resumed_from: str | None = None  # checkpoint directory, or None for a fresh run
     optimizer_stepped: bool = False  # the current step changed the weights (crash handling)
+    guard: StepGuard = field(default_factory=StepGuard)  # skips non-finite optimizer steps
 
     def compute(self) -> contextlib.AbstractContextManager:
         """This run's :func:`compute_context`."""
@@ -81,26 +85,45 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
 
     path = Path(cfg.model.path)
     if not cfg.model.path or not (path / "config.json").is_file():
-        raise ValueError(f"model.path must be a local HF model directory with a config.json, "
+        raise UserError(f"model.path must be a local HF model directory with a config.json, "
                          f"got {cfg.model.path!r}")
     attn = cfg.model.attn_implementation
     if attn == "flash_attention_2" and not (is_installed("flash_attn") and device.type == "cuda"):
         print("[prefix-rft] flash-attn not installed or not on CUDA: using sdpa attention",
               flush=True)
         attn = "sdpa"
-    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    dtype = weight_dtype(cfg, device)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn,
         trust_remote_code=cfg.model.trust_remote_code).to(device)
+    check_weights_finite(model, f"model.path {cfg.model.path!r} cannot be trained (use a model "
+                                f"with finite weights)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or str(path),
                                               trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     apply_liger(cfg, model, device)
+    lora = cfg.model.lora
+    if lora.r:
+        from .lora import apply_lora
+
+        apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                   target_modules=tuple(lora.target_modules))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model, tokenizer
+
+
+def weight_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """Stored weight dtype: fp32 (masters) unless ``model.dtype: bf16``, ``optim.name:
+    adamw_bf16_sr`` (bf16 weights updated with stochastic rounding) or a LoRA run on CUDA
+    (the frozen base needs no masters: bf16, the adapters stay fp32)."""
+    if cfg.model.dtype == "bf16" or cfg.optim.name == "adamw_bf16_sr":
+        return torch.bfloat16
+    if cfg.model.lora.r and device.type == "cuda" and cfg.model.dtype == "auto":
+        return torch.bfloat16
+    return torch.float32
 
 
 def apply_liger(cfg: Config, model: torch.nn.Module, device: torch.device) -> None:
@@ -111,7 +134,7 @@ def apply_liger(cfg: Config, model: torch.nn.Module, device: torch.device) -> No
     if not use_liger:
         return
     if not is_installed("liger_kernel"):
-        raise ValueError("model.liger=true but liger-kernel is not installed "
+        raise UserError("model.liger=true but liger-kernel is not installed "
                          "(pip install liger-kernel)")
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -125,10 +148,20 @@ def optimizer_steps_per_step(cfg: Config) -> int:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module):
-    """AdamW + a per-optimizer-step LR schedule: linear warmup, then constant or cosine."""
+    """``optim.name`` (:func:`prefix_rft.optim.make_optimizer`) over the trainable parameters,
+    in host RAM when ``train.offload: optimizer`` (:class:`prefix_rft.offload.HostOptimizer`),
+    + a per-optimizer-step LR schedule: linear warmup, then constant or cosine."""
+    from .offload import HostOptimizer
+    from .optim import make_optimizer
+
     o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+
+    def make(params):
+        return make_optimizer(o.name, params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                              weight_decay=o.weight_decay)
+
+    optimizer = (HostOptimizer(model.parameters(), make) if cfg.train.offload == "optimizer"
+                 else make(model.parameters()))
     total = optimizer_steps_per_step(cfg) * cfg.train.steps
 
     def lr_factor(k: int) -> float:
@@ -195,7 +228,7 @@ def check_divisible(cfg: Config, world: int) -> None:
     for key, value in (("train.prompts_per_step", cfg.train.prompts_per_step),
                        ("train.mini_batch_size", cfg.train.mini_batch_size)):
         if value % world:
-            raise ValueError(f"{key} must be divisible by the number of ranks ({world}), "
+            raise UserError(f"{key} must be divisible by the number of ranks ({world}), "
                              f"got {value}")
 
 
@@ -209,20 +242,28 @@ def start_run(cfg: Config) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     model, tokenizer = load_policy(cfg, device)
-    dataset = load_prompt_dataset(cfg.data, tokenizer, need_demo=cfg.loss.algo != "rft")
+    try:
+        dataset = load_prompt_dataset(cfg.data, tokenizer, need_demo=cfg.loss.algo != "rft")
+    except ValueError as err:  # the data's fault (missing file, no usable rows, ...)
+        raise (err if isinstance(err, UserError) else UserError(str(err))) from err
     if D.is_main():
         print(f"[prefix-rft] {dataset.summary()}", flush=True)
     sampler = StatefulSampler(len(dataset), seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                               rank=rank, world_size=world)
-    if world > 1:
-        D.wrap_fsdp2(model,
-                     mixed_precision_bf16=device.type == "cuda" and cfg.model.dtype == "auto")
+    if world > 1 or cfg.train.offload == "params":
+        if world == 1:
+            D.init_one_rank_group(device)
+        D.wrap_fsdp2(model, offload_params=cfg.train.offload == "params",
+                     mixed_precision_bf16=device.type == "cuda" and cfg.model.dtype == "auto"
+                     and weight_dtype(cfg, device) == torch.float32)
     optimizer, scheduler = build_optimizer(cfg, model)
     start = 0
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
     if resume_from is not None:
         meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer,
                                     scheduler=scheduler)
+        check_weights_finite(model, f"checkpoint {str(resume_from)!r} cannot be resumed "
+                                    f"(resume from an earlier one)")
         start = int(meta["step"])
         sampler.load_state_dict(meta["sampler"])
     engine = build_engine(cfg, model, tokenizer, device, rank)
@@ -232,4 +273,5 @@ def start_run(cfg: Config) -> Run:
                scheduler=scheduler, loss_fn=build_loss(cfg), dataset=dataset, sampler=sampler,
                device=device, rank=rank, world=world, run_dir=run_dir,
                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-               start_step=start, resumed_from=str(resume_from) if resume_from else None)
+               start_step=start, resumed_from=str(resume_from) if resume_from else None,
+               guard=StepGuard(max_bad_steps=cfg.train.max_bad_steps))

@@ -8,7 +8,8 @@ Per step, top to bottom in :func:`train_step`: sample this rank's questions -> b
 requests per question (``num_prefixed`` hybrids continuing a scheduled demonstration
 prefix, the rest on-policy) -> roll out through the engine -> decode + reward -> Dr. GRPO
 advantages (group = question) -> old log-probs with the fused kernel (no grad; prefix tokens
-too) and the engine-vs-trainer log-prob mismatch -> ``ppo_epochs`` x mini-batches of
+too) and the engine-vs-trainer log-prob mismatch (skipped when the update is exactly on-policy:
+:func:`is_exactly_on_policy`) -> ``ppo_epochs`` x mini-batches of
 micro-batched :class:`~prefix_rft.loss.PrefixRFTLoss` over the decoder's hidden states ->
 AdamW (warmup, clipping) -> weight sync to the engine -> log -> checkpoint.
 
@@ -30,6 +31,7 @@ checkpoint and return; an exception in a single-process run saves before re-rais
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import time
 from pathlib import Path
@@ -44,12 +46,16 @@ from .advantage import advantage_stats, group_advantages
 from .batching import Rollout, collate, micro_batches, response_logprob_entropy, run_head
 from .config import Config, resolve_config, validate_config
 from .data import Question, read_questions
-from .entropy_mask import mini_batch_keep_masks
-from .loss import sft_loss
+from .entropy_mask import mini_batch_keep_masks, needs_mini_batch_pass
+from .errors import UserError
+from .finite import zero_non_finite
+from .loss import prefix_rft_loss, sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
 from .prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
+from .preflight import preflight
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
+from .runlock import RunLock
 from .setup import Run, peak_memory_gb, reset_peak_memory, start_run
 
 
@@ -105,19 +111,24 @@ def roll_out(run: Run, requests: list[RolloutRequest], meta: list) -> list[Rollo
     return rollouts
 
 
-def score(rollouts: list[Rollout], questions: list[Question], tokenizer,
-          cfg: Config) -> dict[str, float]:
-    """Rewards (math-verify) and Dr. GRPO advantages, written into the rollouts; returns metrics."""
+def score(rollouts: list[Rollout], questions: list[Question], tokenizer, cfg: Config,
+          step: int = 0) -> dict[str, float]:
+    """Rewards (math-verify) and Dr. GRPO advantages, written into the rollouts; returns
+    metrics. Non-finite rewards / advantages are zeroed and counted, or stop the run
+    (``reward.non_finite``)."""
     from .reward import math_rewards
 
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
     rewards, stats = math_rewards(texts, [questions[r.group].answer for r in rollouts],
                                   fallback=cfg.reward.fallback, timeout_s=cfg.reward.timeout_s,
                                   num_workers=cfg.reward.num_workers)
-    reward_t = torch.tensor(rewards, dtype=torch.float64)
+    reward_t, bad_rewards = zero_non_finite(torch.tensor(rewards, dtype=torch.float64),
+                                            "rewards", cfg.reward.non_finite, step)
+    rewards = reward_t.tolist()
     groups = torch.tensor([r.group for r in rollouts])
     prefixed = torch.tensor([r.is_prefixed for r in rollouts], dtype=torch.bool)
     adv = group_advantages(reward_t, groups, baseline=cfg.loss.baseline, is_prefixed=prefixed)
+    adv, bad_advantages = zero_non_finite(adv, "advantages", cfg.reward.non_finite, step)
     for r, value, a in zip(rollouts, rewards, adv.tolist()):
         r.reward, r.advantage = value, a
     # pass rate: a question counts when an on-policy rollout solved it
@@ -134,7 +145,8 @@ def score(rollouts: list[Rollout], questions: list[Question], tokenizer,
          "response_len_mean": float(np.mean(lengths)), "response_len_max": float(max(lengths)),
          "truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
          "reward_no_answer_frac": stats.no_answer / max(1, stats.total),
-         "reward_failures": float(stats.parse_failures + stats.timeouts + stats.errors)}
+         "reward_failures": float(stats.parse_failures + stats.timeouts + stats.errors),
+         "non_finite_rewards": float(bad_rewards), "non_finite_advantages": float(bad_advantages)}
     m.update(advantage_stats(adv))
     return m
 
@@ -151,19 +163,28 @@ def old_logprobs(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
                 n = len(rollouts[i].response_ids)
                 rollouts[i].old_logprob = lp[b, :n].float().cpu()
                 rollouts[i].old_entropy = ent[b, :n].float().cpu()
+    return engine_mismatch(rollouts, [r.old_logprob for r in rollouts])
+
+
+def engine_mismatch(rollouts: list[Rollout], trainer_logprobs: list[torch.Tensor]
+                    ) -> dict[str, float]:
+    """``mismatch_mean`` / ``mismatch_max``: |engine - trainer| log-prob on continuation tokens,
+    given the trainer's ``[len(response_ids)]`` log-probs of each rollout."""
     width = max(len(r.response_ids) for r in rollouts)
     trainer = torch.zeros(len(rollouts), width)
-    for i, r in enumerate(rollouts):
-        trainer[i, : len(r.response_ids)] = r.old_logprob
-    return logprob_mismatch([r.engine_logprobs for r in rollouts], trainer,
-                            continuation_mask_for(rollouts, width))
+    for i, (r, lp) in enumerate(zip(rollouts, trainer_logprobs)):
+        trainer[i, : len(r.response_ids)] = lp[: len(r.response_ids)]
+    mismatch = logprob_mismatch([r.engine_logprobs for r in rollouts], trainer,
+                                continuation_mask_for(rollouts, width))
+    return {"mismatch_mean": mismatch["mismatch_mean"], "mismatch_max": mismatch["mismatch_max"]}
 
 
 def policy_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
-    """The rollouts, with their old log-probs; the mismatch metrics."""
-    mismatch = old_logprobs(run, rollouts)
-    return rollouts, {"mismatch_mean": mismatch["mismatch_mean"],
-                      "mismatch_max": mismatch["mismatch_max"]}
+    """The rollouts, with their old log-probs; the mismatch metrics. Exactly on-policy, no
+    old-log-prob pass: the update measures the mismatch (see :func:`is_exactly_on_policy`)."""
+    if is_exactly_on_policy(run.cfg):
+        return rollouts, {}
+    return rollouts, old_logprobs(run, rollouts)
 
 
 def sft_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
@@ -192,7 +213,7 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
     cfg = run.cfg
     local_questions = cfg.train.mini_batch_size // run.world
     num_sequences = cfg.train.mini_batch_size * per_question  # global mini-batch, normalizer B
-    avg, grad_norms, tokens = MetricAverager(), [], 0
+    avg, grad_norms, tokens, skipped = MetricAverager(), [], 0, 0
     groups = sorted({r.group for r in rows})
     for epoch in range(cfg.train.ppo_epochs):
         for start in range(0, len(groups), local_questions):
@@ -202,27 +223,39 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
                        for mb in micro_batches(rows, picked, cfg.train.micro_batch_tokens)]
             first_update = epoch == 0 and start == 0
             keeps = keep_masks(batches, first_update) if keep_masks else [None] * len(batches)
-            for batch, keep in zip(batches, keeps):
+            losses, bad_adv = [], 0
+            for index, (batch, keep) in enumerate(zip(batches, keeps)):
                 with run.compute():
                     loss, m = micro_loss(batch, num_sequences, keep)
-                loss.backward()
+                loss.backward()  # even when non-finite: FSDP2 ranks reduce together
+                losses.append((index, float(loss.detach())))
+                bad_adv += int((~torch.isfinite(batch.advantages)).sum())
                 avg.add(m)
                 tokens += int(batch.attention_mask.sum())
             grad_norms.append(D.clip_grad_norm(run.model, cfg.optim.grad_clip))
-            run.optimizer_stepped = True
-            run.optimizer.step()
-            run.scheduler.step()
+            if run.guard.check(losses=losses, grad_norm=grad_norms[-1], bad_advantages=bad_adv):
+                run.optimizer_stepped = True
+                run.optimizer.step()
+                run.scheduler.step()
+            else:  # skip: no update, no schedule step; the reason is printed
+                skipped += 1
+                if D.is_main():
+                    print(f"[prefix-rft] {run.guard.reasons[-1]}", flush=True)
             run.optimizer.zero_grad(set_to_none=True)
             avg.n_mini += 1
+            run.guard.raise_if_exhausted()
     out = avg.result()
     out.update(grad_norm=float(np.mean(grad_norms)), grad_norm_max=float(np.max(grad_norms)),
-               lr=run.scheduler.get_last_lr()[0], update_tokens=float(tokens))
+               lr=run.scheduler.get_last_lr()[0], update_tokens=float(tokens),
+               skipped_steps=float(skipped))
     return out
 
 
 def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """The Prefix-RFT / RFT update over the scored rollouts."""
     cfg, loss_fn = run.cfg, run.loss_fn
+    if is_exactly_on_policy(cfg):
+        return on_policy_update(run, rollouts)
 
     def micro_loss(batch, num_sequences, keep):
         old = _padded([r.old_logprob for r in rollouts], batch.rows, batch.response_ids.shape[1],
@@ -250,6 +283,43 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
 
     return optimize(run, rollouts, per_question=cfg.rollout.group_size, micro_loss=micro_loss,
                     keep_masks=keep_masks)
+
+
+# ---------------------------------------------------------------------------- exactly on-policy
+def is_exactly_on_policy(cfg: Config) -> bool:
+    """One optimizer step per rollout batch (``ppo_epochs`` 1, one mini-batch) and no
+    mini-batch entropy ranking before the first backward: the policy before the update is the
+    one the update's only forward sees, so the old-log-prob pass is redundant. The loss then
+    uses the detached log-probs of that forward (ρ = 1, as TRL does with ``num_iterations=1``)
+    and the engine mismatch is measured on them."""
+    return (cfg.loss.algo != "sft" and cfg.train.ppo_epochs == 1
+            and cfg.train.mini_batch_size == cfg.train.prompts_per_step
+            and not needs_mini_batch_pass(cfg.loss.entropy_mask_scope,
+                                          cfg.loss.entropy_top_fraction))
+
+
+def on_policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
+    """:func:`policy_update` without old log-probs; adds the mismatch metrics."""
+    loss_fn, seen = run.loss_fn, {}
+
+    def micro_loss(batch, num_sequences, keep):
+        def head(hidden, weight, bias):
+            lp, ent = loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
+                                                    batch.response_mask, bias)
+            for b, i in enumerate(batch.rows):
+                seen[i] = lp[b].detach().float().cpu()
+            return prefix_rft_loss(
+                lp, None, batch.advantages, batch.response_mask, batch.prefix_mask, ent,
+                max_response_tokens=loss_fn.max_response_tokens, clip_low=loss_fn.clip_low,
+                clip_high=loss_fn.clip_high, clip_c=loss_fn.clip_c,
+                entropy_top_fraction=loss_fn.entropy_top_fraction,
+                entropy_coef=loss_fn.entropy_coef, loss_scale=float(run.world),
+                num_sequences=num_sequences)
+        return run_head(run.model, batch, head)
+
+    out = optimize(run, rollouts, per_question=run.cfg.rollout.group_size, micro_loss=micro_loss)
+    out.update(engine_mismatch(rollouts, [seen[i] for i in range(len(rollouts))]))
+    return out
 
 
 def sft_update(run: Run, demos: list[Rollout]) -> dict[str, float]:
@@ -283,7 +353,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     run.engine.sleep()
     t_rollout = time.perf_counter()
     # ---- reward + advantages
-    metrics = score(rollouts, questions, run.tokenizer, cfg)
+    run.guard.step = step
+    metrics = score(rollouts, questions, run.tokenizer, cfg, step=step)
     ratios = [ratio for _, prefixed, ratio in meta if prefixed]
     metrics.update(prefix_low=low,
                    prefix_ratio_mean=float(np.mean(ratios)) if ratios else float("nan"))
@@ -337,8 +408,8 @@ def _save(run: Run, done: int, sampler_state: dict, metrics: dict) -> Path:
 
 def _save_after_crash(run: Run, done: int, sampler_state: dict, error: BaseException) -> None:
     """Single process only (a collective save from one failing rank would hang the others)."""
-    if D.is_distributed():
-        return
+    if D.is_distributed() or isinstance(error, UserError):
+        return  # a user error (NaN, disk full, ...): keep the last good checkpoint as it is
     try:
         if not run.optimizer_stepped:  # model untouched this step: a clean checkpoint
             path = _save(run, done, sampler_state, {"crashed": repr(error)[:500]})
@@ -355,6 +426,17 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run (or resume) training as configured. Returns ``{"run_dir", "steps_done",
     "final_model_dir", "metrics" (last step's), "stopped_early", "resumed_from"}``."""
     cfg = validate_config(resolve_config(cfg))
+    preflight(cfg)  # paths, data files, resume, device: before the model is loaded
+    lock = RunLock(cfg.train.run_dir)
+    if os.environ.get("RANK", "0") == "0":  # the main rank (the process group is not up yet)
+        lock.acquire()
+    try:
+        return _train(cfg)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config) -> dict[str, Any]:
     run = start_run(cfg)
     run_dir, total, done = run.run_dir, cfg.train.steps, run.start_step
     logger = MetricsLogger(run_dir, total_steps=total, start_step=done,
@@ -402,7 +484,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if D.is_main() and cfg.log.plots:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
     run.engine.close()
-    if run.world > 1:
+    if run.world > 1 or cfg.train.offload == "params":  # (a one-rank group for offload)
         D.destroy_distributed()
     return {"run_dir": str(run_dir), "steps_done": done,
             "final_model_dir": str(final_dir) if final_dir else None, "metrics": metrics,
