@@ -23,8 +23,8 @@ is selected *is* the seed-``sweep.seed`` run of the table, not trained twice), a
 (model, split, setting, k, seed); both under ``{workdir}/cache``. Re-running the command
 skips what is cached; a failed run is recorded and retried on the next invocation.
 
-Budget: ``--quick`` took 101-235 s on the session's shared 2-core CPU at load 9-11 (8
-agents), an estimated ~40 s on an idle one. The full run was NOT run in the session that wrote this.
+Budget: ``--quick`` took 32 s on the session's shared 2-core CPU at load ~3 (101-235 s at
+load 9-11). The full run was NOT run in the session that wrote this.
 Its estimate for an idle 2-core CPU is ~80-90 min:
 - training: 2 variants x (9 sweep runs + 5 seeds x 6 methods - 3 runs reused from the
   sweep) = 72 run-equivalents of 150 steps (SFT->RFT: 75 + 75). At ~0.35 s/step, the
