@@ -255,10 +255,10 @@ def test_prepare_demo_quick_builds_then_reuses(tmp_path):
     assert any("reusing" in line for line in lines)
     third = prepare_demo(str(tmp_path), seed=1, quick=True, log=lines.append)
     assert not third["reused"]  # a different seed rebuilds
-    # the base model's SFT mix never holds a problem of the trainer's split
+    # the base model's SFT mix holds a share of the trainer's hard split (the demo's tuned
+    # showcase; the fair comparison's base in benchmarks/paper_task.py does not)
     base = read_rows(third["base_train"])
-    assert base and not {r["problem"] for r in base} & {r["problem"] for r in read_rows(
-        third["train"])}
+    assert {r["problem"] for r in base} & {r["problem"] for r in read_rows(third["train"])}
     assert any(r["difficulty"] == "hard" for r in base)
 
 
