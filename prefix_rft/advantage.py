@@ -1,4 +1,4 @@
-"""Dr. GRPO group advantages (DESIGN §3): ``A_i = r_i − mean_{j in group(i)} r_j``, no std.
+"""Dr. GRPO group advantages: ``A_i = r_i − mean_{j in group(i)} r_j``, no std.
 
 Equivalent torch for one group ``g`` (``baseline="group"``)::
 
@@ -18,9 +18,13 @@ the mean can never leave a tiny non-zero advantage on a group that carries no si
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-BASELINES = ("group", "on_policy")
+from prefix_rft.checks import check_choice
+
+Baseline = Literal["group", "on_policy"]
 
 
 def _check_inputs(rewards, group_ids, baseline, is_prefixed) -> None:
@@ -49,8 +53,7 @@ def _check_inputs(rewards, group_ids, baseline, is_prefixed) -> None:
         raise ValueError(
             f"group_ids must be an integer tensor of shape {tuple(rewards.shape)}, got {got}"
         )
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    check_choice("baseline", baseline, Baseline)
     if is_prefixed is not None and (
         not isinstance(is_prefixed, torch.Tensor)
         or is_prefixed.dtype != torch.bool
@@ -70,7 +73,7 @@ def group_advantages(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
     *,
-    baseline: str = "group",
+    baseline: Baseline = "group",
     is_prefixed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-rollout Dr. GRPO advantage.

@@ -144,7 +144,7 @@ def response_logprob_entropy(model: torch.nn.Module, batch: UpdateBatch, loss_fn
 def micro_batches(rollouts: Sequence[Rollout], rows: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Split ``rows`` (indices into ``rollouts``) into micro-batches of at most ``max_tokens``
     padded tokens (``len(mb) * longest``); a row alone over budget gets its own."""
-    from .loss import split_micro_batches
+    from .micro_batching import split_micro_batches
 
     rows = list(rows)
     parts = split_micro_batches([rollouts[i].num_tokens for i in rows], max_tokens=max_tokens)

@@ -23,7 +23,7 @@ TRAIN_EPILOG = """\
 overrides:
   Any config field can be set as --section.field=value (or --section.field value);
   values are YAML: --data.train_files=[a.jsonl,b.parquet] --loss.clip_c=null.
-  Sections: model data prefix rollout loss optim train log checkpoint eval
+  Sections: model data prefix rollout loss optim train log checkpoint eval reward
   (see prefix_rft/config.py for every field, its unit and default).
 
 examples:

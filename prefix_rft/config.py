@@ -7,7 +7,14 @@ Every field carries a comment with its unit or sentinel. ``load_config`` type-co
 overrides from the field types (lists and nulls in YAML syntax: ``--data.train_files=[a,b]``,
 ``--loss.clip_c=null``), rejects unknown keys naming close matches, fills the sentinels
 (``resolve_config``) and validates: a bad value is a one-line ``ValueError`` naming the
-field and what is allowed. Defaults follow DESIGN §3 (the paper's settings).
+field and what is allowed. Defaults are the paper's settings.
+
+One owner per choice and per check: a choice field is typed ``Literal[...]`` and its allowed
+values are read from that type (the type lives in the module that implements the choice,
+e.g. ``advantage.Baseline``); ``rollout.engine`` is checked against the engine registry
+(``prefix_rft.rollout.ENGINES``); options that a module implements are checked by that
+module's own check (``loss.check_loss_options``, ``prefix.check_prefix_options``, the
+sampling settings), with the error renamed to the config key.
 """
 
 from __future__ import annotations
@@ -18,7 +25,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from .advantage import Baseline
+from .checks import choices, is_choice_type
+from .entropy_mask import EntropyMaskScope
+from .loss import KernelImpl
+from .prefix import Schedule
+
+Algo = Literal["sft", "rft", "prefix_rft"]  # the update: SFT, plain RFT, Prefix-RFT
+Switch = Literal["auto", "true", "false"]  # auto = when installed / where it applies
 
 # The paper's (and verl's MATH preprocessing's) instruction, appended to the question.
 DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
@@ -28,18 +44,20 @@ DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer with
 class ModelConfig:
     path: str = ""  # local HF model directory (required to train); never a hub name
     tokenizer_path: str = ""  # local tokenizer directory; "" = model.path
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 compute on CUDA, fp32 on CPU
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # sdpa |
+    # flash_attention_2 (when installed and on CUDA, else sdpa) | eager
     gradient_checkpointing: bool = True  # recompute decoder layers in backward
-    liger: str = "auto"  # auto (when liger-kernel is installed and on CUDA) | true | false
+    liger: Switch = "auto"  # auto (when liger-kernel is installed and on CUDA) | true | false
     trust_remote_code: bool = False  # passed to from_pretrained; keep off unless needed
 
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # local .jsonl/.parquet files or saved dirs
-    format: str = "auto"  # auto (by extension / directory) | jsonl | parquet | disk
-    schema: str = "flat"  # flat (problem/solution/answer) | verl (prompt/target/reward_model)
+    train_files: list[str] = field(default_factory=list)  # local .jsonl/.parquet / saved dirs
+    format: Literal["auto", "jsonl", "parquet", "disk"] = "auto"  # auto: by extension / directory
+    # flat: problem/solution/answer fields; verl: prompt/target/reward_model
+    schema: Literal["flat", "verl"] = "flat"  # row layout (see the keys below)
     problem_key: str = "problem"  # flat: question text
     solution_key: str = "solution"  # flat: demonstration text (the expert's response)
     answer_key: str = "answer"  # flat: gold final answer
@@ -49,7 +67,7 @@ class DataConfig:
     instruction: str = DEFAULT_INSTRUCTION  # appended to the question after a space; "" = none
     system_prompt: str | None = None  # None = the dataset's own (verl) / none (flat); "" = none
     max_prompt_tokens: int = 1024  # templated prompt length limit, tokens
-    overlong_prompts: str = "skip"  # skip (counted in the summary) | error
+    overlong_prompts: Literal["skip", "error"] = "skip"  # skip (counted in the summary) | error
     max_rows: int = 0  # read at most this many rows per file; 0 = all
     shuffle: bool = True  # reshuffle the sampler every epoch
     seed: int | None = None  # sampler seed; None = train.seed
@@ -57,7 +75,7 @@ class DataConfig:
 
 @dataclass
 class PrefixConfig:
-    schedule: str = "cosine"  # cosine | linear | constant (= uniform: low stays at end)
+    schedule: Schedule = "cosine"  # cosine | linear | constant (= uniform: low stays at end)
     start: float = 0.95  # low bound of the prefix ratio at step 0, fraction of the demonstration
     end: float = 0.05  # low bound after decay_steps, fraction
     high: float = 0.95  # upper bound of the prefix ratio, fraction
@@ -70,7 +88,7 @@ class PrefixConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (built-in generate) | vllm
+    engine: str = "hf"  # a name in prefix_rft.rollout.ENGINES: hf (built-in generate) | vllm
     group_size: int = 8  # rollouts per question (G), hybrids included
     temperature: float = 1.0  # sampling temperature; the loss uses the same value
     top_p: float = 1.0  # nucleus sampling, (0, 1]; 1.0 = off
@@ -85,16 +103,15 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    algo: str = "prefix_rft"  # sft | rft | prefix_rft
+    algo: Algo = "prefix_rft"  # sft | rft | prefix_rft
     clip_low: float = 0.2  # PPO ratio clip 1 - clip_low
     clip_high: float = 0.2  # PPO ratio clip 1 + clip_high (clip-higher allowed)
     clip_c: float | None = None  # dual clip constant (> 1, e.g. 3.0); None = off
     entropy_top_fraction: float = 0.2  # prefix tokens kept by entropy, fraction in (0, 1]
-    entropy_mask_scope: str = "micro_batch"  # micro_batch (official code) | mini_batch
+    entropy_mask_scope: EntropyMaskScope = "micro_batch"  # micro_batch (official code) | mini_batch
     entropy_coef: float = 0.0  # entropy bonus on continuation tokens; 0 = off
-    kl_coef: float = 0.0  # KL penalty coefficient; must be 0 (no reference model is kept)
-    baseline: str = "group"  # group (all G rewards) | on_policy (official code's variant)
-    kernel_impl: str = "auto"  # fused logprob/entropy: auto (triton on CUDA) | torch | triton
+    baseline: Baseline = "group"  # group (all G rewards) | on_policy (official code's variant)
+    kernel_impl: KernelImpl = "auto"  # fused logprob/entropy kernel; auto = triton on CUDA
 
 
 @dataclass
@@ -104,7 +121,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     warmup_steps: int = 0  # linear warmup from 0, optimizer steps
-    lr_schedule: str = "constant"  # constant | cosine (to min_lr_ratio at the last step)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to min_lr_ratio at the end
     min_lr_ratio: float = 0.0  # cosine floor, fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 = off
 
@@ -117,7 +134,7 @@ class TrainConfig:
     micro_batch_tokens: int = 16384  # token budget of one forward/backward per rank
     ppo_epochs: int = 1  # passes over each step's rollouts
     seed: int = 0  # global seed (model init, sampling, data order)
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (cuda when available) | cpu | cuda
     run_dir: str = "runs/prefix-rft"  # config, metrics, checkpoints, plots go here
     max_steps_per_run: int = 0  # stop (after checkpointing) after this many steps; 0 = no limit
 
@@ -125,7 +142,7 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     every: int = 1  # log metrics every N steps
-    tensorboard: str = "auto"  # auto (when installed) | true | false
+    tensorboard: Switch = "auto"  # auto (when installed) | true | false
     plots: bool = True  # PNG plots in the run directory at the end
     progress: bool = True  # progress bar with ETA
 
@@ -150,7 +167,8 @@ class EvalConfig:
 
 @dataclass
 class RewardConfig:
-    fallback: str = "none"  # answer when there is no \boxed{}: none | last_number | answer_is
+    # where the answer comes from when a response has no \boxed{}
+    fallback: Literal["none", "last_number", "answer_is"] = "none"  # none = no answer (reward 0)
     timeout_s: float = 5.0  # seconds per verification (enforced in a helper process)
     num_workers: int = 1  # helper processes verifying a batch in parallel
 
@@ -173,25 +191,16 @@ class Config:
 # section name -> its dataclass, e.g. "loss" -> LossConfig
 SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
 
-# Allowed values of the string fields that are choices (validated in validate_config).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("auto", "fp32", "bf16"),
-    "model.attn_implementation": ("sdpa", "flash_attention_2", "eager"),
-    "model.liger": ("auto", "true", "false"),
-    "data.format": ("auto", "jsonl", "parquet", "disk"),
-    "data.schema": ("flat", "verl"),
-    "data.overlong_prompts": ("skip", "error"),
-    "prefix.schedule": ("cosine", "linear", "constant", "uniform"),
-    "rollout.engine": ("hf", "vllm"),
-    "loss.algo": ("sft", "rft", "prefix_rft"),
-    "loss.entropy_mask_scope": ("micro_batch", "mini_batch"),
-    "loss.baseline": ("group", "on_policy"),
-    "loss.kernel_impl": ("auto", "torch", "triton"),
-    "optim.lr_schedule": ("constant", "cosine"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "log.tensorboard": ("auto", "true", "false"),
-    "reward.fallback": ("none", "last_number", "answer_is"),
-}
+
+def choice_fields() -> dict[str, tuple[str, ...]]:
+    """``{"loss.algo": ("sft", "rft", "prefix_rft"), ...}``: every ``Literal`` field and its
+    allowed values, read from the field types."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for name, tp in typing.get_type_hints(cls).items():
+            if is_choice_type(tp):
+                out[f"{section}.{name}"] = choices(tp)
+    return out
 
 
 # ---------------------------------------------------------------- conversion
@@ -246,7 +255,7 @@ def _coerce_scalar(key: str, tp: Any, value: Any) -> Any:
             except ValueError:
                 pass
         raise _bad(key, "a number", value)
-    if tp is str:
+    if tp is str or is_choice_type(tp):
         if isinstance(value, bool):  # `liger: true` in YAML is a bool; the field is a choice
             return "true" if value else "false"
         if isinstance(value, (str, int, float)):
@@ -310,7 +319,8 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def _is_text_field(key: str) -> bool:
     section, _, name = key.partition(".")
-    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+    if section not in SECTIONS or name not in {f.name for f in
+                                               dataclasses.fields(SECTIONS[section])}:
         return False
     tp = _field_type(section, name)
     return tp is str or tp == (str | None)
@@ -366,85 +376,17 @@ def resolve_config(cfg: Config) -> Config:
         cfg.eval.max_response_tokens = cfg.rollout.max_response_tokens
     if not cfg.model.tokenizer_path:
         cfg.model.tokenizer_path = cfg.model.path
-    if cfg.loss.algo == "rft":  # plain RFT has no demonstration prefixes by definition
-        cfg.prefix.num_prefixed = 0
+    if cfg.loss.algo in ("rft", "sft"):  # RFT has no demonstration prefixes by definition;
+        cfg.prefix.num_prefixed = 0  # SFT's rollouts only measure the policy (on-policy)
     return cfg
 
 
-def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
-                 *, lo_open: bool = False, hi_open: bool = False) -> None:
-    too_low = lo is not None and (value <= lo if lo_open else value < lo)
-    too_high = hi is not None and (value >= hi if hi_open else value > hi)
-    if too_low or too_high:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-        raise ValueError(f"{key} must be in {span}, got {value!r}")
-
-
 def validate_config(cfg: Config) -> Config:
-    """Check every field; raise a one-line ValueError naming the first bad one."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ValueError(f"{key} must be one of {'|'.join(allowed)}, got {value!r}")
-    m, d, p, r, lo, o, t = cfg.model, cfg.data, cfg.prefix, cfg.rollout, cfg.loss, cfg.optim, cfg.train
-    for key, value in [
-        ("data.max_prompt_tokens", d.max_prompt_tokens), ("rollout.group_size", r.group_size),
-        ("rollout.max_response_tokens", r.max_response_tokens),
-        ("rollout.tensor_parallel_size", r.tensor_parallel_size), ("train.steps", t.steps),
-        ("train.prompts_per_step", t.prompts_per_step), ("train.ppo_epochs", t.ppo_epochs),
-        ("train.micro_batch_tokens", t.micro_batch_tokens), ("log.every", cfg.log.every),
-        ("eval.k", cfg.eval.k), ("prefix.min_prefix_tokens", p.min_prefix_tokens),
-    ]:
-        _check_range(key, value, 1)
-    for key, value in [
-        ("data.max_rows", d.max_rows), ("prefix.decay_steps", p.decay_steps),
-        ("prefix.num_prefixed", p.num_prefixed), ("rollout.top_k", r.top_k),
-        ("rollout.hf_batch_size", r.hf_batch_size), ("optim.warmup_steps", o.warmup_steps),
-        ("train.mini_batch_size", t.mini_batch_size), ("train.max_steps_per_run", t.max_steps_per_run),
-        ("checkpoint.every", cfg.checkpoint.every), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-        ("eval.every", cfg.eval.every), ("eval.max_response_tokens", cfg.eval.max_response_tokens),
-        ("loss.entropy_coef", lo.entropy_coef), ("loss.kl_coef", lo.kl_coef),
-        ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
-    ]:
-        _check_range(key, value, 0)
-    for key, value in [("prefix.start", p.start), ("prefix.end", p.end), ("prefix.high", p.high),
-                       ("optim.min_lr_ratio", o.min_lr_ratio)]:
-        _check_range(key, value, 0.0, 1.0)
-    _check_range("prefix.beta_alpha", p.beta_alpha, 0.0, lo_open=True)
-    _check_range("prefix.beta_beta", p.beta_beta, 0.0, lo_open=True)
-    if lo.kl_coef != 0:
-        raise ValueError(f"loss.kl_coef must be 0 (the KL penalty is not implemented), got {lo.kl_coef}")
-    if p.end > p.start:
-        raise ValueError(f"prefix.end must be <= prefix.start ({p.start}), got {p.end}")
-    if p.high < p.start:
-        raise ValueError(f"prefix.high must be >= prefix.start ({p.start}), got {p.high}")
-    if p.num_prefixed > r.group_size:
-        raise ValueError(
-            f"prefix.num_prefixed must be <= rollout.group_size ({r.group_size}), got {p.num_prefixed}")
-    _check_range("reward.timeout_s", cfg.reward.timeout_s, 0.0, lo_open=True)
-    _check_range("reward.num_workers", cfg.reward.num_workers, 1)
-    _check_range("rollout.temperature", r.temperature, 0.0, lo_open=True)
-    _check_range("rollout.top_p", r.top_p, 0.0, 1.0, lo_open=True)
-    _check_range("rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0.0, 1.0, lo_open=True)
-    _check_range("eval.temperature", cfg.eval.temperature, 0.0)
-    _check_range("eval.top_p", cfg.eval.top_p, 0.0, 1.0, lo_open=True)
-    _check_range("loss.clip_low", lo.clip_low, 0.0, 1.0, hi_open=True)
-    _check_range("loss.clip_high", lo.clip_high, 0.0)
-    if lo.clip_c is not None:
-        _check_range("loss.clip_c", lo.clip_c, 1.0, lo_open=True)
-    _check_range("loss.entropy_top_fraction", lo.entropy_top_fraction, 0.0, 1.0, lo_open=True)
-    _check_range("optim.lr", o.lr, 0.0, lo_open=True)
-    _check_range("optim.eps", o.eps, 0.0, lo_open=True)
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
-    if t.mini_batch_size and t.prompts_per_step % t.mini_batch_size:
-        raise ValueError(f"train.mini_batch_size must divide train.prompts_per_step "
-                         f"({t.prompts_per_step}), got {t.mini_batch_size}")
-    if m.path == "" and m.tokenizer_path:
-        raise ValueError(f"model.path must be set when model.tokenizer_path is, got {m.path!r}")
+    """Check every field; raise a one-line ValueError naming the first bad one (the checks
+    live in :mod:`prefix_rft.config_checks`)."""
+    from .config_checks import check_config
+
+    check_config(cfg)
     return cfg
 
 

@@ -33,6 +33,7 @@ of the global mean: scale per-rank sums by ``world_size / global_count``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import types
@@ -214,6 +215,29 @@ def is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Under FSDP2, gather the weights once for a whole block of forwards (e.g. one generate
+    call: ranks decode different numbers of steps, so per-forward all-gathers would
+    deadlock) and reshard after it. No-op on a plain model."""
+    if not is_fsdp(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def gather_full_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict[str, torch.Tensor]:

@@ -91,7 +91,8 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], k: int, *, temperature
     """Sample ``k`` responses per row and score them.
 
     Args:
-        model: a transformers causal LM (used through the HF engine when ``engine`` is None).
+        model: a transformers causal LM (sampled with the default engine when ``engine`` is
+            None; unused otherwise).
         tokenizer: its tokenizer (chat template used when present).
         rows: dicts with ``problem_key`` and ``answer_key``.
         engine: a :class:`prefix_rft.rollout.RolloutEngine` to sample with instead.
@@ -104,14 +105,14 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], k: int, *, temperature
     """
     from .config import DEFAULT_INSTRUCTION
     from .reward import math_rewards
-    from .rollout import RolloutRequest, SamplingSettings, make_engine
+    from .rollout import DEFAULT_ENGINE, RolloutRequest, SamplingSettings, make_engine
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if not rows:
         raise ValueError("rows must hold at least one question")
     start = time.perf_counter()
-    engine = engine or make_engine("hf", model, tokenizer, seed=seed)
+    engine = engine or make_engine(DEFAULT_ENGINE, model, tokenizer, seed=seed)
     prompts = _prompt_ids(tokenizer, rows, DEFAULT_INSTRUCTION if instruction is None else instruction,
                           problem_key)
     correct, lengths = [], []
@@ -163,6 +164,8 @@ def _read_benchmark(path: str, max_rows: int) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .rollout import DEFAULT_ENGINE, engine_names
+
     ap = argparse.ArgumentParser(prog="prefix-rft eval", description="avg@k and unbiased pass@k "
                                  "of a local HF model on jsonl benchmark files (problem/answer rows).")
     ap.add_argument("--model", required=True, help="local HF model directory")
@@ -171,9 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-tokens", type=int, default=8192, help="max response tokens")
-    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    ap.add_argument("--engine", choices=engine_names(), default=DEFAULT_ENGINE,
+                    help="rollout engine (the registry in prefix_rft.rollout)")
     ap.add_argument("--batch-questions", type=int, default=32, help="questions per generate call")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm only")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                    help="for engines that reserve GPU memory")
     ap.add_argument("--problem-key", default="problem")
     ap.add_argument("--answer-key", default="answer")
     ap.add_argument("--instruction", default=None, help="appended to each question (default: training's)")
@@ -186,21 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(tokenizer, engine)``: the engine named by ``--engine`` over the model directory."""
+    from transformers import AutoTokenizer
+
+    from .rollout import engine_class
 
     if not (Path(args.model) / "config.json").is_file():
-        raise ValueError(f"--model must be a local HF model directory with config.json, got {args.model!r}")
+        raise ValueError(f"--model must be a local HF model directory with config.json, "
+                         f"got {args.model!r}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.engine == "vllm":
-        from .rollout import make_engine
-
-        engine = make_engine("vllm", args.model, tokenizer, seed=args.seed,
-                             dtype="bfloat16" if device == "cuda" else "float32",
-                             gpu_memory_utilization=args.gpu_memory_utilization)
-        return None, tokenizer, engine
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    return model, tokenizer, None
+    engine = engine_class(args.engine).from_pretrained(
+        args.model, tokenizer, device=torch.device(device), seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization)
+    return tokenizer, engine
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,13 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         benchmarks = {Path(p).stem: _read_benchmark(p, args.max_rows) for p in args.data}
-        model, tokenizer, engine = _load(args, device)
+        tokenizer, engine = _load(args, device)
     except ValueError as err:
         raise SystemExit(f"prefix-rft eval: {err}") from None
     results = {}
     for name, rows in benchmarks.items():
         results[name] = evaluate_rows(
-            model, tokenizer, rows, args.k, temperature=args.temperature, top_p=args.top_p,
+            None, tokenizer, rows, args.k, temperature=args.temperature, top_p=args.top_p,
             max_response_tokens=args.max_tokens, engine=engine, batch_questions=args.batch_questions,
             seed=args.seed, instruction=args.instruction, problem_key=args.problem_key,
             answer_key=args.answer_key, progress=not args.no_progress)

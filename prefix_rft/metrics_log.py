@@ -180,3 +180,40 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+class MetricAverager:
+    """Token-weighted means of the loss metrics over micro-batches (sums for the loss).
+
+    ``add(m)`` per micro-batch; ``n_mini += 1`` per optimizer step; ``result()`` the step's
+    metrics (``loss`` is the mean over optimizer steps)."""
+
+    WEIGHTS = {"clip_frac_low": "num_tokens", "clip_frac_high": "num_tokens",
+               "clip_frac_dual": "num_tokens", "ratio_mean": "num_tokens",
+               "prefix_token_frac": "num_tokens", "kept_prefix_token_frac": "num_tokens",
+               "kept_prefix_frac": "num_prefix_tokens", "entropy_prefix": "num_prefix_tokens",
+               "entropy_continuation": "num_continuation_tokens", "nll_per_token": "num_tokens"}
+
+    def __init__(self):
+        self.sums, self.weights, self.loss, self.n_mini = {}, {}, 0.0, 0
+        self.ratio_min, self.ratio_max = math.inf, -math.inf
+
+    def add(self, m: dict[str, float]) -> None:
+        self.loss += m["loss"]
+        if m.get("num_tokens"):
+            self.ratio_min = min(self.ratio_min, m.get("ratio_min", math.inf))
+            self.ratio_max = max(self.ratio_max, m.get("ratio_max", -math.inf))
+        for key, weight_key in self.WEIGHTS.items():
+            if key in m:
+                w = m.get(weight_key, 0.0)
+                self.sums[key] = self.sums.get(key, 0.0) + m[key] * w
+                self.weights[key] = self.weights.get(key, 0.0) + w
+
+    def result(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.weights[k] if self.weights[k] else 0.0 for k in self.sums}
+        out["loss"] = self.loss / max(1, self.n_mini)  # mean over optimizer steps
+        if "clip_frac_low" in out:
+            out["clip_frac"] = out["clip_frac_low"] + out["clip_frac_high"]
+            out["ratio_min"] = self.ratio_min if math.isfinite(self.ratio_min) else 1.0
+            out["ratio_max"] = self.ratio_max if math.isfinite(self.ratio_max) else 1.0
+        return out

@@ -1,4 +1,4 @@
-"""Prefix sampling for Prefix-RFT (DESIGN §3): the ratio schedule, the ratio draw, the cut.
+"""Prefix sampling for Prefix-RFT: the ratio schedule, the ratio draw, the cut.
 
 A *hybrid* rollout starts from the first ``L`` tokens of an expert demonstration ``d`` (token
 ids ``d_1..d_D``); the policy writes the rest. Three pure steps decide ``L``:
@@ -15,8 +15,9 @@ ids ``d_1..d_D``); the policy writes the rest. Three pure steps decide ``L``:
    demonstration token is always left for the policy to write), so a demonstration with
    ``D ≤ 1`` gives an empty prefix (the rollout is then an ordinary on-policy one).
 
-:func:`build_response` assembles ``prefix + continuation`` as token ids (never decoded and
-re-encoded) truncated to ``max_response_tokens``, with the ``prefix_mask`` of DESIGN §3.
+The rollout engine then continues ``prompt + prefix`` and returns the response as ``prefix +
+continuation`` token ids (never decoded and re-encoded), with the first ``L`` positions marked
+as prefix tokens (:mod:`prefix_rft.rollout`).
 
 Example::
 
@@ -24,36 +25,45 @@ Example::
     >>> low = prefix_low_bound(100, decay_steps=500)           # cosine, ~0.864
     >>> ratios = sample_prefix_ratios(2, low, generator=g)      # two draws in [low, 0.95]
     >>> prefix = cut_prefix(list(range(40)), ratios[0], min_prefix_tokens=1)
-    >>> ids, pmask = build_response(prefix, [7, 7, 7], max_response_tokens=64)
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-SCHEDULES = ("cosine", "linear", "constant", "uniform")
+from prefix_rft.checks import check_choice, check_int, check_number
+
+# ``constant`` and ``uniform`` are the same schedule (the uniform-sampling ablation).
+Schedule = Literal["cosine", "linear", "constant", "uniform"]
 
 
-def _check_unit_interval(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    # numbers.Integral also admits numpy integers (e.g. a step read from a dataloader).
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def check_prefix_options(*, schedule: str, start: float, end: float, high: float,
+                         decay_steps: int, beta_alpha: float, beta_beta: float,
+                         min_prefix_tokens: int) -> None:
+    """The options of a prefix-sampling setup, together: each value's range, ``end <= start``
+    (the bound decays) and ``high >= start`` (the draw range is never empty)."""
+    check_choice("schedule", schedule, Schedule)
+    for name, value in (("start", start), ("end", end), ("high", high)):
+        check_number(name, value, 0.0, 1.0)
+    if end > start:
+        raise ValueError(f"end must be <= start ({start}), got {end}")
+    if high < start:
+        raise ValueError(f"high must be >= start ({start}), got {high}")
+    check_int("decay_steps", decay_steps, 1)
+    check_number("beta_alpha", beta_alpha, 0.0, lo_open=True)
+    check_number("beta_beta", beta_beta, 0.0, lo_open=True)
+    check_int("min_prefix_tokens", min_prefix_tokens, 0)
 
 
 def prefix_low_bound(
     step: int,
     *,
-    schedule: str = "cosine",
+    schedule: Schedule = "cosine",
     start: float = 0.95,
     end: float = 0.05,
     decay_steps: int = 500,
@@ -71,14 +81,13 @@ def prefix_low_bound(
     Returns:
         ``low_t`` as a Python float in ``[end, start]``, non-increasing in ``step``.
     """
-    _check_int("step", step, 0)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    _check_unit_interval("start", start)
-    _check_unit_interval("end", end)
+    check_int("step", step, 0)
+    check_choice("schedule", schedule, Schedule)
+    check_number("start", start, 0.0, 1.0)
+    check_number("end", end, 0.0, 1.0)
     if end > start:
         raise ValueError(f"end must be <= start (the bound decays), got start={start}, end={end}")
-    _check_int("decay_steps", decay_steps, 1)
+    check_int("decay_steps", decay_steps, 1)
     if schedule in ("constant", "uniform"):
         return float(end)
     progress = min(step / decay_steps, 1.0)
@@ -103,7 +112,8 @@ def _python_rng(generator: torch.Generator | int | None) -> random.Random:
         return random.Random(generator)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(
-            f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}"
+            "generator must be a torch.Generator, an int seed or None, "
+            f"got {type(generator).__name__}"
         )
     seed = torch.randint(0, 2**62, (1,), generator=generator).item()
     return random.Random(seed)
@@ -130,14 +140,13 @@ def sample_prefix_ratios(
     Returns:
         ``n`` floats in ``[low, high]``. Same generator state (or seed) -> same list.
     """
-    _check_int("n", n, 0)
-    _check_unit_interval("low", low)
-    _check_unit_interval("high", high)
+    check_int("n", n, 0)
+    check_number("low", low, 0.0, 1.0)
+    check_number("high", high, 0.0, 1.0)
     if low > high:
         raise ValueError(f"low must be <= high, got low={low}, high={high}")
-    for name, value in (("beta_alpha", beta_alpha), ("beta_beta", beta_beta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    check_number("beta_alpha", beta_alpha, 0.0, lo_open=True)
+    check_number("beta_beta", beta_beta, 0.0, lo_open=True)
     rng = _python_rng(generator)
     ratios = []
     for _ in range(n):
@@ -150,11 +159,11 @@ def prefix_length(num_demo_tokens: int, ratio: float, *, min_prefix_tokens: int 
     """``L = clamp(int(ratio·D), min_prefix_tokens, D − 1)``, with 0 when ``D <= 1``.
 
     The upper clamp wins: ``L`` always lies in ``[min(min_prefix_tokens, D − 1), D − 1]``.
-    ``int`` truncates toward zero exactly like the formula in DESIGN §3.
+    ``int`` truncates toward zero, as the formula's ``int(ratio·D)`` does.
     """
-    _check_int("num_demo_tokens", num_demo_tokens, 0)
-    _check_unit_interval("ratio", ratio)
-    _check_int("min_prefix_tokens", min_prefix_tokens, 0)
+    check_int("num_demo_tokens", num_demo_tokens, 0)
+    check_number("ratio", ratio, 0.0, 1.0)
+    check_int("min_prefix_tokens", min_prefix_tokens, 0)
     if num_demo_tokens <= 1:
         return 0
     return int(min(max(int(ratio * num_demo_tokens), min_prefix_tokens), num_demo_tokens - 1))
@@ -192,26 +201,3 @@ def cut_prefix(
     """
     ids = _as_id_list("demo_ids", demo_ids)
     return ids[: prefix_length(len(ids), ratio, min_prefix_tokens=min_prefix_tokens)]
-
-
-def build_response(
-    prefix_ids: Sequence[int] | torch.Tensor,
-    continuation_ids: Sequence[int] | torch.Tensor,
-    *,
-    max_response_tokens: int,
-) -> tuple[list[int], list[bool]]:
-    """The response of a hybrid rollout and its prefix mask.
-
-    ``response = (prefix_ids + continuation_ids)[:max_response_tokens]`` and
-    ``prefix_mask[i] = i < len(prefix_ids)`` over the (truncated) response.
-
-    Returns:
-        ``(response_ids, prefix_mask)``, two lists of the same length <= max_response_tokens.
-    """
-    prefix = _as_id_list("prefix_ids", prefix_ids)
-    continuation = _as_id_list("continuation_ids", continuation_ids)
-    _check_int("max_response_tokens", max_response_tokens, 1)
-    response = (prefix + continuation)[:max_response_tokens]
-    n_prefix = min(len(prefix), max_response_tokens)
-    mask = [True] * n_prefix + [False] * (len(response) - n_prefix)
-    return response, mask

@@ -12,10 +12,10 @@ import yaml
 
 from prefix_rft import cli
 from prefix_rft.config import (
-    CHOICES,
     SECTIONS,
     Config,
     all_keys,
+    choice_fields,
     config_to_dict,
     load_config,
     parse_override,
@@ -31,7 +31,7 @@ def test_defaults_follow_design_section_3():
     assert (cfg.prefix.start, cfg.prefix.end, cfg.prefix.high) == (0.95, 0.05, 0.95)
     assert (cfg.loss.clip_low, cfg.loss.clip_high, cfg.loss.clip_c) == (0.2, 0.2, None)
     assert cfg.loss.entropy_top_fraction == 0.2 and cfg.loss.entropy_mask_scope == "micro_batch"
-    assert cfg.optim.lr == 1e-6 and cfg.rollout.temperature == 1.0 and cfg.loss.kl_coef == 0.0
+    assert cfg.optim.lr == 1e-6 and cfg.rollout.temperature == 1.0
     # sentinels resolved from other fields
     assert cfg.prefix.decay_steps == 200 and cfg.data.seed == cfg.train.seed == cfg.rollout.seed
     assert cfg.train.mini_batch_size == cfg.train.prompts_per_step
@@ -98,14 +98,20 @@ def test_yaml_then_overrides_with_type_conversion(tmp_path):
     ("--loss.algo=ppo", "loss.algo must be one of sft|rft|prefix_rft, got 'ppo'"),
     ("--model.dtype=fp16", "model.dtype must be one of auto|fp32|bf16"),
     ("--train.steps=ten", "train.steps must be an integer, got 'ten'"),
-    ("--train.steps=0", "train.steps must be in [1, inf]"),
+    ("--train.steps=0", "train.steps must be an int >= 1, got 0"),
     ("--optim.lr=fast", "optim.lr must be a number"),
-    ("--prefix.start=1.5", "prefix.start must be in [0.0, 1.0], got 1.5"),
-    ("--prefix.end=0.99", "prefix.end must be <= prefix.start"),
+    ("--prefix.start=1.5", "prefix.start must be a number in [0.0, 1.0], got 1.5"),
+    ("--prefix.end=0.99", "prefix.end must be <= start (0.95), got 0.99"),
+    ("--prefix.schedule=step", "prefix.schedule must be one of cosine|linear|constant|uniform"),
     ("--prefix.num_prefixed=9", "prefix.num_prefixed must be <= rollout.group_size (8)"),
-    ("--loss.clip_c=0.5", "loss.clip_c must be in (1.0, inf]"),
-    ("--loss.entropy_top_fraction=0", "loss.entropy_top_fraction must be in (0.0, 1.0]"),
-    ("--rollout.top_p=0", "rollout.top_p must be in (0.0, 1.0]"),
+    ("--loss.clip_c=0.5", "loss.clip_c must be a number in (1.0, inf)"),
+    ("--loss.entropy_top_fraction=0", "loss.entropy_top_fraction must be a number in (0.0, 1.0]"),
+    ("--loss.entropy_mask_scope=batch", "loss.entropy_mask_scope must be one of micro_batch|mini"),
+    ("--loss.baseline=mean", "loss.baseline must be one of group|on_policy, got 'mean'"),
+    ("--loss.kernel_impl=cuda", "loss.kernel_impl must be one of auto|torch|triton"),
+    ("--rollout.top_p=0", "rollout.top_p must be in (0, 1], got 0.0"),
+    ("--rollout.temperature=0", "rollout.temperature must be a number in (0.0, inf)"),
+    ("--rollout.engine=sglang", "rollout.engine must be one of hf|vllm, got 'sglang'"),
     ("--train.mini_batch_size=5", "train.mini_batch_size must divide train.prompts_per_step"),
     ("--optim.betas=[0.9]", "optim.betas must be two numbers"),
     ("--model.gradient_checkpointing=maybe", "model.gradient_checkpointing must be true or false"),
@@ -132,7 +138,7 @@ def test_bad_yaml_files(tmp_path):
 
 def test_every_choice_field_validates_its_default():
     cfg = Config()
-    for key, allowed in CHOICES.items():
+    for key, allowed in choice_fields().items():
         section, name = key.split(".")
         assert getattr(getattr(cfg, section), name) in allowed
         assert key in all_keys()
@@ -230,6 +236,11 @@ def test_reward_section_overrides_and_validation():
         load_config(None, ["--reward.timeout_s=0"])
 
 
-def test_kl_penalty_is_rejected_not_silently_ignored():
-    with pytest.raises(ValueError, match="loss.kl_coef must be 0"):
+def test_removed_kl_coef_is_an_unknown_key():
+    with pytest.raises(ValueError, match="unknown config key 'loss.kl_coef'"):
         load_config(None, ["--loss.kl_coef=0.01"])
+
+
+def test_cli_epilog_lists_every_config_section():
+    line = next(ln for ln in cli.TRAIN_EPILOG.splitlines() if "Sections:" in ln)
+    assert line.split("Sections:")[1].split() == list(SECTIONS)

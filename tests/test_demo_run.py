@@ -92,7 +92,7 @@ def test_argument_errors_are_clear(argv, message, capsys):
 
 @pytest.mark.parametrize("override, message", [
     ("--optim.lrr=1e-4", "unknown config key 'optim.lrr' (did you mean: optim.lr"),
-    ("--rollout.group_size=0", "rollout.group_size must be in [1, inf], got 0"),
+    ("--rollout.group_size=0", "rollout.group_size must be an int >= 1, got 0"),
 ])
 def test_bad_overrides_fail_before_any_work(override, message, tmp_path):
     with pytest.raises(SystemExit) as err:

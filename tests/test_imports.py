@@ -1,4 +1,4 @@
-"""DESIGN §2: importing prefix_rft / prefix_rft.kernels stays light (torch + triton only)."""
+"""Importing prefix_rft, prefix_rft.kernels and prefix_rft.loss stays light (torch + triton)."""
 
 import subprocess
 import sys

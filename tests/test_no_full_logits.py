@@ -1,7 +1,7 @@
 """The policy update never materializes a [tokens x vocab] tensor.
 
-Two independent checks on the trainer's own functions (``old_logprobs`` and ``update`` from
-prefix_rft.train, the ones the loop calls): ``lm_head.forward`` is replaced by a function that
+Two independent checks on the trainer's own functions (``old_logprobs`` and ``policy_update``
+from prefix_rft.train, the ones the loop calls): ``lm_head.forward`` is replaced by a function that
 fails (so the model's own logits are never computed), and a ``TorchDispatchMode`` records the
 size of every tensor produced by every op, forward and backward. A full-logits update would
 produce ``[N_response, V]`` (and bigger) tensors; the fused path's largest tensor stays below
@@ -21,7 +21,8 @@ from torch.utils._pytree import tree_flatten
 from prefix_rft.batching import Rollout
 from prefix_rft.config import Config, resolve_config, validate_config
 from prefix_rft.loss import PrefixRFTLoss
-from prefix_rft.train import build_optimizer, old_logprobs, update
+from prefix_rft.setup import Run, build_optimizer
+from prefix_rft.train import old_logprobs, policy_update
 
 VOCAB, HIDDEN = 20_011, 32
 
@@ -96,11 +97,13 @@ def test_update_never_builds_token_by_vocab_tensors():
         raise AssertionError("lm_head.forward was called: the update computed full logits")
 
     model.lm_head.forward = no_logits
+    run = Run(cfg=cfg, model=model, tokenizer=None, engine=None, optimizer=optimizer,
+              scheduler=scheduler, loss_fn=loss_fn, dataset=None, sampler=None,
+              device=torch.device("cpu"), rank=0, world=1, run_dir=None, pad_id=0)
     tracker = LargestTensor()
     with tracker:
-        old_logprobs(model, cfg, torch.device("cpu"), loss_fn, rollouts, pad_id=0)
-        metrics = update(model, optimizer, scheduler, cfg, torch.device("cpu"), loss_fn, rollouts,
-                         pad_id=0, world=1, state={})
+        old_logprobs(run, rollouts)
+        metrics = policy_update(run, rollouts)
     # Only the lm_head weight itself (its grad, Adam moments, update temporaries) spans the
     # vocabulary; the kernel works on [token chunk, vocab chunk <= 8192] tiles.
     assert set(tracker.vocab_shapes) == {(VOCAB, HIDDEN)}, tracker.vocab_shapes

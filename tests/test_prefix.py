@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefix_rft.prefix import (
-    build_response,
+    check_prefix_options,
     cut_prefix,
     prefix_length,
     prefix_low_bound,
@@ -197,39 +197,34 @@ def test_cut_bad_inputs(args, kwargs, name):
         cut_prefix(*args, **kwargs)
 
 
-# ---------------------------------------------------------------- response
+# ---------------------------------------------------------------- options
 
 
-def test_build_response_layout_and_truncation():
-    ids, mask = build_response([1, 2, 3], [9, 8], max_response_tokens=10)
-    assert ids == [1, 2, 3, 9, 8] and mask == [True, True, True, False, False]
-    ids, mask = build_response([1, 2, 3], [9, 8], max_response_tokens=4)
-    assert ids == [1, 2, 3, 9] and mask == [True, True, True, False]
-    ids, mask = build_response([1, 2, 3], [9, 8], max_response_tokens=2)
-    assert ids == [1, 2] and mask == [True, True]
-    ids, mask = build_response([], torch.tensor([4, 5]), max_response_tokens=8)
-    assert ids == [4, 5] and mask == [False, False]
+def _options(**changes):
+    base = dict(schedule="cosine", start=0.95, end=0.05, high=0.95, decay_steps=10,
+                beta_alpha=1.0, beta_beta=1.0, min_prefix_tokens=1)
+    base.update(changes)
+    return base
 
 
-@given(
-    prefix=st.lists(st.integers(0, 99), max_size=40),
-    cont=st.lists(st.integers(0, 99), max_size=40),
-    max_tokens=st.integers(1, 100),
-)
-@settings(max_examples=200, deadline=None)
-def test_build_response_property(prefix, cont, max_tokens):
-    ids, mask = build_response(prefix, cont, max_response_tokens=max_tokens)
-    assert len(ids) == len(mask) == min(len(prefix) + len(cont), max_tokens)
-    assert sum(mask) == min(len(prefix), max_tokens)
-    assert [i for i, m in zip(ids, mask) if m] == prefix[: sum(mask)]
-    assert ids == (prefix + cont)[:max_tokens]
+def test_check_prefix_options_accepts_the_paper_settings():
+    check_prefix_options(**_options())
+    check_prefix_options(**_options(schedule="uniform", min_prefix_tokens=0))
 
 
-def test_build_response_bad_inputs():
-    with pytest.raises(ValueError, match="max_response_tokens"):
-        build_response([1], [2], max_response_tokens=0)
-    with pytest.raises(ValueError, match="continuation_ids"):
-        build_response([1], None, max_response_tokens=4)
+@pytest.mark.parametrize("changes,message", [
+    ({"schedule": "step"}, "schedule must be one of cosine|linear|constant|uniform"),
+    ({"start": 1.5}, "start must be a number in [0.0, 1.0]"),
+    ({"end": 0.99}, "end must be <= start"),
+    ({"high": 0.5}, "high must be >= start"),
+    ({"decay_steps": 0}, "decay_steps must be an int >= 1"),
+    ({"beta_alpha": 0.0}, "beta_alpha must be a number in (0.0, inf)"),
+    ({"min_prefix_tokens": -1}, "min_prefix_tokens must be an int >= 0"),
+])
+def test_check_prefix_options_names_the_bad_option(changes, message):
+    with pytest.raises(ValueError) as info:
+        check_prefix_options(**_options(**changes))
+    assert str(info.value).startswith(message)
 
 
 def test_docstring_examples_run():

@@ -75,7 +75,9 @@ def test_resume_after_max_steps_per_run(tiny_assets, tmp_path, reference):
 
 
 def test_resume_after_sigterm(tiny_assets, tmp_path, reference, monkeypatch):
-    real_sync, calls = train_module.sync_weights, []
+    from prefix_rft.rollout.hf import HFEngine
+
+    real_sync, calls = HFEngine.sync_from, []
 
     def sync_then_sigterm(engine, model):  # runs at the end of every step's update
         calls.append(1)
@@ -83,11 +85,11 @@ def test_resume_after_sigterm(tiny_assets, tmp_path, reference, monkeypatch):
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag
 
-    monkeypatch.setattr(train_module, "sync_weights", sync_then_sigterm)
+    monkeypatch.setattr(HFEngine, "sync_from", sync_then_sigterm)
     before = signal.getsignal(signal.SIGTERM)
     first = train(_config(tiny_assets, tmp_path))
     assert first["steps_done"] == 2 and first["stopped_early"]
-    monkeypatch.setattr(train_module, "sync_weights", real_sync)
+    monkeypatch.setattr(HFEngine, "sync_from", real_sync)
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
     train(_config(tiny_assets, tmp_path, checkpoint__resume="auto"))
     _assert_same(reference, tmp_path)

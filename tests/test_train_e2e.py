@@ -20,7 +20,7 @@ def tiny_assets(tmp_path_factory):
     return shared_assets(tmp_path_factory)
 
 
-# DESIGN §3 "Logged each step" (plus the engine-vs-trainer mismatch), as metrics.jsonl keys.
+# The metrics the method says to log each step (plus the engine-vs-trainer mismatch).
 SECTION3_METRICS = [
     "reward_mean", "reward_on_policy", "reward_hybrid", "pass_rate", "adv_mean", "adv_std",
     "adv_min", "adv_max", "prefix_low", "prefix_ratio_mean", "prefix_token_frac",
@@ -148,8 +148,8 @@ def test_dataset_without_usable_rows_is_an_error(tiny_assets, tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("loss__algo", "ppo", "loss.algo must be one of sft|rft|prefix_rft"),
-    ("loss__clip_low", 1.5, "loss.clip_low must be in"),
-    ("rollout__group_size", 0, "rollout.group_size must be in"),
+    ("loss__clip_low", 1.5, "loss.clip_low must be a number in"),
+    ("rollout__group_size", 0, "rollout.group_size must be an int >= 1"),
     ("model__path", "/nonexistent/model", "model.path must be a local HF model directory"),
 ])
 def test_bad_config_values_give_one_line_errors(tiny_assets, tmp_path, field, value, message):

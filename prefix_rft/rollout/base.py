@@ -3,7 +3,7 @@
 A request asks for ``n`` samples that continue ``prompt_ids + prefix_ids``; every sample
 comes back as ``response_ids = prefix_ids + continuation`` with ``prefix_len =
 len(prefix_ids)``, so the loss sees exactly the prefix that was generated from (ids are
-never decoded and re-encoded; DESIGN §3 "Prefix cut").
+never decoded and re-encoded).
 
 Length budget. ``SamplingSettings.max_new_tokens`` is the maximum *response* length, and
 the response counts the prefix: a request with a prefix of L tokens gets at most
@@ -26,19 +26,28 @@ vLLM does. Only continuation tokens have log-probs (prefix tokens were not sampl
 
 Typical use by a trainer (one engine per rank under torchrun; data parallel)::
 
-    engine = make_engine("hf", policy_model, None)             # or "vllm", model_dir, ...
-    samples = engine.generate([RolloutRequest(prompt, prefix, n=8, sampling=s), ...])
+    engine = engine_class(cfg.rollout.engine).from_config(cfg, policy, tokenizer,
+                                                          device=device, rank=rank)
+    with engine.generation_context(policy):   # e.g. FSDP2 weights gathered for the HF engine
+        samples = engine.generate([RolloutRequest(prompt, prefix, n=8, sampling=s), ...])
     engine.sleep()                      # vLLM on GPU: free its memory for the update
     ...optimizer step on the policy...
-    engine.wake()
-    engine.load_weights(policy.state_dict().items())   # no-op for the HF engine
+    engine.sync_from(policy)            # wake + load the new weights (no-op for the HF engine)
+
+Adding an engine: subclass :class:`RolloutEngine` in a new file (``generate``,
+``load_weights``, ``from_config``; override ``sync_from`` / ``generation_context`` /
+``from_pretrained`` / ``sleep`` / ``wake`` where the defaults do not fit) and add one line to
+``ENGINES`` in ``prefix_rft/rollout/__init__.py``; the config, the loop and ``prefix-rft
+eval --engine`` pick it up from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -151,7 +160,8 @@ class RolloutSample:
                              f"got {self.finish_reason!r}")
         if len(self.logprobs) != len(self.response_ids) - self.prefix_len:
             raise ValueError("logprobs must have one entry per continuation token: "
-                             f"{len(self.logprobs)} != {len(self.response_ids)} - {self.prefix_len}")
+                             f"{len(self.logprobs)} != {len(self.response_ids)} - "
+                             f"{self.prefix_len}")
 
     @property
     def continuation_ids(self) -> list[int]:
@@ -209,3 +219,35 @@ class RolloutEngine(ABC):
 
     def close(self) -> None:  # noqa: B027  (optional hook, no-op by default)
         """Free the engine's resources (optional)."""
+
+    # ------------------------------------------------------------ what the loop asks for
+    @classmethod
+    def from_config(cls, cfg: Any, model: torch.nn.Module, tokenizer: Any, *,
+                    device: torch.device, rank: int) -> RolloutEngine:
+        """The engine of a training run: ``cfg`` is the run's
+        :class:`prefix_rft.config.Config`, ``model`` the (possibly FSDP2-wrapped) policy on
+        ``device``, ``rank`` this process's rank (one engine per rank)."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a training config")
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, tokenizer: Any, *, device: torch.device,
+                        seed: int = 0, gpu_memory_utilization: float = 0.85) -> RolloutEngine:
+        """An engine over a saved HF model directory (``prefix-rft eval``);
+        ``gpu_memory_utilization`` applies to engines that reserve GPU memory."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a model directory")
+
+    def sync_from(self, model: torch.nn.Module) -> None:
+        """Bring the engine's weights up to the policy's after an optimizer step.
+
+        Default, for engines holding their own copy: gather the full state dict (every rank
+        has its own engine, so every rank gathers), :meth:`wake`, :meth:`load_weights`."""
+        from prefix_rft.distributed import gather_full_state_dict
+
+        state = gather_full_state_dict(model, rank0_only=False)
+        self.wake()
+        self.load_weights(state.items())
+
+    def generation_context(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Entered around every :meth:`generate` call of the loop (default: nothing; an
+        engine that runs the live policy module gathers its FSDP2 shards here)."""
+        return contextlib.nullcontext()

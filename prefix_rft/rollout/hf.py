@@ -112,8 +112,34 @@ class HFEngine(RolloutEngine):
         self._device = next(model.parameters()).device
         self._generator = torch.Generator(device=self._device).manual_seed(seed)
 
+    @classmethod
+    def from_config(cls, cfg, model, tokenizer, *, device, rank) -> HFEngine:
+        """Sample from the live policy; ``rollout.hf_batch_size`` rows per forward (0 = all)."""
+        r = cfg.rollout
+        return cls(model, tokenizer, max_batch_rows=r.hf_batch_size or 1 << 30,
+                   seed=r.seed + rank)
+
+    @classmethod
+    def from_pretrained(cls, model_dir, tokenizer, *, device, seed=0,
+                        gpu_memory_utilization=0.85) -> HFEngine:
+        """Load ``model_dir`` with transformers (bf16 on CUDA, fp32 otherwise), eval mode."""
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        return cls(model, tokenizer, seed=seed)
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """No-op: the engine samples from the live policy module."""
+
+    def sync_from(self, model: torch.nn.Module) -> None:
+        """No-op: every ``generate`` reads the policy's current parameters."""
+
+    def generation_context(self, model: torch.nn.Module):
+        """Under FSDP2, the policy's weights gathered once for the whole generate call."""
+        from prefix_rft.distributed import unsharded
+
+        return unsharded(model)
 
     def generate(self, requests: Sequence[RolloutRequest]) -> list[list[RolloutSample]]:
         requests = validate_requests(requests)

@@ -175,6 +175,28 @@ class VLLMEngine(RolloutEngine):
                 enable_sleep_mode=self._on_gpu, **llm_kwargs)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
+    @classmethod
+    def from_config(cls, cfg, model, tokenizer, *, device, rank) -> VLLMEngine:
+        """A colocated engine started from ``model.path`` (the policy's weights arrive through
+        :meth:`sync_from` after each step); bf16 on GPU, the trainer's dtype on CPU."""
+        r = cfg.rollout
+        extra = ({"tensor_parallel_size": r.tensor_parallel_size}
+                 if r.tensor_parallel_size > 1 else {})
+        on_gpu = torch.device(device).type == "cuda"
+        return cls(cfg.model.path, tokenizer,
+                   dtype="bfloat16" if on_gpu or cfg.model.dtype == "bf16" else "float32",
+                   gpu_memory_utilization=r.gpu_memory_utilization,
+                   enforce_eager=r.enforce_eager or not on_gpu, seed=r.seed + rank,
+                   max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens, **extra)
+
+    @classmethod
+    def from_pretrained(cls, model_dir, tokenizer, *, device, seed=0,
+                        gpu_memory_utilization=0.85) -> VLLMEngine:
+        """``model_dir`` in vLLM: bf16 on CUDA, fp32 otherwise; the model's own length limit."""
+        on_gpu = torch.device(device).type == "cuda"
+        return cls(model_dir, tokenizer, seed=seed, dtype="bfloat16" if on_gpu else "float32",
+                   gpu_memory_utilization=gpu_memory_utilization)
+
     def _sampling_params(self, request: RolloutRequest):
         s = request.sampling
         return self._vllm.SamplingParams(

@@ -1,0 +1,111 @@
+"""The checks of :func:`prefix_rft.config.validate_config`, one owner per check.
+
+Choice fields are checked against their ``Literal`` types (``config.choice_fields``) and
+``rollout.engine`` against the engine registry; options that a module implements are checked
+by that module's own function (``loss.check_loss_options``, ``prefix.check_prefix_options``,
+``rollout.SamplingSettings``), with the error renamed to the config key; what only the
+config knows (sentinels, cross-section rules, optimizer and run settings) is checked here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checks import check_choice, check_int, check_number
+from .config import Config, choice_fields
+from .loss import check_loss_options
+from .prefix import check_prefix_options
+from .rollout import SamplingSettings, engine_names
+
+
+def _checked(check, **fields: tuple[str, Any]) -> None:
+    """Run a module's own option check on config values (``arg=(config key, value)``); its
+    error, which starts with the argument's name, is renamed to the config key."""
+    try:
+        check(**{arg: value for arg, (_, value) in fields.items()})
+    except ValueError as err:
+        message = str(err)
+        for arg, (key, _) in fields.items():
+            if message.startswith(arg + " "):
+                raise ValueError(key + message[len(arg):]) from None
+        raise ValueError(message) from None
+
+
+def _check_choices(cfg: Config) -> None:
+    for key, allowed in choice_fields().items():
+        section, name = key.split(".")
+        check_choice(key, getattr(getattr(cfg, section), name), allowed)
+    check_choice("rollout.engine", cfg.rollout.engine, engine_names())
+
+
+def _check_module_options(cfg: Config) -> None:
+    """The options that prefix.py, loss.py and the rollout sampling settings implement."""
+    p, r, lo = cfg.prefix, cfg.rollout, cfg.loss
+    _checked(check_prefix_options, schedule=("prefix.schedule", p.schedule),
+             start=("prefix.start", p.start), end=("prefix.end", p.end),
+             high=("prefix.high", p.high),
+             decay_steps=("prefix.decay_steps", p.decay_steps or cfg.train.steps),
+             beta_alpha=("prefix.beta_alpha", p.beta_alpha),
+             beta_beta=("prefix.beta_beta", p.beta_beta),
+             min_prefix_tokens=("prefix.min_prefix_tokens", p.min_prefix_tokens))
+    _checked(check_loss_options,
+             max_response_tokens=("rollout.max_response_tokens", r.max_response_tokens),
+             clip_low=("loss.clip_low", lo.clip_low), clip_high=("loss.clip_high", lo.clip_high),
+             clip_c=("loss.clip_c", lo.clip_c),
+             entropy_top_fraction=("loss.entropy_top_fraction", lo.entropy_top_fraction),
+             entropy_coef=("loss.entropy_coef", lo.entropy_coef),
+             temperature=("rollout.temperature", r.temperature),
+             impl=("loss.kernel_impl", lo.kernel_impl),
+             entropy_mask_scope=("loss.entropy_mask_scope", lo.entropy_mask_scope))
+    for s in ("rollout", "eval"):
+        section = getattr(cfg, s)
+        _checked(SamplingSettings, temperature=(f"{s}.temperature", section.temperature),
+                 top_p=(f"{s}.top_p", section.top_p),
+                 max_new_tokens=(f"{s}.max_response_tokens",
+                                 section.max_response_tokens or r.max_response_tokens))
+    check_int("rollout.top_k", r.top_k, 0)
+
+
+def check_config(cfg: Config) -> None:
+    """Check every field; raise a one-line ValueError naming the first bad one."""
+    _check_choices(cfg)
+    d, p, r, o, t = cfg.data, cfg.prefix, cfg.rollout, cfg.optim, cfg.train
+    for key, value in [
+        ("train.steps", t.steps), ("train.prompts_per_step", t.prompts_per_step),
+        ("train.ppo_epochs", t.ppo_epochs), ("train.micro_batch_tokens", t.micro_batch_tokens),
+        ("data.max_prompt_tokens", d.max_prompt_tokens), ("rollout.group_size", r.group_size),
+        ("rollout.tensor_parallel_size", r.tensor_parallel_size), ("log.every", cfg.log.every),
+        ("eval.k", cfg.eval.k), ("reward.num_workers", cfg.reward.num_workers),
+    ]:
+        check_int(key, value, 1)
+    for key, value in [
+        ("data.max_rows", d.max_rows), ("prefix.num_prefixed", p.num_prefixed),
+        ("rollout.hf_batch_size", r.hf_batch_size), ("optim.warmup_steps", o.warmup_steps),
+        ("train.mini_batch_size", t.mini_batch_size),
+        ("train.max_steps_per_run", t.max_steps_per_run),
+        ("checkpoint.every", cfg.checkpoint.every),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("eval.every", cfg.eval.every),
+        ("eval.max_response_tokens", cfg.eval.max_response_tokens),
+    ]:
+        check_int(key, value, 0)
+    _check_module_options(cfg)
+    if p.num_prefixed > r.group_size:
+        raise ValueError(
+            f"prefix.num_prefixed must be <= rollout.group_size ({r.group_size}), "
+            f"got {p.num_prefixed}")
+    check_number("reward.timeout_s", cfg.reward.timeout_s, 0.0, lo_open=True)
+    check_number("rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0.0, 1.0,
+                 lo_open=True)
+    check_number("optim.lr", o.lr, 0.0, lo_open=True)
+    check_number("optim.eps", o.eps, 0.0, lo_open=True)
+    check_number("optim.weight_decay", o.weight_decay, 0.0)
+    check_number("optim.grad_clip", o.grad_clip, 0.0)
+    check_number("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
+    if t.mini_batch_size and t.prompts_per_step % t.mini_batch_size:
+        raise ValueError(f"train.mini_batch_size must divide train.prompts_per_step "
+                         f"({t.prompts_per_step}), got {t.mini_batch_size}")
+    if cfg.model.path == "" and cfg.model.tokenizer_path:
+        raise ValueError(f"model.path must be set when model.tokenizer_path is, "
+                         f"got {cfg.model.path!r}")

@@ -1,0 +1,236 @@
+"""Everything a training run needs before its first step, one concern per function.
+
+    run = start_run(cfg)        # process group, seed, model, data, optimizer, engine, resume
+    with compute_context(run.cfg, run.model, run.device): ...   # the run's compute precision
+
+:class:`Run` is the typed state of a run that :mod:`prefix_rft.train` reads and updates;
+``start_run`` builds it from the pieces below (each usable on its own):
+
+* :func:`load_policy` -- the policy and tokenizer from a local HF directory.
+* :func:`build_optimizer` -- AdamW and its per-optimizer-step LR schedule.
+* :func:`build_engine` -- the rollout engine named by ``rollout.engine`` (the registry in
+  :mod:`prefix_rft.rollout`).
+* :func:`build_loss` -- the fused :class:`~prefix_rft.loss.PrefixRFTLoss` from ``loss.*``.
+* :func:`compute_context` -- precision: fp32 on CPU; on CUDA (``model.dtype: auto``) fp32
+  weights (AdamW masters: an lr of 1e-6 would vanish in bf16) with bf16 compute (FSDP2 mixed
+  precision under torchrun, ``torch.autocast`` in one process); ``bf16`` keeps bf16 weights.
+* :func:`seed_everything`, :func:`reset_peak_memory`, :func:`peak_memory_gb`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import random
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .config import Config, save_config
+from .loss import PrefixRFTLoss
+from .rollout import RolloutEngine, engine_class
+
+
+@dataclass
+class Run:
+    """The state of one training run (built by :func:`start_run`)."""
+
+    cfg: Config
+    model: torch.nn.Module  # the policy (FSDP2-wrapped under torchrun)
+    tokenizer: Any
+    engine: RolloutEngine
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: PrefixRFTLoss
+    dataset: Any  # prefix_rft.data's prompt dataset: items with prompt_ids / demo_ids / answer
+    sampler: Any  # prefix_rft.data.StatefulSampler: this rank's question order (resumable)
+    device: torch.device
+    rank: int
+    world: int  # number of ranks
+    run_dir: Path
+    pad_id: int  # token id that fills padded positions of update batches
+    start_step: int = 0  # steps already done when this process started (resume)
+    resumed_from: str | None = None  # checkpoint directory, or None for a fresh run
+    optimizer_stepped: bool = False  # the current step changed the weights (crash handling)
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """This run's :func:`compute_context`."""
+        return compute_context(self.cfg, self.model, self.device)
+
+
+# ---------------------------------------------------------------------------- model
+def is_installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The policy from ``model.path`` (``from_pretrained``, a local directory) and its tokenizer.
+
+    fp32 weights unless ``model.dtype: bf16``; SDPA attention (flash-attn only when requested
+    and installed); Liger RMSNorm/SwiGLU/RoPE when installed and on CUDA; gradient checkpointing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.model.path)
+    if not cfg.model.path or not (path / "config.json").is_file():
+        raise ValueError(f"model.path must be a local HF model directory with a config.json, "
+                         f"got {cfg.model.path!r}")
+    attn = cfg.model.attn_implementation
+    if attn == "flash_attention_2" and not (is_installed("flash_attn") and device.type == "cuda"):
+        print("[prefix-rft] flash-attn not installed or not on CUDA: using sdpa attention",
+              flush=True)
+        attn = "sdpa"
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation=attn,
+        trust_remote_code=cfg.model.trust_remote_code).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or str(path),
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    apply_liger(cfg, model, device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, tokenizer
+
+
+def apply_liger(cfg: Config, model: torch.nn.Module, device: torch.device) -> None:
+    """Liger's RMSNorm/SwiGLU/RoPE kernels per ``model.liger`` (not its head: the head goes
+    through our fused log-prob kernel instead)."""
+    use_liger = cfg.model.liger == "true" or (
+        cfg.model.liger == "auto" and device.type == "cuda" and is_installed("liger_kernel"))
+    if not use_liger:
+        return
+    if not is_installed("liger_kernel"):
+        raise ValueError("model.liger=true but liger-kernel is not installed "
+                         "(pip install liger-kernel)")
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+# ---------------------------------------------------------------------------- optimizer
+def optimizer_steps_per_step(cfg: Config) -> int:
+    return cfg.train.ppo_epochs * (cfg.train.prompts_per_step // cfg.train.mini_batch_size)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module):
+    """AdamW + a per-optimizer-step LR schedule: linear warmup, then constant or cosine."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    total = optimizer_steps_per_step(cfg) * cfg.train.steps
+
+    def lr_factor(k: int) -> float:
+        if k < o.warmup_steps:
+            return (k + 1) / o.warmup_steps
+        if o.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (k - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+# ---------------------------------------------------------------------------- engine, loss
+def build_engine(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.device,
+                 rank: int) -> RolloutEngine:
+    """The engine registered as ``rollout.engine``, built from the config."""
+    return engine_class(cfg.rollout.engine).from_config(cfg, model, tokenizer, device=device,
+                                                        rank=rank)
+
+
+def build_loss(cfg: Config) -> PrefixRFTLoss:
+    """The fused policy loss from ``loss.*`` (at the rollout temperature)."""
+    lo = cfg.loss
+    return PrefixRFTLoss(
+        max_response_tokens=cfg.rollout.max_response_tokens, clip_low=lo.clip_low,
+        clip_high=lo.clip_high, clip_c=lo.clip_c, entropy_top_fraction=lo.entropy_top_fraction,
+        entropy_coef=lo.entropy_coef, temperature=cfg.rollout.temperature,
+        impl=lo.kernel_impl, entropy_mask_scope=lo.entropy_mask_scope)
+
+
+# ---------------------------------------------------------------------------- precision
+@contextlib.contextmanager
+def compute_context(cfg: Config, model: torch.nn.Module, device: torch.device):
+    """bf16 autocast for a single-process CUDA run with fp32 weights (FSDP2 casts itself)."""
+    if device.type == "cuda" and cfg.model.dtype == "auto" and not D.is_fsdp(model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+# ---------------------------------------------------------------------------- seeds, memory
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA; the CPU figure is the process peak RSS)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+# ---------------------------------------------------------------------------- the run
+def check_divisible(cfg: Config, world: int) -> None:
+    for key, value in (("train.prompts_per_step", cfg.train.prompts_per_step),
+                       ("train.mini_batch_size", cfg.train.mini_batch_size)):
+        if value % world:
+            raise ValueError(f"{key} must be divisible by the number of ranks ({world}), "
+                             f"got {value}")
+
+
+def start_run(cfg: Config) -> Run:
+    """Process group, seed, data, model (+FSDP2), optimizer, resume, engine, loss."""
+    from .data import StatefulSampler, load_prompt_dataset
+
+    rank, world, device = D.init_distributed(cfg.train.device)
+    check_divisible(cfg, world)
+    seed_everything(cfg.train.seed)
+    run_dir = Path(cfg.train.run_dir)
+    if D.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    model, tokenizer = load_policy(cfg, device)
+    dataset = load_prompt_dataset(cfg.data, tokenizer, need_demo=cfg.loss.algo != "rft")
+    if D.is_main():
+        print(f"[prefix-rft] {dataset.summary()}", flush=True)
+    sampler = StatefulSampler(len(dataset), seed=cfg.data.seed, shuffle=cfg.data.shuffle,
+                              rank=rank, world_size=world)
+    if world > 1:
+        D.wrap_fsdp2(model,
+                     mixed_precision_bf16=device.type == "cuda" and cfg.model.dtype == "auto")
+    optimizer, scheduler = build_optimizer(cfg, model)
+    start = 0
+    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
+    if resume_from is not None:
+        meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer,
+                                    scheduler=scheduler)
+        start = int(meta["step"])
+        sampler.load_state_dict(meta["sampler"])
+    engine = build_engine(cfg, model, tokenizer, device, rank)
+    if resume_from is not None:
+        engine.sync_from(model)
+    return Run(cfg=cfg, model=model, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
+               scheduler=scheduler, loss_fn=build_loss(cfg), dataset=dataset, sampler=sampler,
+               device=device, rank=rank, world=world, run_dir=run_dir,
+               pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+               start_step=start, resumed_from=str(resume_from) if resume_from else None)
