@@ -29,13 +29,7 @@ building the model and the batch. Rows go to ``benchmarks/results/packing.csv`` 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
-import subprocess
-import sys
-import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LAYOUTS = ("padded", "packed")

@@ -62,15 +62,29 @@ class PackedBatch:
     def num_response_tokens(self) -> int:
         return int(self.response_ids.shape[0])
 
+    @property
+    def num_padded_tokens(self) -> int:
+        """Positions the forward computes: the real tokens (no padding)."""
+        return self.num_tokens
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """``[R]`` all True (every packed response token is real)."""
+        return torch.ones_like(self.response_ids, dtype=torch.bool)
+
+    def per_rollout(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """``[R]`` per-token values -> one 1-D tensor per sequence (views)."""
+        return list(values.split(self.response_lens))
+
+    def gather(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-rollout 1-D tensors (indexed like pack's ``rollouts``) -> ``[R]`` fp32."""
+        return gather_per_token(values, self)
+
     def model_kwargs(self) -> dict:
         """Keyword arguments of the packed decoder forward (no attention mask)."""
         return {"position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seq_lens,
                 "cu_seq_lens_k": self.cu_seq_lens, "max_length_q": self.max_length,
                 "max_length_k": self.max_length}
-
-    def split(self, values: torch.Tensor) -> list[torch.Tensor]:
-        """Per-token ``[R, ...]`` -> one tensor per sequence (views)."""
-        return list(values.split(self.response_lens))
 
 
 def pack(rollouts: Sequence, rows: Sequence[int], *,
@@ -139,20 +153,6 @@ def run_packed_head(model: torch.nn.Module, packed: PackedBatch,
 
     with packed_forward(model):
         return forward_with_head(model, head_fn, packed.input_ids, **packed.model_kwargs())
-
-
-def packed_logprob_entropy(model: torch.nn.Module, packed: PackedBatch,
-                           loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logprob [R], entropy [R])`` fp32 of the packed response tokens through the fused
-    kernel at ``loss_fn``'s temperature and impl (a :class:`prefix_rft.loss.PrefixRFTLoss`).
-    Differentiable unless called under no_grad."""
-    from prefix_rft.kernels import linear_logprob_entropy
-
-    def head(resp_hidden, weight, bias):
-        return linear_logprob_entropy(resp_hidden, weight, packed.response_ids, bias=bias,
-                                      temperature=loss_fn.temperature, impl=loss_fn.impl)
-
-    return run_packed_head(model, packed, head)
 
 
 # ---------------------------------------------------------------------------- splitting

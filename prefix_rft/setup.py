@@ -96,6 +96,10 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     apply_liger(cfg, model, device)
+    if cfg.train.packing:
+        from .varlen_attention import enable_packed_attention
+
+        enable_packed_attention(model)  # sdpa -> its packed variant; flash-attn as is
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

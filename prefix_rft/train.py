@@ -41,11 +41,18 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as D
 from .advantage import advantage_stats, group_advantages
-from .batching import Rollout, collate, micro_batches, response_logprob_entropy, run_head
+from .batching import (
+    Rollout,
+    make_micro_batches,
+    micro_batches,
+    response_logprob_entropy,
+    run_head,
+)
 from .config import Config, resolve_config, validate_config
 from .entropy_mask import mini_batch_keep_masks
 from .loss import sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
+from .packing import padding_stats
 from .prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
@@ -141,13 +148,11 @@ def old_logprobs(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """Log-probs (and entropies) of the policy before the update, per rollout, no grad;
     prefix tokens included. Returns the engine-vs-trainer mismatch on continuation tokens."""
     with torch.no_grad(), run.compute():
-        for mb in micro_batches(rollouts, range(len(rollouts)), run.cfg.train.micro_batch_tokens):
-            batch = collate(rollouts, mb, pad_token_id=run.pad_id, device=run.device)
+        for batch in _micro_batches(run, rollouts, range(len(rollouts)), balanced=True):
             lp, ent = response_logprob_entropy(run.model, batch, run.loss_fn)
-            for b, i in enumerate(mb):
-                n = len(rollouts[i].response_ids)
-                rollouts[i].old_logprob = lp[b, :n].float().cpu()
-                rollouts[i].old_entropy = ent[b, :n].float().cpu()
+            for i, lp_i, ent_i in zip(batch.rows, batch.per_rollout(lp), batch.per_rollout(ent)):
+                rollouts[i].old_logprob = lp_i.float().cpu()
+                rollouts[i].old_entropy = ent_i.float().cpu()
     width = max(len(r.response_ids) for r in rollouts)
     trainer = torch.zeros(len(rollouts), width)
     for i, r in enumerate(rollouts):
@@ -172,11 +177,21 @@ def sft_rows(run: Run, items: list[dict], rollouts: list[Rollout]):
 
 
 # ---------------------------------------------------------------------------- update
-def _padded(values: list[torch.Tensor], rows: list[int], width: int, device) -> torch.Tensor:
-    out = torch.zeros(len(rows), width)
-    for b, i in enumerate(rows):
-        out[b, : len(values[i])] = values[i]
-    return out.to(device)
+def _micro_batches(run: Run, rows: list[Rollout], picked, *, balanced: bool):
+    """Micro-batches of one pass: packed (``train.packing``; first-fit decreasing by real
+    tokens when ``balanced``, else in order) or right-padded rows cut in order."""
+    t = run.cfg.train
+    return make_micro_batches(rows, picked, t.micro_batch_tokens, packing=t.packing,
+                              balanced=balanced, pad_token_id=run.pad_id, device=run.device)
+
+
+def _balanced_update(cfg: Config) -> bool:
+    """Whether the update's micro-batches may be token-balanced: not when the ``micro_batch``
+    entropy-mask scope ranks prefix tokens per micro-batch (which rollouts share one changes
+    the mask), so there the packed split keeps the mini-batch's order."""
+    lo = cfg.loss
+    return lo.algo == "sft" or not (lo.entropy_mask_scope == "micro_batch"
+                                    and lo.entropy_top_fraction < 1)
 
 
 def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
@@ -189,14 +204,17 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
     cfg = run.cfg
     local_questions = cfg.train.mini_batch_size // run.world
     num_sequences = cfg.train.mini_batch_size * per_question  # global mini-batch, normalizer B
-    avg, grad_norms, tokens = MetricAverager(), [], 0
+    avg, grad_norms, tokens, padded, if_padded = MetricAverager(), [], 0, 0, 0
     groups = sorted({r.group for r in rows})
+    balanced = _balanced_update(cfg)
     for epoch in range(cfg.train.ppo_epochs):
         for start in range(0, len(groups), local_questions):
             chosen = set(groups[start:start + local_questions])
             picked = [i for i, r in enumerate(rows) if r.group in chosen]
-            batches = [collate(rows, mb, pad_token_id=run.pad_id, device=run.device)
-                       for mb in micro_batches(rows, picked, cfg.train.micro_batch_tokens)]
+            batches = _micro_batches(run, rows, picked, balanced=balanced)
+            if_padded += padding_stats(rows, micro_batches(rows, picked,
+                                                           cfg.train.micro_batch_tokens),
+                                       packed=False)["padded_tokens"]
             first_update = epoch == 0 and start == 0
             keeps = keep_masks(batches, first_update) if keep_masks else [None] * len(batches)
             for batch, keep in zip(batches, keeps):
@@ -204,7 +222,8 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
                     loss, m = micro_loss(batch, num_sequences, keep)
                 loss.backward()
                 avg.add(m)
-                tokens += int(batch.attention_mask.sum())
+                tokens += batch.num_tokens
+                padded += batch.num_padded_tokens
             grad_norms.append(D.clip_grad_norm(run.model, cfg.optim.grad_clip))
             run.optimizer_stepped = True
             run.optimizer.step()
@@ -213,7 +232,10 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
             avg.n_mini += 1
     out = avg.result()
     out.update(grad_norm=float(np.mean(grad_norms)), grad_norm_max=float(np.max(grad_norms)),
-               lr=run.scheduler.get_last_lr()[0], update_tokens=float(tokens))
+               lr=run.scheduler.get_last_lr()[0], update_tokens=float(tokens),
+               update_padded_tokens=float(padded),
+               update_padding_frac=1.0 - tokens / padded if padded else 0.0,
+               update_padding_frac_if_padded=1.0 - tokens / if_padded if if_padded else 0.0)
     return out
 
 
@@ -222,20 +244,18 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     cfg, loss_fn = run.cfg, run.loss_fn
 
     def micro_loss(batch, num_sequences, keep):
-        old = _padded([r.old_logprob for r in rollouts], batch.rows, batch.response_ids.shape[1],
-                      batch.response_ids.device)
+        old = batch.gather([r.old_logprob for r in rollouts])
 
         def head(hidden, weight, bias):
             return loss_fn(hidden, weight, batch.response_ids, old, batch.advantages,
                            batch.response_mask, batch.prefix_mask, bias,
                            num_sequences=num_sequences, loss_scale=float(run.world),
-                           keep_prefix_mask=keep)
+                           keep_prefix_mask=keep, seq_index=batch.seq_index)
         return run_head(run.model, batch, head)
 
     def current_entropy(batch, first_update):
         if first_update:  # the policy has not moved since the old-log-prob pass
-            return _padded([r.old_entropy for r in rollouts], batch.rows,
-                           batch.response_ids.shape[1], run.device)
+            return batch.gather([r.old_entropy for r in rollouts])
         with torch.no_grad(), run.compute():
             return response_logprob_entropy(run.model, batch, loss_fn)[1]
 
@@ -255,7 +275,10 @@ def sft_update(run: Run, demos: list[Rollout]) -> dict[str, float]:
         def head(hidden, weight, bias):
             lp, _ = run.loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
                                                       batch.response_mask, bias)
-            return sft_loss(lp, batch.response_mask,
+            mask = batch.response_mask
+            if lp.dim() == 1:  # packed [R]: one row for sft_loss's [B, T]
+                lp, mask = lp[None], mask[None]
+            return sft_loss(lp, mask,
                             max_response_tokens=run.cfg.rollout.max_response_tokens,
                             num_sequences=num_sequences, loss_scale=float(run.world))
         return run_head(run.model, batch, head)
