@@ -126,6 +126,17 @@ def all_reduce_mean(values: dict[str, float] | torch.Tensor | float) -> Any:
     return (work / dist.get_world_size()).to(values.device)
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` over ranks (one collective; single process: ``value``)."""
+    if not is_distributed():
+        return int(value)
+    backend_device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    work = torch.tensor([int(value)], dtype=torch.int64, device=backend_device)
+    dist.all_reduce(work, op=dist.ReduceOp.MAX)
+    return int(work.item())
+
+
 def shard_range(num_items: int, rank: int | None = None, world_size: int | None = None) -> range:
     """The contiguous slice of ``num_items`` this rank owns (sizes differ by at most one)."""
     rank = get_rank() if rank is None else rank

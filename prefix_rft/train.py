@@ -49,7 +49,7 @@ from .batching import (
     run_head,
 )
 from .config import Config, resolve_config, validate_config
-from .entropy_mask import mini_batch_keep_masks
+from .entropy_mask import mini_batch_keep_masks, needs_mini_batch_pass
 from .loss import sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
 from .packing import padding_stats
@@ -147,12 +147,14 @@ def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) ->
 def old_logprobs(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """Log-probs (and entropies) of the policy before the update, per rollout, no grad;
     prefix tokens included. Returns the engine-vs-trainer mismatch on continuation tokens."""
+    batches, idle = _micro_batches(run, rollouts, range(len(rollouts)), balanced=True)
     with torch.no_grad(), run.compute():
-        for batch in _micro_batches(run, rollouts, range(len(rollouts)), balanced=True):
+        for batch in batches:
             lp, ent = response_logprob_entropy(run.model, batch, run.loss_fn)
             for i, lp_i, ent_i in zip(batch.rows, batch.per_rollout(lp), batch.per_rollout(ent)):
                 rollouts[i].old_logprob = lp_i.float().cpu()
                 rollouts[i].old_entropy = ent_i.float().cpu()
+    _idle_forwards(run, idle, grad=False)
     width = max(len(r.response_ids) for r in rollouts)
     trainer = torch.zeros(len(rollouts), width)
     for i, r in enumerate(rollouts):
@@ -179,10 +181,28 @@ def sft_rows(run: Run, items: list[dict], rollouts: list[Rollout]):
 # ---------------------------------------------------------------------------- update
 def _micro_batches(run: Run, rows: list[Rollout], picked, *, balanced: bool):
     """Micro-batches of one pass: packed (``train.packing``; first-fit decreasing by real
-    tokens when ``balanced``, else in order) or right-padded rows cut in order."""
+    tokens when ``balanced``, else in order) or right-padded rows cut in order. Returns
+    ``(batches, idle)``: ``idle`` = how many fewer this rank has than the busiest rank."""
     t = run.cfg.train
-    return make_micro_batches(rows, picked, t.micro_batch_tokens, packing=t.packing,
-                              balanced=balanced, pad_token_id=run.pad_id, device=run.device)
+    batches = make_micro_batches(rows, picked, t.micro_batch_tokens, packing=t.packing,
+                                 balanced=balanced, pad_token_id=run.pad_id, device=run.device)
+    return batches, D.max_over_ranks(len(batches)) - len(batches)
+
+
+def _idle_forwards(run: Run, count: int, *, grad: bool) -> None:
+    """``count`` one-token forwards (+ backward of an exact zero when ``grad``): under FSDP2
+    every forward all-gathers, so a rank with fewer micro-batches than another must still
+    join the collectives of the extra ones. Adds nothing to any gradient."""
+    ids = torch.full((1, 1), run.pad_id, dtype=torch.long, device=run.device)
+
+    def head(hidden, weight, bias):
+        return (hidden.sum() + weight.sum()) * 0.0
+
+    for _ in range(count):
+        with run.compute(), torch.set_grad_enabled(grad):
+            zero = D.forward_with_head(run.model, head, ids)
+        if grad:
+            zero.backward()
 
 
 def _balanced_update(cfg: Config) -> bool:
@@ -200,7 +220,9 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
 
     ``micro_loss(batch, num_sequences, keep)`` returns one micro-batch's ``(loss, metrics)``,
     its share of the global mini-batch of ``num_sequences`` rows; ``keep_masks(batches,
-    first_update)`` the per-micro-batch ``keep_prefix_mask`` (None: the loss decides)."""
+    first_update, idle)`` the per-micro-batch ``keep_prefix_mask`` (None: the loss decides).
+    Logs ``update_tokens`` (real), ``update_padded_tokens`` (positions the forwards computed),
+    ``update_padding_frac`` and ``update_padding_frac_if_padded`` (the padded layout's)."""
     cfg = run.cfg
     local_questions = cfg.train.mini_batch_size // run.world
     num_sequences = cfg.train.mini_batch_size * per_question  # global mini-batch, normalizer B
@@ -211,12 +233,13 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
         for start in range(0, len(groups), local_questions):
             chosen = set(groups[start:start + local_questions])
             picked = [i for i, r in enumerate(rows) if r.group in chosen]
-            batches = _micro_batches(run, rows, picked, balanced=balanced)
+            batches, idle = _micro_batches(run, rows, picked, balanced=balanced)
             if_padded += padding_stats(rows, micro_batches(rows, picked,
                                                            cfg.train.micro_batch_tokens),
                                        packed=False)["padded_tokens"]
             first_update = epoch == 0 and start == 0
-            keeps = keep_masks(batches, first_update) if keep_masks else [None] * len(batches)
+            keeps = (keep_masks(batches, first_update, idle) if keep_masks
+                     else [None] * len(batches))
             for batch, keep in zip(batches, keeps):
                 with run.compute():
                     loss, m = micro_loss(batch, num_sequences, keep)
@@ -224,6 +247,7 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
                 avg.add(m)
                 tokens += batch.num_tokens
                 padded += batch.num_padded_tokens
+            _idle_forwards(run, idle, grad=True)
             grad_norms.append(D.clip_grad_norm(run.model, cfg.optim.grad_clip))
             run.optimizer_stepped = True
             run.optimizer.step()
@@ -259,11 +283,14 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
         with torch.no_grad(), run.compute():
             return response_logprob_entropy(run.model, batch, loss_fn)[1]
 
-    def keep_masks(batches, first_update):
-        return mini_batch_keep_masks(
+    def keep_masks(batches, first_update, idle):
+        scope, fraction = cfg.loss.entropy_mask_scope, cfg.loss.entropy_top_fraction
+        keeps = mini_batch_keep_masks(
             batches, lambda k, batch: current_entropy(batch, first_update),
-            scope=cfg.loss.entropy_mask_scope,
-            entropy_top_fraction=cfg.loss.entropy_top_fraction)
+            scope=scope, entropy_top_fraction=fraction)
+        if not first_update and needs_mini_batch_pass(scope, fraction):
+            _idle_forwards(run, idle, grad=False)
+        return keeps
 
     return optimize(run, rollouts, per_question=cfg.rollout.group_size, micro_loss=micro_loss,
                     keep_masks=keep_masks)
