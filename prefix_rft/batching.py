@@ -1,4 +1,8 @@
-"""Padded update batches of (prompt, response) sequences and the fused-head forward over them.
+"""Update micro-batches of (prompt, response) sequences and the fused-head forward over them.
+
+Two layouts: right-padded rows (below; ``train.packing: false``) and packed rows
+(:mod:`prefix_rft.packing`, the default): :func:`make_micro_batches` builds either,
+:func:`run_head` / :func:`response_logprob_entropy` take either.
 
 Layout. Each row is ``prompt + response`` packed from position 0 and right-padded to the
 longest row (no left padding: a left-padded query row would attend to nothing, and SDPA's

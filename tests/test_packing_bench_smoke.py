@@ -21,7 +21,7 @@ def test_packing_benchmark_smoke(tmp_path):
     assert len(written) == 4 and all(float(r["ms_p50"]) > 0 for r in written)
     for r in written:
         extra = dict(kv.split("=") for kv in r["extra"].split(";"))
-        assert float(extra["update_tokens_per_s"]) > 0
+        assert float(extra["update_tokens_per_cpu_s"]) > 0
         assert (float(extra["padding_frac"]) == 0.0) == (r["impl"] == "packed")
     assert (tmp_path / "packing.md").read_text().count("| policy_update |") == 4
     assert (tmp_path / "packing.png").stat().st_size > 0
