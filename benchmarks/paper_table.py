@@ -1,8 +1,8 @@
 """A miniature of the paper's table on the embedded demo task: base, SFT, RFT, Prefix-RFT
 and the two ablations, several seeds each, the same training budget, held-out avg@k/pass@k.
 
-    python -m benchmarks.paper_table                          # full table (benchmarks/paper_table.yaml)
-    python -m benchmarks.paper_table --smoke --out /tmp/t     # CI-sized, < 90 s
+    python -m benchmarks.paper_table                        # full table (paper_table.yaml)
+    python -m benchmarks.paper_table --smoke --out /tmp/t   # CI-sized, < 90 s
     python -m benchmarks.paper_table --seeds 0 1 2 --set train.steps=30
 
 Every run goes through the real ``prefix_rft.train.train(cfg)`` loop. A run's config is
@@ -83,7 +83,10 @@ def as_overrides(mapping: dict[str, Any] | None) -> list[str]:
     """``{"train.steps": 3}`` -> ``["--train.steps=3"]`` (values in YAML syntax)."""
     out = []
     for key, value in (mapping or {}).items():
-        text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+        if isinstance(value, str):
+            text = value
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
         text = text.removesuffix("\n...").strip()
         out.append(f"--{key}={text}")
     return out
@@ -107,23 +110,26 @@ def run_overrides(table: dict, method: str, seed: int, assets: dict, run_dir: Pa
 
 
 # ---------------------------------------------------------------------------- one run
-def evaluate_model_dir(model_dir: str, test_rows: list[dict], eval_cfg: dict, seed: int,
+def evaluate_model_dir(model_dir: str, test_questions: list, eval_cfg: dict, seed: int,
                        max_response_tokens: int, instruction: str | None) -> dict[str, Any]:
-    """avg@k, pass@k, mean response tokens of a saved HF model on ``test_rows`` (CPU, fp32)."""
+    """avg@k, pass@k, mean response tokens of a saved HF model on ``test_questions`` (CPU,
+    fp32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefix_rft.evaluate import evaluate_rows
+    from prefix_rft.evaluate import evaluate_questions
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     k = int(eval_cfg["k"])
-    result = evaluate_rows(model, tokenizer, test_rows, k, temperature=float(eval_cfg["temperature"]),
-                           top_p=float(eval_cfg["top_p"]), max_response_tokens=max_response_tokens,
-                           batch_questions=int(eval_cfg.get("batch_questions", 32)), seed=seed,
-                           instruction=instruction)
+    result = evaluate_questions(
+        model, tokenizer, test_questions, k, temperature=float(eval_cfg["temperature"]),
+        top_p=float(eval_cfg["top_p"]), max_response_tokens=max_response_tokens,
+        batch_questions=int(eval_cfg.get("batch_questions", 32)), seed=seed,
+        instruction=instruction)
     return {"avg_at_k": result[f"avg@{k}"], "pass_at_k": result[f"pass@{k}"], "k": k,
-            "eval_questions": len(test_rows), "mean_response_tokens": result["mean_response_tokens"],
+            "eval_questions": len(test_questions),
+            "mean_response_tokens": result["mean_response_tokens"],
             "eval_s": result["seconds"]}
 
 
@@ -141,39 +147,44 @@ def train_one(table: dict, method: str, seed: int, assets: dict, workdir: Path, 
     start = time.perf_counter()
     result = train(cfg)
     if not result["final_model_dir"]:
-        raise RuntimeError(f"train() stopped after {result['steps_done']} steps without a final model")
+        raise RuntimeError(f"train() stopped after {result['steps_done']} steps without a "
+                           f"final model")
     steps = read_metrics(Path(result["run_dir"]) / "metrics.jsonl")
     return {"model_dir": result["final_model_dir"], "train_s": time.perf_counter() - start,
             "trained_tokens": int(sum(r.get("update_tokens", 0) for r in steps)),
             "train_steps": int(result["steps_done"]),
             "questions": cfg.train.steps * cfg.train.prompts_per_step,
             "rollouts": cfg.train.steps * cfg.train.prompts_per_step * cfg.rollout.group_size,
-            "final_train_reward": float(steps[-1].get("reward_mean", math.nan)) if steps else math.nan}
+            "final_train_reward": (float(steps[-1].get("reward_mean", math.nan)) if steps
+                                   else math.nan)}
 
 
 def run_one(table: dict, method: str, seed: int, assets: dict, workdir: Path, config_path: str,
-            extra: list[str], test_rows: list[dict]) -> dict[str, Any]:
+            extra: list[str], test_questions: list) -> dict[str, Any]:
     """Train (unless ``base``) and evaluate one (method, seed); never raises: a failure gives a
     row with ``status: failed`` and the error."""
     from prefix_rft.config import load_config
 
     row: dict[str, Any] = {"method": method, "seed": seed, "status": "ok", "error": "",
                            "device": device_name(), "commit": git_commit(),
-                           "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+                           "date": _dt.datetime.now(_dt.timezone.utc).strftime(
+                               "%Y-%m-%d %H:%M UTC")}
     try:
         # The training config of the cell also fixes the eval length and the instruction.
         cfg = load_config(config_path, as_overrides(table["common"]) + as_overrides(table["budget"])
                           + [f"--{o}" if not o.startswith("--") else o for o in extra]
                           + [f"--model.path={assets['model']}"])
         if table["methods"][method] is None:
-            facts = {"model_dir": assets["model"], "train_s": 0.0, "trained_tokens": 0, "train_steps": 0,
-                     "questions": 0, "rollouts": 0, "final_train_reward": math.nan}
+            facts = {"model_dir": assets["model"], "train_s": 0.0, "trained_tokens": 0,
+                     "train_steps": 0, "questions": 0, "rollouts": 0,
+                     "final_train_reward": math.nan}
         else:
             facts = train_one(table, method, seed, assets, workdir, config_path, extra)
         row.update(facts)
-        max_tokens = int(table["eval"].get("max_response_tokens") or cfg.rollout.max_response_tokens)
-        row.update(evaluate_model_dir(facts["model_dir"], test_rows, table["eval"], seed, max_tokens,
-                                      cfg.data.instruction))
+        max_tokens = int(table["eval"].get("max_response_tokens")
+                         or cfg.rollout.max_response_tokens)
+        row.update(evaluate_model_dir(facts["model_dir"], test_questions, table["eval"], seed,
+                                      max_tokens, cfg.data.instruction))
     except Exception as error:  # noqa: BLE001 -- recorded in the table, the other runs go on
         row.update(status="failed", error=f"{type(error).__name__}: {error}"[:300])
         log(f"{method} seed {seed} FAILED: {row['error']}")
@@ -218,23 +229,28 @@ def _pm(pair: tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
 def render_markdown(summaries: list[dict], table: dict, header: dict) -> str:
     """The results file: provenance, budget, the mean ± std table, failures."""
     k = next((s["k"] for s in summaries if s["k"] != ""), table["eval"]["k"])
+    num_rows = table["eval"]["num_rows"]
+    first = f"first {num_rows}" if num_rows else "all"
     lines = ["# Paper table, miniature (embedded demo task)", "",
              f"- command: `{header['command']}`",
              f"- device: {header['device']}; commit {header['commit']}; date {header['date']}; "
              f"wall time {header['wall_s'] / 60:.1f} min",
              f"- base config: `{header['config']}`; seeds {header['seeds']}; budget per run "
              f"(same for every method): {header['budget']}",
-             f"- eval: {('first ' + str(table['eval']['num_rows'])) if table['eval']['num_rows'] else 'all'} held-out questions, k = {k} samples "
+             f"- eval: {first} held-out questions, k = {k} samples "
              f"each, temperature {table['eval']['temperature']}, top-p {table['eval']['top_p']}",
              "- avg@k and pass@k in percent, mean ± sample std over seeds; response length in "
-             "tokens; trained tokens = tokens through the update's forward/backward passes (prompt + "
-             "response of every updated sequence: the trainer's update_tokens summed over steps)", "",
-             f"| method | runs ok | avg@{k} | pass@{k} | response tokens | trained tokens | train s |",
+             "tokens; trained tokens = tokens through the update's forward/backward passes "
+             "(prompt + response of every updated sequence: the trainer's update_tokens summed "
+             "over steps)", "",
+             f"| method | runs ok | avg@{k} | pass@{k} | response tokens | trained tokens "
+             "| train s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
         runs = f"{s['ok']}/{s['ok'] + s['failed']}"
-        lines.append(f"| {s['method']} | {runs} | {_pm(s['avg_at_k'], 100)} | {_pm(s['pass_at_k'], 100)} | "
-                     f"{_pm(s['mean_response_tokens'])} | {_pm(s['trained_tokens'], digits=0)} | "
+        lines.append(f"| {s['method']} | {runs} | {_pm(s['avg_at_k'], 100)} | "
+                     f"{_pm(s['pass_at_k'], 100)} | {_pm(s['mean_response_tokens'])} | "
+                     f"{_pm(s['trained_tokens'], digits=0)} | "
                      f"{_pm(s['train_s'], digits=0)} |")
     failures = [(s["method"], e) for s in summaries for e in s["errors"]]
     if failures:
@@ -278,20 +294,28 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.paper_table", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--table-config", default=str(DEFAULT_TABLE_CONFIG), help="the table's own config")
-    ap.add_argument("--config", default=None, help="training config (default: the table config's base_config)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the table config's seeds")
-    ap.add_argument("--methods", nargs="+", default=None, help="subset of the table config's methods")
-    ap.add_argument("--smoke", action="store_true", help="CI-sized run (the table config's smoke section)")
-    ap.add_argument("--out", default="benchmarks/results/paper_table", help="output prefix (.md/.csv/.png)")
-    ap.add_argument("--workdir", default=None, help="assets, run dirs, per-run cache (default: table config)")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.paper_table",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--table-config", default=str(DEFAULT_TABLE_CONFIG),
+                    help="the table's own config")
+    ap.add_argument("--config", default=None,
+                    help="training config (default: the table config's base_config)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="default: the table config's seeds")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="subset of the table config's methods")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI-sized run (the table config's smoke section)")
+    ap.add_argument("--out", default="benchmarks/results/paper_table",
+                    help="output prefix (.md/.csv/.png)")
+    ap.add_argument("--workdir", default=None,
+                    help="assets, run dirs, per-run cache (default: table config)")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
                     help="training-config overrides applied to every run (after the budget)")
     ap.add_argument("--no-resume", action="store_true", help="rerun runs whose cached result is ok")
     ap.add_argument("--analysis", default=None,
-                    help="a Markdown file appended verbatim under '## Analysis' (written by hand after "
-                         "reading the numbers; re-rendering the table keeps it)")
+                    help="a Markdown file appended verbatim under '## Analysis' (written by hand "
+                         "after reading the numbers; re-rendering the table keeps it)")
     return ap
 
 
@@ -308,18 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.analysis and not Path(args.analysis).is_file():
         raise SystemExit(f"paper_table: --analysis {args.analysis!r} is not a file")
     if unknown or not seeds:
-        raise SystemExit(f"paper_table: unknown methods {unknown} (known: {list(table['methods'])}) "
-                         f"or no seeds {seeds}")
+        raise SystemExit(f"paper_table: unknown methods {unknown} (known: "
+                         f"{list(table['methods'])}) or no seeds {seeds}")
     workdir = Path(args.workdir or table["workdir"])
     from prefix_rft.demo.base import prepare_demo
 
     log(f"assets in {workdir / 'assets'} (quick={table['assets']['quick']})")
     assets = prepare_demo(str(workdir), seed=int(table["assets"]["seed"]),
                           quick=bool(table["assets"]["quick"]), log=log)
-    from prefix_rft.demo.task import read_jsonl
+    from prefix_rft.data import read_questions
 
     num_rows = int(table["eval"]["num_rows"])
-    test_rows = read_jsonl(assets["test"])[:num_rows or None]
+    test_questions = read_questions(assets["test"], what="held-out split")[:num_rows or None]
     cache = workdir / "results"
     cache.mkdir(parents=True, exist_ok=True)
     rows, total, n = [], len(methods) * len(seeds), 0
@@ -334,16 +358,21 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"[{n}/{total}] {method} seed {seed}: cached ({path})")
                     rows.append(cached)
                     continue
-            log(f"[{n}/{total}] {method} seed {seed}: start ({time.perf_counter() - wall_start:.0f}s elapsed)")
-            row = run_one(table, method, seed, assets, workdir, config_path, args.overrides, test_rows)
+            log(f"[{n}/{total}] {method} seed {seed}: start "
+                f"({time.perf_counter() - wall_start:.0f}s elapsed)")
+            row = run_one(table, method, seed, assets, workdir, config_path, args.overrides,
+                          test_questions)
             path.write_text(json.dumps(row, indent=1, default=str), encoding="utf-8")
             rows.append(row)
             if row["status"] == "ok":
-                log(f"[{n}/{total}] {method} seed {seed}: avg@{row['k']} {100 * row['avg_at_k']:.1f}%  "
-                    f"pass@{row['k']} {100 * row['pass_at_k']:.1f}%  len {row['mean_response_tokens']:.1f}  "
-                    f"trained tokens {row['trained_tokens']}  train {row['train_s']:.0f}s  eval {row['eval_s']:.0f}s")
+                log(f"[{n}/{total}] {method} seed {seed}: avg@{row['k']} "
+                    f"{100 * row['avg_at_k']:.1f}%  pass@{row['k']} "
+                    f"{100 * row['pass_at_k']:.1f}%  len {row['mean_response_tokens']:.1f}  "
+                    f"trained tokens {row['trained_tokens']}  train {row['train_s']:.0f}s  "
+                    f"eval {row['eval_s']:.0f}s")
     summaries = summarize_methods(rows, methods)
-    header = {"command": "python -m benchmarks.paper_table " + " ".join(shlex.quote(a) for a in argv),
+    header = {"command": "python -m benchmarks.paper_table "
+              + " ".join(shlex.quote(a) for a in argv),
               "device": device_name(), "commit": git_commit(),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_s": time.perf_counter() - wall_start, "config": config_path, "seeds": seeds,
@@ -355,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n## Analysis\n\n" + Path(args.analysis).read_text(encoding="utf-8").strip() + "\n"
     out.with_suffix(".md").write_text(text, encoding="utf-8")
     write_csv(rows, out.with_suffix(".csv"))
-    render_png(summaries, out.with_suffix(".png"), f"held-out accuracy, mean ± std over seeds {seeds}")
+    render_png(summaries, out.with_suffix(".png"),
+               f"held-out accuracy, mean ± std over seeds {seeds}")
     log(f"wrote {out.with_suffix('.md')}, .csv, .png ({header['wall_s']:.0f}s)")
     print(out.with_suffix(".md").read_text(encoding="utf-8"), flush=True)
     return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -21,7 +21,12 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 def git_commit() -> str:
-    """Short commit of the working tree, '+dirty' when there are uncommitted changes."""
+    """Short commit of the working tree, '+dirty' when there are uncommitted changes.
+
+    ``PREFIX_RFT_COMMIT`` overrides it (a copy of the tree without ``.git``, e.g. on a
+    rented GPU machine: benchmarks/gpu_check.sh sets it)."""
+    if os.environ.get("PREFIX_RFT_COMMIT"):
+        return os.environ["PREFIX_RFT_COMMIT"]
     try:
         root = os.path.dirname(RESULTS_DIR)
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
@@ -31,6 +36,27 @@ def git_commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def require_kernels():
+    """Import ``prefix_rft.kernels`` or exit with why (never skip our own impls silently).
+
+    A source checkout's ``prefix_rft/`` has no ``kernels`` subpackage (``kernels/`` is mapped
+    in at install time), so with the repository root first on ``sys.path`` (``python -m``
+    from the root) it shadows an installed prefix-rft.
+    """
+    try:
+        import prefix_rft.kernels as kernels
+    except ImportError as err:
+        import prefix_rft
+
+        raise SystemExit(
+            f"cannot import prefix_rft.kernels ({err}); prefix_rft came from "
+            f"{os.path.dirname(prefix_rft.__file__)}. Install the package (pip install . or "
+            "pip install -e .) and run the script by path from outside the repository root "
+            "(python /path/to/benchmarks/NAME.py), not `python -m` from the root."
+        ) from err
+    return kernels
 
 
 def device_name() -> str:

@@ -9,8 +9,8 @@ generated (continuation) tokens / wall time of one ``engine.generate`` call, p50
 ``--repeats`` timed calls after one warm-up call; the engines' calls are interleaved so
 that both see the same load on a shared machine. On CUDA, peak MB is
 ``torch.cuda.max_memory_allocated`` during a call; vLLM's pre-allocated KV cache and
-sleep-mode weights live outside that counter, so its budget is ``gpu_memory_utilization``. The engine's start-up is reported
-separately (``startup_s``).
+sleep-mode weights live outside that counter, so its budget is ``gpu_memory_utilization``.
+The engine's start-up is reported separately (``startup_s``).
 
 Mismatch: after the timed calls, the last call's samples are re-scored by the "trainer"
 (one unpadded forward per sample + ``linear_logprob_entropy`` at the sampling temperature)

@@ -1,6 +1,7 @@
-"""One policy-update step (forward + backward + AdamW) of a random-init Qwen2: fused vs full logits.
+"""One policy-update step (forward + backward + AdamW) of a random-init Qwen2: fused vs full
+logits.
 
-    python -m benchmarks.train_step                  # CPU: small Qwen2, vocab 151,936, 2 x 512 tokens
+    python -m benchmarks.train_step          # CPU: small Qwen2, vocab 151,936, 2 x 512 tokens
     python -m benchmarks.train_step --gpu            # Qwen2.5-1.5B shape, bf16, 8k/16k/32k tokens
     python -m benchmarks.train_step --smoke          # seconds; for CI (writes nothing)
     prefix-rft bench train_step [--gpu]
@@ -20,8 +21,11 @@ step (CUDA synchronized). Memory: CUDA ``max_memory_allocated`` over the step (w
 gradients and Adam states included, so the difference between paths is the loss's); CPU:
 each case runs in a fresh subprocess and reports ``peak RSS - RSS after building the model
 and inputs``. A case that runs out of memory is reported as ``OOM`` (the largest size that
-fits for the full-logits path is printed). Rows go to ``benchmarks/results/train_step.csv``
-(+ ``.md``, ``.png``) through ``benchmarks/results_io``.
+fits for the full-logits path is printed); a worker that fails otherwise becomes a
+``failed: <reason>`` row and the other cases still run. Rows go to ``--out`` (+ ``.md``,
+``.png``) through ``benchmarks/results_io``; without ``--out`` to a temporary directory
+(printed), never into the source tree: pass ``--out benchmarks/results/train_step.csv`` to
+update the committed table.
 """
 
 from __future__ import annotations
@@ -32,10 +36,15 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
+if __package__ in (None, ""):  # run as a file: `benchmarks.*` from the source tree, appended
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # so an
+    # installed prefix_rft still wins over the source checkout (whose prefix_rft/ lacks kernels)
+
 IMPLS = ("fused", "full_logits")
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_OUT = os.path.join(tempfile.gettempdir(), "prefix-rft-bench", "train_step.csv")
 # name -> (hidden, layers, heads, kv heads, intermediate, vocab)
 SHAPES = {
     "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936),
@@ -136,8 +145,8 @@ def run_case(impl: str, shape: str, batch: int, seq: int, repeats: int, device: 
     peak_mb = (torch.cuda.max_memory_allocated() if cuda
                else max(_peak_rss() - rss_before, 0)) / 2**20
     tokens_per_s = batch * seq / (sorted(times)[len(times) // 2] / 1e3)
-    return {"impl": impl, "oom": False, "tokens": batch * seq, "times_ms": times, "peak_mb": peak_mb,
-            "tokens_per_s": tokens_per_s, "loss": float(loss.detach())}
+    return {"impl": impl, "oom": False, "tokens": batch * seq, "times_ms": times,
+            "peak_mb": peak_mb, "tokens_per_s": tokens_per_s, "loss": float(loss.detach())}
 
 
 def _rss() -> int:
@@ -155,12 +164,16 @@ def measure(impl, shape, batch, seq, repeats, device, subprocess_isolation: bool
     leaves nothing behind for the next case)."""
     if not subprocess_isolation:
         return run_case(impl, shape, batch, seq, repeats, device)
-    cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", impl, shape, str(batch),
+    # By path, from the caller's directory: `-m` from the repository root would put the
+    # source checkout ahead of an installed prefix_rft.
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, shape, str(batch),
            str(seq), str(repeats), device]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed:\n{out.stderr[-3000:]}")
+        tail = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        print(f"worker {impl} {batch}x{seq} failed:\n{out.stderr[-3000:]}", flush=True)
+        reason = (tail[-1] if tail else f"exit {out.returncode}").replace(";", ",")[:160]
+        return {"impl": impl, "oom": False, "failed": reason, "tokens": batch * seq}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -171,7 +184,8 @@ def write_results(rows: list[dict], csv_path: str) -> None:
     every = read_rows(csv_path)
     stem = os.path.splitext(csv_path)[0]
     with open(stem + ".md", "w") as f:
-        f.write(render_markdown(every, "Policy-update step: fused hidden-state loss vs full logits"))
+        f.write(render_markdown(every,
+                                "Policy-update step: fused hidden-state loss vs full logits"))
     timed = [r for r in every if r["ms_p50"] not in ("", "nan")]
     if timed:
         render_png(timed, stem + ".png", "train step (fwd+bwd+AdamW), p50 ms")
@@ -179,13 +193,18 @@ def write_results(rows: list[dict], csv_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="prefix-rft bench train_step", description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B shape on CUDA at 8k/16k/32k tokens")
+    ap = argparse.ArgumentParser(prog="prefix-rft bench train_step",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true",
+                    help="Qwen2.5-1.5B shape on CUDA at 8k/16k/32k tokens")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 step, nothing written")
     ap.add_argument("--tokens", type=int, nargs="+", default=None,
-                    help="tokens per micro-batch (CPU default 1024 as 2 x 512; GPU 8192 16384 32768)")
+                    help="tokens per micro-batch (CPU default 1024 as 2 x 512; "
+                         "GPU 8192 16384 32768)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case")
-    ap.add_argument("--out", default=None, help="CSV (default benchmarks/results/train_step.csv; '-' = none)")
+    ap.add_argument("--out", default=None,
+                    help=f"CSV to append to (default {DEFAULT_OUT}; '-' = none; --smoke writes "
+                         "only when --out is given)")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -212,8 +231,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, fits = [], {impl: [] for impl in IMPLS}
     for batch, seq in sizes:
         for impl in IMPLS:
-            r = measure(impl, shape, batch, seq, repeats, device, subprocess_isolation=not args.smoke)
+            r = measure(impl, shape, batch, seq, repeats, device,
+                        subprocess_isolation=not args.smoke)
             label = f"{shape} tokens={batch * seq} ({batch}x{seq})"
+            if r.get("failed"):
+                print(f"  {batch * seq:6d} tokens  {impl:11s}  failed", flush=True)
+                rows.append(make_row("train_step", impl, "fwd+bwd+adamw", label, None, None,
+                                     f"failed: {r['failed']}"))
+                continue
             if r["oom"]:
                 print(f"  {batch * seq:6d} tokens  {impl:11s}  OOM", flush=True)
                 rows.append(make_row("train_step", impl, "fwd+bwd+adamw", label, None, None, "OOM"))
@@ -222,13 +247,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             p50 = sorted(r["times_ms"])[len(r["times_ms"]) // 2]
             print(f"  {batch * seq:6d} tokens  {impl:11s}  p50 {p50:9.1f} ms  "
                   f"{r['tokens_per_s']:9.1f} tok/s  peak {r['peak_mb']:9.1f} MB", flush=True)
-            rows.append(make_row("train_step", impl, "fwd+bwd+adamw", label, r["times_ms"], r["peak_mb"],
-                                 f"tokens_per_s={r['tokens_per_s']:.1f}"))
+            rows.append(make_row("train_step", impl, "fwd+bwd+adamw", label, r["times_ms"],
+                                 r["peak_mb"], f"tokens_per_s={r['tokens_per_s']:.1f}"))
     for impl in IMPLS:
         largest = max(fits[impl]) if fits[impl] else None
         print(f"largest micro-batch that fits, {impl}: {largest if largest else 'none'} tokens")
-    if not args.smoke and args.out != "-":
-        write_results(rows, args.out or os.path.join(RESULTS, "train_step.csv"))
+    if args.out != "-" and (args.out or not args.smoke):
+        write_results(rows, args.out or DEFAULT_OUT)
     return rows
 
 

@@ -1,8 +1,9 @@
 """Public entry: fused linear -> per-token log-prob and entropy, without ``[N, V]`` logits.
 
 Shape of this module (house rule): Triton jit kernels and their launchers live in
-``linear_logprob_entropy_triton.py`` (``triton_fwd`` / ``triton_bwd``), the chunked torch
-implementation and the full-logits reference in ``reference.py`` (``torch_fwd`` /
+``linear_logprob_entropy_triton.py`` (``triton_fwd`` and the atomic backward ``triton_bwd``)
+and ``linear_logprob_entropy_split.py`` (the vocab-split backward ``triton_bwd_split``), the
+chunked torch implementation in ``linear_logprob_entropy_torch.py`` (``torch_fwd`` /
 ``torch_bwd``); here are the ``autograd.Function`` that calls either, and the public
 function with its argument checks.
 """
@@ -14,17 +15,26 @@ import os
 import torch
 
 from ._checks import check_linear_logprob_entropy_inputs
-from .reference import torch_bwd, torch_fwd
+from .linear_logprob_entropy_torch import torch_bwd, torch_fwd
 
 IMPLS = ("auto", "torch", "triton")
+# Triton backwards: "split" (per vocab chunk a dz kernel + library GEMMs, deterministic) and
+# "atomic" (one kernel, fp32 atomics). No GPU has timed both yet; the FLOP/traffic estimate
+# favours "split", so it is the default until a benchmark says otherwise.
+BWDS = ("split", "atomic")
+DEFAULT_BWD = "split"
 
 
-def _triton_ops():
+def _triton_ops(bwd: str = DEFAULT_BWD):
     # Imported lazily: `import prefix_rft.kernels` must work (and stay fast) without a GPU,
     # and TRITON_INTERPRET must be read after tests set it.
     from . import linear_logprob_entropy_triton as ops
 
-    return ops.triton_fwd, ops.triton_bwd
+    if bwd == "atomic":
+        return ops.triton_fwd, ops.triton_bwd
+    from .linear_logprob_entropy_split import triton_bwd_split
+
+    return ops.triton_fwd, triton_bwd_split
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -45,11 +55,12 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
     """autograd wrapper: saves inputs and the per-row (lse, entropy), recomputes tiles in bwd."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, impl):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, impl,
+                bwd=DEFAULT_BWD):
         fwd = torch_fwd if impl == "torch" else _triton_ops()[0]
         logprob, entropy, lse = fwd(hidden, weight, bias, labels, temperature, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.impl = temperature, ignore_index, impl
+        ctx.temperature, ctx.ignore_index, ctx.impl, ctx.bwd = temperature, ignore_index, impl, bwd
         # Unused outputs arrive as None instead of zero tensors, so the backward skips
         # the entropy term entirely when only log-probs are trained on (and vice versa).
         ctx.set_materialize_grads(False)
@@ -60,13 +71,13 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if (grad_logprob is None and grad_entropy is None) or not any(needs):
-            return (None,) * 7
-        bwd = torch_bwd if ctx.impl == "torch" else _triton_ops()[1]
+            return (None,) * 8
+        bwd = torch_bwd if ctx.impl == "torch" else _triton_ops(ctx.bwd)[1]
         dx, dw, db = bwd(
             hidden, weight, bias, labels, lse, entropy, grad_logprob, grad_entropy,
             ctx.temperature, ctx.ignore_index, needs,
         )
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def linear_logprob_entropy(
@@ -78,6 +89,7 @@ def linear_logprob_entropy(
     temperature: float = 1.0,
     ignore_index: int = -100,
     impl: str = "auto",
+    bwd: str = DEFAULT_BWD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``labels`` and softmax entropy, from hidden states and lm_head.
 
@@ -96,6 +108,9 @@ def linear_logprob_entropy(
         ignore_index: label value whose row yields 0 and receives no gradient.
         impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"`` (chunked plain
             torch, bounded memory) or ``"triton"``.
+        bwd: Triton backward: ``"split"`` (default; per vocab chunk a dz kernel and two
+            library GEMMs, deterministic, no atomics) or ``"atomic"`` (one kernel adding
+            into fp32 dX/dW with atomics). Same results; ignored by ``impl="torch"``.
 
     Returns:
         ``(logprob [N] fp32, entropy [N] fp32)``, differentiable w.r.t. hidden, weight and
@@ -110,8 +125,10 @@ def linear_logprob_entropy(
     """
     check_linear_logprob_entropy_inputs(hidden, weight, labels, bias, temperature, ignore_index)
     impl = resolve_impl(impl, hidden.device)
+    if bwd not in BWDS:
+        raise ValueError(f"bwd must be one of {BWDS}, got {bwd!r}")
     if hidden.shape[0] == 0:
         impl = "torch"  # nothing to launch; the torch path returns empty outputs and zero grads
     return LinearLogprobEntropyFunction.apply(
-        hidden, weight, bias, labels, float(temperature), int(ignore_index), impl
+        hidden, weight, bias, labels, float(temperature), int(ignore_index), impl, bwd
     )

@@ -2,11 +2,12 @@
 
 Shape of this module (house rule): ``_linear_logprob_entropy_fwd_kernel`` (jit) ->
 launcher :func:`triton_fwd`, ``_linear_logprob_entropy_bwd_kernel`` (jit) -> launcher
-:func:`triton_bwd`; the autograd.Function and public entry are in
+:func:`triton_bwd` (the atomic backward; the vocab-split one is in
+``linear_logprob_entropy_split.py``); the autograd.Function and public entry are in
 ``linear_logprob_entropy.py``, the plain-torch twins ``torch_fwd`` / ``torch_bwd`` in
-``reference.py`` (same arguments, same semantics).
+``linear_logprob_entropy_torch.py`` (same arguments, same semantics).
 
-Math (per row, z = (x @ W.T + b) / T; see reference.py):
+Math (per row, z = (x @ W.T + b) / T; see linear_logprob_entropy_torch.py):
     m = max z,  s = sum e^{z-m},  w = sum e^{z-m} (z - m)
     lse = m + log s,  entropy = log s - w / s,  logprob = z_y - lse
     dz_j = [g_lp (δ_jy - p_j) - g_H p_j (z_j - (lse - H))] / T
@@ -25,9 +26,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import torch_bwd, torch_fwd
-from .tl_utils import tl_atomic_add_tile_product, tl_logit_tile, tl_row_max
-from .triton_configs import AUTOTUNE_CANDIDATES, autotune_enabled, get_config, interpreter_mode
+from .linear_logprob_entropy_torch import torch_bwd, torch_fwd
+from .tl_utils import (
+    tl_any_at_least,
+    tl_atomic_add_tile_product,
+    tl_grad_logit_tile,
+    tl_logit_tile,
+    tl_row_max,
+)
+from .triton_configs import (
+    AUTOTUNE_CANDIDATES,
+    autotune_enabled,
+    choose_num_splits,
+    get_config,
+    sm_count,
+)
 
 # Gradient filtering (Cut Cross-Entropy's trick) is off unless a caller passes filter_eps > 0.
 DEFAULT_FILTER_EPS = 0.0
@@ -102,19 +115,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _num_splits(n_row_tiles: int, n_vocab_tiles: int, device: torch.device) -> int:
-    """Vocab splits so that small-N launches still fill the GPU (about 4 programs per SM)."""
-    if interpreter_mode() or device.type != "cuda":
-        target = 4
-    else:
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_vocab_tiles, -(-target // n_row_tiles)))
-
-
 def _merge_splits(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge ``[4, S, N]`` per-split partials into (m, s, w) over the whole vocab.
 
-    Vectorised form of :func:`reference.merge_softmax_stats` over the split axis; every
+    Vectorised form of the torch path's ``merge_softmax_stats`` over the split axis; every
     split holds at least one logit, so each split max is finite for finite inputs.
     """
     m_p, s_p, w_p = part[0], part[1], part[2]
@@ -138,7 +142,7 @@ def triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward. Returns fp32 ``(logprob [N], entropy [N], lse [N])``; ignored rows are 0.
 
-    Same contract as ``reference.torch_fwd``. ``n_splits`` overrides how many programs
+    Same contract as the torch path's ``torch_fwd``. ``n_splits`` overrides how many programs
     share one row tile's vocabulary (default: enough to fill the GPU). fp64 inputs go to the
     torch path (tl.dot in fp64 would be slow and is not what this kernel is for).
     """
@@ -151,8 +155,8 @@ def triton_fwd(
     cfg = _launch_config("fwd", hidden, weight)
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     n_row_tiles, n_vocab_tiles = triton.cdiv(n_rows, block_n), triton.cdiv(vocab, block_v)
-    if n_splits is None:
-        n_splits = _num_splits(n_row_tiles, n_vocab_tiles, hidden.device)
+    if n_splits is None:  # whole waves of programs over the GPU's SMs (the forward tail)
+        n_splits = choose_num_splits(n_row_tiles, n_vocab_tiles, sm_count(hidden.device))
     # Whole tiles per split, and no empty split (an empty split would have max -inf).
     split_size = triton.cdiv(n_vocab_tiles, max(1, min(n_splits, n_vocab_tiles))) * block_v
     n_splits = triton.cdiv(vocab, split_size)
@@ -179,21 +183,22 @@ def triton_fwd(
 
 # ----------------------------------------------------------------------------- backward
 #
-# Why one kernel with fp32 atomics (and not two kernels, one for dX iterating over V and
-# one for dW iterating over N): a program that owns dX rows must hold a [BLOCK_N, H] fp32
-# accumulator (128 x 4096 x 4 B = 2 MiB at H=4096), far beyond registers/shared memory, so
-# the two-kernel split only works by also tiling H -- and then every H tile recomputes the
-# full-H logit tile, multiplying the recompute GEMM by H / BLOCK_H (32x at H=4096), or by
-# recomputing the logits once per kernel (8NHV FLOPs for the backward instead of 6NHV).
-# Here each (row tile, vocab tile) program recomputes its logit tile once (2NHV total),
-# forms dz in registers, and walks H in BLOCK_K steps adding dz @ W[v] into dX and
-# dz.T @ X[n] into dW with fp32 atomics: exactly the 6NHV floor of DESIGN §4. The price is
-# NHV (1/BLOCK_V + 1/BLOCK_N) fp32 atomic adds into L2 (about 1.6e11 at N=16384, H=4096,
-# V=151936 with 128x128 tiles), which is what gradient filtering (FILTER_EPS) cuts, and
-# what GROUP_N (row tiles walking the vocab together, so W tiles and dW lines stay in L2)
-# keeps local. This is Cut Cross-Entropy's backward structure; on H100 it has not yet been
-# measured against the alternative (per token chunk: dz in bf16 to a [C, V] buffer, then
-# two cuBLAS GEMMs) -- benchmarks/kernels.py is the place to decide.
+# The atomic backward (bwd="atomic"). Why one kernel with fp32 atomics (and not two kernels,
+# one for dX iterating over V and one for dW iterating over N): a program that owns dX rows
+# must hold a [BLOCK_N, H] fp32 accumulator (128 x 4096 x 4 B = 2 MiB at H=4096), far beyond
+# registers/shared memory, so the two-kernel split only works by also tiling H -- and then
+# every H tile recomputes the full-H logit tile, multiplying the recompute GEMM by
+# H / BLOCK_H (32x at H=4096), or by recomputing the logits once per kernel (8NHV FLOPs for
+# the backward instead of 6NHV). Here each (row tile, vocab tile) program recomputes its
+# logit tile once (2NHV total), forms dz in registers, and walks H in BLOCK_K steps adding
+# dz @ W[v] into dX and dz.T @ X[n] into dW with fp32 atomics: exactly the 6NHV floor. The
+# price is NHV (1/BLOCK_V + 1/BLOCK_N) fp32 atomic adds into L2 (about 1.6e11 at N=16384,
+# H=4096, V=151936 with 128x128 tiles) and an fp32 [V, H] dW buffer, which is what gradient
+# filtering (FILTER_EPS) cuts, and what GROUP_N (row tiles walking the vocab together, so
+# W tiles and dW lines stay in L2) keeps local. This is Cut Cross-Entropy's backward
+# structure. The alternative -- per vocab chunk, dz written once in the input dtype, then two
+# library GEMMs, no atomics -- is linear_logprob_entropy_split.py (bwd="split", the
+# default); benchmarks/gpu_check.sh times both.
 
 
 @triton.jit
@@ -235,23 +240,11 @@ def _linear_logprob_entropy_bwd_kernel(
         z = tl_logit_tile(x_ptr, w_ptr, b_ptr, rows, valid, cols, col_in, H,
                           stride_xn, stride_xk, stride_wv, stride_wk, inv_temp,
                           HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
-        p = tl.where(col_in[None, :], tl.exp(z - lse[:, None]), 0.0)
-        dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        if HAS_GH:
-            g_h = tl.load(gh_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-            ent = tl.load(ent_ptr + rows, mask=valid, other=0.0)
-            dz -= g_h[:, None] * p * (z - (lse - ent)[:, None])
-        if HAS_GLP:
-            g_lp = tl.load(glp_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-            onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
-            dz += g_lp[:, None] * (onehot - p)
-        dz = tl.where(valid[:, None] & col_in[None, :], dz * inv_temp, 0.0)
+        dz = tl_grad_logit_tile(z, rows, valid, cols, col_in, labels, lse_ptr, ent_ptr, glp_ptr,
+                                gh_ptr, inv_temp, HAS_GLP, HAS_GH, BLOCK_N, BLOCK_V)
         keep = True
-        if FILTER:
-            # NaN compares false, so a NaN tile is never filtered away.
-            big = tl.where(tl.abs(dz) < filter_eps, 0, 1)
-            keep = tl.sum(tl.sum(big, axis=1), axis=0) > 0
+        if FILTER:  # a NaN tile is never filtered away
+            keep = tl_any_at_least(dz, filter_eps)
         if keep:
             if NEED_DB:
                 tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_in)
@@ -285,7 +278,7 @@ def triton_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward with logit recompute. Returns ``(dX [N,H], dW [V,H], db [V])`` or Nones.
 
-    Same contract as ``reference.torch_bwd``: fp32 accumulation, results in the input
+    Same contract as the torch path's ``torch_bwd``: fp32 accumulation, results in the input
     dtypes, ignored rows get exactly 0. ``filter_eps > 0`` skips the gradient GEMMs of
     tiles whose every |dz| < filter_eps; then each element of dX, dW, db is off by at most
     ``filter_eps * sum_v |W[v, k]|``, ``filter_eps * sum_n |X[n, k]|``, ``filter_eps * N``.
@@ -342,7 +335,7 @@ def triton_bwd(
 
 def _launch_config(kernel: str, hidden: torch.Tensor, weight: torch.Tensor) -> dict[str, int]:
     """Checked-in config, or (PREFIX_RFT_TRITON_AUTOTUNE=1) the fastest candidate, cached."""
-    if not autotune_enabled():
+    if not autotune_enabled() or kernel not in AUTOTUNE_CANDIDATES:
         return get_config(kernel, hidden.device, hidden.dtype)
     return _autotuned(kernel, hidden.dtype, hidden.shape[1], weight.shape[0], hidden.device)
 

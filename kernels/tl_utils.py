@@ -11,7 +11,8 @@ import triton.language as tl
 
 @triton.jit
 def tl_max_nan(a, b):
-    """Elementwise max that returns NaN when either side is NaN (``tl.maximum`` default drops it)."""
+    """Elementwise max that returns NaN when either side is NaN (``tl.maximum``'s default
+    drops it)."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
@@ -74,3 +75,35 @@ def tl_atomic_add_tile_product(
         part = tl.dot(a, b, input_precision=DOT_PRECISION)
         tl.atomic_add(out_base + ks[None, :], part, mask=out_row_mask[:, None] & k_in[None, :],
                       sem="relaxed")
+
+
+@triton.jit
+def tl_grad_logit_tile(
+    z, rows, valid, cols, col_in, labels, lse_ptr, ent_ptr, glp_ptr, gh_ptr, inv_temp,
+    HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """fp32 ``dz = d(g_lp . logprob + g_H . entropy) / dz`` of a ``[BLOCK_N, BLOCK_V]`` tile.
+
+    ``dz_j = [g_lp (onehot_j - p_j) - g_H p_j (z_j - (lse - H))] / T`` with ``p = e^{z - lse}``
+    from the forward's saved per-row ``lse`` / entropy; 0 outside ``valid`` rows and
+    ``col_in`` columns (``labels`` are int32 column ids, compared against ``cols``).
+    """
+    lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+    p = tl.where(col_in[None, :], tl.exp(z - lse[:, None]), 0.0)
+    dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if HAS_GH:
+        g_h = tl.load(gh_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+        ent = tl.load(ent_ptr + rows, mask=valid, other=0.0)
+        dz -= g_h[:, None] * p * (z - (lse - ent)[:, None])
+    if HAS_GLP:
+        g_lp = tl.load(glp_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+        onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
+        dz += g_lp[:, None] * (onehot - p)
+    return tl.where(valid[:, None] & col_in[None, :], dz * inv_temp, 0.0)
+
+
+@triton.jit
+def tl_any_at_least(dz, eps):
+    """True when some ``|dz| >= eps`` (NaN compares false, so it counts as kept)."""
+    big = tl.where(tl.abs(dz) < eps, 0, 1)
+    return tl.sum(tl.sum(big, axis=1), axis=0) > 0

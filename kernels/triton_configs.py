@@ -10,17 +10,36 @@ Families: ``"sm90"`` (H100/H200), ``"sm80"`` (A100 and other Ampere/Ada), ``"def
 each program as numpy calls, so a few mid-size tiles beat many tiny ones; tl.dot needs
 every dimension >= 16, and test shapes still span several tiles).
 
-The sm90 16-bit entries were picked without a GPU, from ptxas resource usage of the
-kernels compiled for sm_90 (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``): the
-largest tiles that compile without register spills (fwd 128x128x64 spilled 152 B of stack,
-bwd 128x128x64 spilled 672 B, 128x128x32 224 B; the chosen ones spill <= 32 B / 0 B).
-fp32 inputs use ieee (FMA, no tensor cores) dots, which need much smaller tiles ("_fp32"
-keys). sm80/default entries are unmeasured starting points. None of the timings behind
-these choices exist yet: measure with ``python benchmarks/kernels.py`` and update.
+No GPU has timed these yet. The sm90/sm80 entries are tiles that compile without register
+spills, as ``python benchmarks/compile_check.py`` (triton 3.9, ptxas from
+the wheel) builds them for sm_90a / sm_80: specialized as a launch at N=16384, H=4096,
+V=151936 specializes them. Its output for the entries below (regs / spilled bytes / shared
+KiB / wgmma; "+f" = with gradient filtering):
+
+    sm90 fwd   bf16 128x128x32 w8 s3   179 / 0 /  48 / yes   fp32 32x32x32 w4 s2  88 / 0 / 8
+    sm90 bwd   bf16 128x128x64 w8 s3   254 / 0 / 112 / yes   fp32 32x32x32 w4 s2  80 / 0 / 8
+    sm90 bwd+f bf16                    254 / 0 / 112 / yes   fp32                 80 / 0 / 8
+    sm90 dz    bf16 128x128x64 w8 s3   223 / 0 /  96 / yes   fp32 32x64x32 w4 s2 116 / 0 / 12
+    sm90 dz+f  bf16                    224 / 0 /  96 / yes   fp32                116 / 0 / 12
+    sm80 fwd   bf16 128x128x32 w8 s3   255 / 0 /  32         fp32 32x32x32 w4 s2  80 / 0 / 8
+    sm80 bwd   bf16 128x128x32 w8 s3   250 / 0 /  64         fp32 32x32x32 w4 s2 110 / 0 / 12
+    sm80 bwd+f bf16                    244 / 0 /  64         fp32                110 / 0 / 12
+    sm80 dz    bf16 128x128x32 w8 s3   227 / 0 /  32         fp32 32x32x32 w4 s2  80 / 0 / 8
+    sm80 dz+f  bf16                    230 / 0 /  32         fp32                 80 / 0 / 8
+
+Rejected by the same check: sm90 fwd 128x256x64 (256 B spilled), sm90 dz fp32 32x32x32
+(24 B); sm90 fwd 128x128x64 compiles at 255 registers (no headroom), so 128x128x32 stays.
+128x128 atomic-backward tiles, which an unspecialized compile shows spilling, do not spill
+as launched (strides of 1 folded, 16-divisible sizes). fp32 inputs use ieee (FMA, no tensor
+core) dots, hence the small "_fp32" tiles. ``"default"`` entries (other GPUs) are
+unchecked starting points. ``CHUNK_V`` (the split backward's vocab chunk) is 8192: its
+``[N, CHUNK_V]`` dz buffer is 256 MiB in bf16 at N=16384, and each chunk's GEMMs stay large.
+Measure with ``bash benchmarks/gpu_check.sh`` and update.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,25 +51,39 @@ AUTOTUNE_ENV = "PREFIX_RFT_TRITON_AUTOTUNE"
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     "sm90": {
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3),
-        "bwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
+        "bwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
         "fwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=8, num_warps=4, num_stages=2),
+        "dz": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, CHUNK_V=8192, num_warps=8,
+                   num_stages=3),
+        "dz_fp32": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, GROUP_N=8, CHUNK_V=8192, num_warps=4,
+                        num_stages=2),
     },
     "sm80": {
         "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3),
-        "bwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, num_warps=8, num_stages=2),
+        "bwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, num_warps=8, num_stages=3),
         "fwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=8, num_warps=4, num_stages=2),
+        "dz": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, CHUNK_V=8192, num_warps=8,
+                   num_stages=3),
+        "dz_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=8, CHUNK_V=8192, num_warps=4,
+                        num_stages=2),
     },
     "default": {
         "fwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP_N=4, num_warps=4, num_stages=2),
         "fwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=2),
         "bwd_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=4, num_warps=4, num_stages=2),
+        "dz": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP_N=4, CHUNK_V=8192, num_warps=4,
+                   num_stages=2),
+        "dz_fp32": dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=32, GROUP_N=4, CHUNK_V=8192, num_warps=4,
+                        num_stages=2),
     },
     "interpreter": {
         "fwd": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_K=64, num_warps=1, num_stages=1),
         "bwd": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_K=64, GROUP_N=2, num_warps=1, num_stages=1),
+        "dz": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=64, GROUP_N=2, CHUNK_V=256, num_warps=1,
+                   num_stages=1),
     },
 }
 
@@ -88,12 +121,54 @@ def gpu_family(device: torch.device) -> str:
     return "default"
 
 
+KERNELS = ("fwd", "bwd", "dz")
+
+
 def get_config(kernel: str, device: torch.device,
                dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Checked-in config of ``kernel`` ("fwd"/"bwd") for ``device``'s GPU family and dtype."""
-    if kernel not in ("fwd", "bwd"):
-        raise ValueError(f"kernel must be 'fwd' or 'bwd', got {kernel!r}")
+    """Checked-in config of ``kernel`` for ``device``'s GPU family and dtype.
+
+    ``"fwd"``: forward; ``"bwd"``: the atomic backward; ``"dz"``: the dz kernel of the
+    vocab-split backward (``CHUNK_V``: vocab columns per chunk).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     family = CONFIGS[gpu_family(device)]
     if dtype == torch.float32 and f"{kernel}_fp32" in family:
         return dict(family[f"{kernel}_fp32"])
     return dict(family[kernel])
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 stands in for the CPU interpreter)."""
+    if interpreter_mode() or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=1024)
+def choose_num_splits(n_row_tiles: int, n_vocab_tiles: int, slots: int,
+                      tolerance: float = 0.01) -> int:
+    """Vocab splits per row tile so that the forward grid fills whole waves of ``slots``.
+
+    The forward grid is ``n_row_tiles x splits`` programs, each walking
+    ``cdiv(n_vocab_tiles, splits)`` vocab tiles; with ``slots`` programs running at once
+    (one per SM: 132 on H100/H200, 108 on A100) the last program ends after
+    ``finish(s) = cdiv(n_row_tiles * s, slots) * cdiv(n_vocab_tiles, s)`` tile steps. Among
+    the counts that leave no split empty, returns the fewest splits whose finish is within
+    ``tolerance`` of the best (each split adds a partial (m, s, w, z_y) row to merge, so a
+    0.1% gain is not worth 30x more programs).
+
+        >>> choose_num_splits(128, 1187, 132)   # N=16384 in 128-row tiles, V=151936
+        33
+    """
+    if min(n_row_tiles, n_vocab_tiles, slots) < 1:
+        raise ValueError("n_row_tiles, n_vocab_tiles and slots must be >= 1, got "
+                         f"{n_row_tiles}, {n_vocab_tiles}, {slots}")
+    finish = {}
+    for s in range(1, n_vocab_tiles + 1):
+        per = -(-n_vocab_tiles // s)
+        if -(-n_vocab_tiles // per) == s:  # otherwise realised as fewer splits
+            finish[s] = -(-(n_row_tiles * s) // slots) * per
+    best = min(finish.values())
+    return min(s for s, f in finish.items() if f <= best * (1 + tolerance))

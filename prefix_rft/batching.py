@@ -177,7 +177,8 @@ def response_logprob_entropy(model: torch.nn.Module, batch: UpdateBatch | Packed
     return run_head(model, batch, head)
 
 
-def micro_batches(rollouts: Sequence[Rollout], rows: Sequence[int], max_tokens: int) -> list[list[int]]:
+def micro_batches(rollouts: Sequence[Rollout], rows: Sequence[int],
+                  max_tokens: int) -> list[list[int]]:
     """Split ``rows`` (indices into ``rollouts``) into micro-batches of at most ``max_tokens``
     padded tokens (``len(mb) * longest``); a row alone over budget gets its own."""
     from .micro_batching import split_micro_batches

@@ -2,8 +2,10 @@
 
 Layout of ``run_dir/checkpoints/step_000042/``:
 
-    model.pt        full (unsharded) model state dict, fp32 masters, written by rank 0
-    optimizer.pt    full optimizer state dict keyed by parameter names (DCP state_dict API)
+    model.pt        full (unsharded) model state dict, fp32 masters, written by rank 0;
+                    under LoRA the adapters only (the frozen base is model.path's)
+    optimizer.pt    full optimizer state dict keyed by parameter names (DCP state_dict API);
+                    optimizer_rank{r}.pt per rank instead with train.offload: optimizer
     scheduler.pt    LR scheduler state dict (when one is given)
     rng_rank{r}.pt  python / numpy / torch CPU / CUDA RNG states of rank r
     state.json      {"step", "world_size", "sampler", "extra"}: JSON, human-readable
@@ -110,8 +112,28 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- save / load
+def _is_host_optimizer(optimizer: Any) -> bool:
+    from .offload import HostOptimizer
+
+    return isinstance(optimizer, HostOptimizer)
+
+
+def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full model state; under LoRA only the adapters (the frozen base is
+    ``model.path``'s, reloaded at resume)."""
+    state = D.gather_full_state_dict(model)  # collective
+    from .lora import has_lora
+
+    if has_lora(model):
+        state = {k: v for k, v in state.items() if ".lora_" in k}
+    return state
+
+
 def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if _is_host_optimizer(optimizer):  # this rank's shards, saved per rank
+        return optimizer.state_dict()
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=D.is_distributed())
     return get_optimizer_state_dict(model, optimizer, options=options)
@@ -148,8 +170,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
         tmp.mkdir(parents=True)
     D.barrier()
     torch.save(capture_rng_state(), tmp / f"rng_rank{D.get_rank()}.pt")
-    model_state = D.gather_full_state_dict(model)  # collective
+    model_state = _model_state(model)  # collective
     optim_state = _full_optimizer_state(model, optimizer) if optimizer is not None else None
+    if optim_state is not None and _is_host_optimizer(optimizer):
+        torch.save(optim_state, tmp / f"optimizer_rank{D.get_rank()}.pt")
+        optim_state = None
     if D.is_main():
         torch.save(model_state, tmp / "model.pt")
         if optim_state is not None:
@@ -168,20 +193,38 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
 
 
 def _load_model_state(model: nn.Module, path: Path) -> None:
+    from .lora import has_lora
+
+    partial = has_lora(model)  # LoRA checkpoints hold the adapters only
     if not D.is_fsdp(model):
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        result = model.load_state_dict(state, strict=not partial)
+        if partial and (result.unexpected_keys
+                        or any(".lora_" in k for k in result.missing_keys)):
+            raise ValueError(f"checkpoint {str(path)!r} does not match the model's LoRA "
+                             f"adapters (model.lora settings changed?)")
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     # Only rank 0 reads the file; FSDP2 scatters the shards (no N copies in host memory).
-    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if D.is_main() else {}
+    state = {}
+    if D.is_main():
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     set_model_state_dict(model, state, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True))
+        full_state_dict=True, broadcast_from_rank0=True, strict=not partial))
 
 
 def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if _is_host_optimizer(optimizer):
+        file = path / f"optimizer_rank{D.get_rank()}.pt"
+        if not file.is_file():
+            raise ValueError(f"checkpoint {str(path)!r} has no {file.name}: train.offload="
+                             f"optimizer resumes with the same number of ranks")
+        optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        optimizer.resync_from_model()
+        return
     broadcast = D.is_distributed()
     state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
         if (D.is_main() or not broadcast) else {}
@@ -204,7 +247,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module,
     meta = json.loads(state_file.read_text())
     _load_model_state(model, path)
     if optimizer is not None:
-        if not (path / "optimizer.pt").is_file():
+        if not _is_host_optimizer(optimizer) and not (path / "optimizer.pt").is_file():
             raise ValueError(f"checkpoint {str(path)!r} has no optimizer.pt to restore")
         _load_optimizer_state(model, optimizer, path)
     if scheduler is not None:
@@ -222,9 +265,10 @@ def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
     """Write the model (full weights, safetensors) and tokenizer as a plain HF directory,
     loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)``. ``dtype`` (e.g.
     ``torch.bfloat16``) casts the floating-point weights (default: as trained, fp32
-    masters). Atomic like checkpoints; collective under FSDP2 (rank 0 writes)."""
+    masters; LoRA adapters merged in). Atomic like checkpoints; collective under FSDP2
+    (rank 0 writes)."""
     out_dir = Path(out_dir)
-    state = D.gather_full_state_dict(model)
+    state = D.gather_merged_state_dict(model)  # LoRA: adapters merged into the base weights
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if D.is_main():

@@ -1,4 +1,4 @@
-"""``prefix-rft`` console script: train | eval | demo | bench.
+"""``prefix-rft`` console script: train | eval | demo | plan | bench.
 
     prefix-rft train --config configs/qwen2.5-math-1.5b.yaml --train.steps=100 --resume auto
     torchrun --nproc_per_node 8 -m prefix_rft.cli train --config configs/qwen2.5-math-7b.yaml
@@ -39,6 +39,7 @@ BENCHMARKS = {
     "rollout": "benchmarks.rollout",  # HF vs vLLM engine tokens/s and log-prob mismatch
     "train_step": "benchmarks.train_step",  # one policy update: fused vs full-logits path
     "packing": "benchmarks.packing",  # policy update: padded vs packed micro-batches
+    "memory": "benchmarks.memory",  # update-step peak memory per optimizer/LoRA vs the planner
 }
 
 
@@ -97,7 +98,8 @@ def _delegate(module: str, function: str, argv: Sequence[str], what: str) -> int
 def _cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
     name = args.name or "kernels"
     if name not in BENCHMARKS:
-        raise SystemExit(f"prefix-rft bench: unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+        raise SystemExit(f"prefix-rft bench: unknown benchmark {name!r}; choose from "
+                         f"{sorted(BENCHMARKS)}")
     module = BENCHMARKS[name]
     try:
         importlib.import_module(module)
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prefix-RFT: RL fine-tuning on verifiable math with demonstration-prefix "
                     "rollouts (SFT + RFT blend), FSDP2 + fused log-prob/entropy kernels.")
     parser.add_argument("--version", action="version", version=f"prefix-rft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,demo,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,demo,plan,bench}")
 
     train = sub.add_parser(
         "train", help="train a model (Prefix-RFT, RFT or SFT) from a YAML config",
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
          "avg@k / pass@k of a model on benchmark files (run `prefix-rft eval --help`)"),
         ("demo", ("prefix_rft.demo.run", "main"),
          "end-to-end Prefix-RFT on an embedded task with a tiny model, on CPU (`demo --help`)"),
+        ("plan", ("prefix_rft.plan", "cli"),
+         "predict a run's peak GPU memory per component and whether it fits (`plan --help`)"),
     ):
         cmd = sub.add_parser(name, help=helptext, add_help=False,
                              description=helptext + "; arguments are passed through.")
@@ -159,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # eval/demo own their argument parsing: hand them everything after the command name.
-    if argv and argv[0] in ("eval", "demo"):
+    # eval/demo/plan own their argument parsing: hand them everything after the command name.
+    if argv and argv[0] in ("eval", "demo", "plan"):
         args, extra = parser.parse_args(argv[:1]), argv[1:]
     else:
         args, extra = parser.parse_known_args(argv)

@@ -32,12 +32,22 @@ from .checks import choices, is_choice_type
 from .entropy_mask import EntropyMaskScope
 from .loss import KernelImpl
 from .prefix import Schedule
+from .reward.extract import Fallback
 
 Algo = Literal["sft", "rft", "prefix_rft"]  # the update: SFT, plain RFT, Prefix-RFT
 Switch = Literal["auto", "true", "false"]  # auto = when installed / where it applies
 
 # The paper's (and verl's MATH preprocessing's) instruction, appended to the question.
 DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0  # LoRA rank; 0 = off (full fine-tuning)
+    alpha: float = 32.0  # LoRA scale numerator: updates are scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input, [0, 1)
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # linears
 
 
 @dataclass
@@ -50,14 +60,15 @@ class ModelConfig:
     gradient_checkpointing: bool = True  # recompute decoder layers in backward
     liger: Switch = "auto"  # auto (when liger-kernel is installed and on CUDA) | true | false
     trust_remote_code: bool = False  # passed to from_pretrained; keep off unless needed
+    lora: LoraConfig = field(default_factory=LoraConfig)  # {r, alpha, dropout, target_modules}
 
 
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # local .jsonl/.parquet / saved dirs
-    format: Literal["auto", "jsonl", "parquet", "disk"] = "auto"  # auto: by extension / directory
+    format: str = "auto"  # auto (by extension / directory) or a name in prefix_rft.data.FORMATS
     # flat: problem/solution/answer fields; verl: prompt/target/reward_model
-    schema: Literal["flat", "verl"] = "flat"  # row layout (see the keys below)
+    schema: str = "flat"  # row layout: a name in prefix_rft.data.SCHEMAS, or auto (per file)
     problem_key: str = "problem"  # flat: question text
     solution_key: str = "solution"  # flat: demonstration text (the expert's response)
     answer_key: str = "answer"  # flat: gold final answer
@@ -95,6 +106,8 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     max_response_tokens: int = 8192  # response cap incl. prefix, tokens; also Dr. GRPO's L_max
     gpu_memory_utilization: float = 0.4  # vllm: share of GPU memory for weights + KV cache
+    sleep_level: int = 1  # vllm on GPU, during the update: 0 = stay awake | 1 = free the KV
+    # cache, weights to CPU RAM | 2 = free KV cache and weights (all re-sent at the sync)
     enforce_eager: bool = False  # vllm: no CUDA graphs (slower, less memory, faster start)
     tensor_parallel_size: int = 1  # vllm: GPUs per engine
     hf_batch_size: int = 0  # hf engine: sequences generated together; 0 = all at once
@@ -116,6 +129,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw (torch) | adamw8bit (torchao, 8-bit moments) | adamw_bf16_sr (torchao, bf16-stored
+    # weights + stochastic rounding)
+    name: Literal["adamw", "adamw8bit", "adamw_bf16_sr"] = "adamw"  # see prefix_rft/optim.py
     lr: float = 1e-6  # AdamW peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     eps: float = 1e-8  # AdamW epsilon
@@ -138,6 +154,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (cuda when available) | cpu | cuda
     run_dir: str = "runs/prefix-rft"  # config, metrics, checkpoints, plots go here
     max_steps_per_run: int = 0  # stop (after checkpointing) after this many steps; 0 = no limit
+    # none | optimizer (state + step in host RAM) | params (FSDP2 CPUOffloadPolicy: params,
+    # grads and state in host RAM)
+    offload: Literal["none", "optimizer", "params"] = "none"  # see prefix_rft/offload.py
 
 
 @dataclass
@@ -158,7 +177,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    files: list[str] = field(default_factory=list)  # benchmark jsonl files (flat schema)
+    files: list[str] = field(default_factory=list)  # benchmark files, any schema (auto per file)
     every: int = 0  # evaluate during training every N steps; 0 = never
     k: int = 1  # samples per question during training (prefix-rft eval uses --k)
     temperature: float = 0.6  # sampling temperature
@@ -169,7 +188,7 @@ class EvalConfig:
 @dataclass
 class RewardConfig:
     # where the answer comes from when a response has no \boxed{}
-    fallback: Literal["none", "last_number", "answer_is"] = "none"  # none = no answer (reward 0)
+    fallback: Fallback = "none"  # none = no answer (reward 0)
     timeout_s: float = 5.0  # seconds per verification (enforced in a helper process)
     num_workers: int = 1  # helper processes verifying a batch in parallel
 
@@ -206,8 +225,16 @@ def choice_fields() -> dict[str, tuple[str, ...]]:
 
 # ---------------------------------------------------------------- conversion
 def all_keys() -> list[str]:
-    """Every valid dotted key, e.g. ``"loss.clip_high"``."""
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    """Every valid dotted key, e.g. ``"loss.clip_high"`` (and ``"model.lora.r"``)."""
+    keys = []
+    for s, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            tp = _field_type(s, f.name)
+            if dataclasses.is_dataclass(tp):
+                keys += [f"{s}.{f.name}.{g.name}" for g in dataclasses.fields(tp)]
+            else:
+                keys.append(f"{s}.{f.name}")
+    return keys
 
 
 def _unknown_key_error(key: str) -> ValueError:
@@ -284,14 +311,37 @@ def coerce_value(key: str, tp: Any, value: Any) -> Any:
     return _coerce_scalar(key, tp, value)
 
 
+def _set_nested(obj: Any, key: str, sub: str, value: Any) -> None:
+    """Set ``obj``'s field ``sub`` (``key`` = its dotted config name) from ``value``; a
+    mapping value sets several fields (``model.lora: {r: 16, alpha: 32}``)."""
+    if not sub:
+        if not isinstance(value, dict):
+            raise _bad(key, "a mapping of its fields", value)
+        for name, v in value.items():
+            _set_nested(obj, key, str(name), v)
+        return
+    names = {f.name for f in dataclasses.fields(obj)}
+    if sub not in names:
+        raise _unknown_key_error(f"{key}.{sub}")
+    tp = typing.get_type_hints(type(obj))[sub]
+    setattr(obj, sub, coerce_value(f"{key}.{sub}", tp, value))
+
+
 def _set(cfg: Config, key: str, value: Any) -> None:
     section, _, name = key.partition(".")
     if section not in SECTIONS or not name:
         raise _unknown_key_error(key)
+    name, _, sub = name.partition(".")
     names = {f.name for f in dataclasses.fields(SECTIONS[section])}
     if name not in names:
         raise _unknown_key_error(key)
-    setattr(getattr(cfg, section), name, coerce_value(key, _field_type(section, name), value))
+    tp = _field_type(section, name)
+    if dataclasses.is_dataclass(tp):  # a nested group of fields, e.g. model.lora
+        _set_nested(getattr(getattr(cfg, section), name), f"{section}.{name}", sub, value)
+        return
+    if sub:
+        raise _unknown_key_error(key)
+    setattr(getattr(cfg, section), name, coerce_value(key, tp, value))
 
 
 def config_from_dict(raw: dict[str, Any] | None, base: Config | None = None) -> Config:

@@ -3,8 +3,10 @@
 Choice fields are checked against their ``Literal`` types (``config.choice_fields``) and
 ``rollout.engine`` against the engine registry; options that a module implements are checked
 by that module's own function (``loss.check_loss_options``, ``prefix.check_prefix_options``,
-``rollout.SamplingSettings``), with the error renamed to the config key; what only the
-config knows (sentinels, cross-section rules, optimizer and run settings) is checked here.
+``rollout.SamplingSettings``, ``data.check_data_options`` for the format and schema
+registries, ``reward.check_reward_options``), with the error renamed to the config key; what
+only the config knows (sentinels, cross-section rules, optimizer and run settings) is checked
+here.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Any
 
 from .checks import check_choice, check_int, check_number
 from .config import Config, choice_fields
+from .data import check_data_options
 from .loss import check_loss_options
 from .prefix import check_prefix_options
+from .reward import check_reward_options
 from .rollout import SamplingSettings, engine_names
 
 
@@ -64,6 +68,12 @@ def _check_module_options(cfg: Config) -> None:
                  max_new_tokens=(f"{s}.max_response_tokens",
                                  section.max_response_tokens or r.max_response_tokens))
     check_int("rollout.top_k", r.top_k, 0)
+    _checked(check_data_options, format=("data.format", cfg.data.format),
+             schema=("data.schema", cfg.data.schema))
+    w = cfg.reward
+    _checked(check_reward_options, fallback=("reward.fallback", w.fallback),
+             timeout_s=("reward.timeout_s", w.timeout_s),
+             num_workers=("reward.num_workers", w.num_workers))
 
 
 def check_config(cfg: Config) -> None:
@@ -75,7 +85,7 @@ def check_config(cfg: Config) -> None:
         ("train.ppo_epochs", t.ppo_epochs), ("train.micro_batch_tokens", t.micro_batch_tokens),
         ("data.max_prompt_tokens", d.max_prompt_tokens), ("rollout.group_size", r.group_size),
         ("rollout.tensor_parallel_size", r.tensor_parallel_size), ("log.every", cfg.log.every),
-        ("eval.k", cfg.eval.k), ("reward.num_workers", cfg.reward.num_workers),
+        ("eval.k", cfg.eval.k),
     ]:
         check_int(key, value, 1)
     for key, value in [
@@ -93,7 +103,6 @@ def check_config(cfg: Config) -> None:
         raise ValueError(
             f"prefix.num_prefixed must be <= rollout.group_size ({r.group_size}), "
             f"got {p.num_prefixed}")
-    check_number("reward.timeout_s", cfg.reward.timeout_s, 0.0, lo_open=True)
     check_number("rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0.0, 1.0,
                  lo_open=True)
     check_number("optim.lr", o.lr, 0.0, lo_open=True)
@@ -110,6 +119,22 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"train.packing needs model.attn_implementation sdpa or "
                          f"flash_attention_2, got {cfg.model.attn_implementation!r}; "
                          f"set train.packing=false")
+    _check_limited_gpu_options(cfg)
     if cfg.model.path == "" and cfg.model.tokenizer_path:
         raise ValueError(f"model.path must be set when model.tokenizer_path is, "
                          f"got {cfg.model.path!r}")
+
+
+def _check_limited_gpu_options(cfg: Config) -> None:
+    """LoRA, optimizer and offload settings (prefix_rft/lora.py, optim.py, offload.py)."""
+    lora = cfg.model.lora
+    check_int("model.lora.r", lora.r, 0)
+    check_number("model.lora.alpha", lora.alpha, 0.0, lo_open=True)
+    check_number("model.lora.dropout", lora.dropout, 0.0, 1.0, hi_open=True)
+    if lora.r and not lora.target_modules:
+        raise ValueError("model.lora.target_modules must name at least one module, got []")
+    if lora.r and cfg.optim.name == "adamw_bf16_sr":
+        raise ValueError("optim.name=adamw_bf16_sr updates bf16-stored weights; LoRA adapters "
+                         "are fp32 (use adamw or adamw8bit with model.lora.r > 0)")
+    if cfg.rollout.sleep_level not in (0, 1, 2):
+        raise ValueError(f"rollout.sleep_level must be 0, 1 or 2, got {cfg.rollout.sleep_level!r}")

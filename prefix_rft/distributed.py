@@ -48,7 +48,8 @@ HIDDEN_FORWARD = "prefix_rft_hidden_forward"
 
 
 # ---------------------------------------------------------------- process group
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+def init_distributed(device: str = "auto",
+                     timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """Join the process group described by torchrun's env vars; return (rank, world, device).
 
     ``device``: ``auto`` (cuda when available) | ``cpu`` | ``cuda``. Backend is nccl on CUDA,
@@ -189,7 +190,7 @@ def forward_with_head(model: nn.Module, head_fn: Callable, input_ids: torch.Tens
 
 
 def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool,
-               reshard_after_forward: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, offload_params: bool = False) -> nn.Module:
     """Shard ``model`` in place with FSDP2: ``fully_shard`` on every decoder layer
     (``model.model.layers[i]``), then on the root (embeddings, final norm, lm_head).
 
@@ -198,15 +199,21 @@ def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool,
     Parameters stay fp32 masters. Also registers ``generate`` and the fused-head forward
     (``forward_with_head``) as FSDP forward methods. Needs an initialized process group.
     Returns the same model object (now an ``FSDPModule``).
+
+    ``offload_params`` (``train.offload: params``): FSDP2's ``CPUOffloadPolicy`` -- sharded
+    parameters and gradients live in host RAM (pinned on CUDA), the optimizer steps there,
+    and each layer is copied to the device for its forward/backward only.
     """
     from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
         MixedPrecisionPolicy,
         fully_shard,
         register_fsdp_forward_method,
     )
 
     if not dist.is_initialized():
-        raise ValueError("wrap_fsdp2 needs an initialized process group (run init_distributed under torchrun)")
+        raise ValueError("wrap_fsdp2 needs an initialized process group (run init_distributed "
+                         "under torchrun)")
     layers = _decoder_layers(model)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision_bf16 else MixedPrecisionPolicy()
@@ -215,14 +222,30 @@ def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool,
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if offload_params:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, **kwargs)
     setattr(model, HIDDEN_FORWARD, types.MethodType(_hidden_forward, model))
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, **kwargs)
     register_fsdp_forward_method(model, HIDDEN_FORWARD)
     if hasattr(model, "generate"):
         register_fsdp_forward_method(model, "generate")
     return model
+
+
+def init_one_rank_group(device: torch.device) -> None:
+    """A one-process group (gloo on CPU, nccl on CUDA) so that FSDP2 can wrap a single-GPU
+    run (``train.offload: params``). No-op when a group exists."""
+    if dist.is_initialized():
+        return
+    import tempfile
+
+    store = dist.FileStore(tempfile.mktemp(prefix="prefix-rft-pg-"), 1)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store,
+                            rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -270,6 +293,18 @@ def gather_full_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict
     if not rank0_only:
         state = {k: v.detach().to("cpu") for k, v in state.items()}
     return state
+
+
+def gather_merged_state_dict(model: nn.Module, *, rank0_only: bool = True
+                             ) -> dict[str, torch.Tensor]:
+    """:func:`gather_full_state_dict` with LoRA adapters merged into their base weights
+    (plain HF keys; what vLLM and ``save_pretrained`` need). Without LoRA the same dict."""
+    state = gather_full_state_dict(model, rank0_only=rank0_only)
+    if not any(".lora_" in key for key in state):
+        return state
+    from .lora import merge_lora_state, scalings
+
+    return merge_lora_state(state, scalings(model))
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:

@@ -3,7 +3,8 @@
     prefix-rft eval --model runs/x/final --data aime24.jsonl math500.jsonl --k 32
     prefix-rft eval --model DIR --data a.jsonl --k 8 --engine vllm --max-tokens 4096 --out DIR
 
-Per benchmark file (flat schema: ``problem`` and ``answer`` fields, names configurable):
+Per benchmark file (jsonl / parquet / saved dataset, any training schema: ``--schema``,
+detected per file by default; read with ``prefix_rft.data.read_questions``):
 ``n = k`` samples per question at temperature 0.6 / top-p 0.95 (defaults), rewarded with
 ``prefix_rft.reward.math_reward``. With ``c_i`` correct samples out of ``n`` for question i:
 
@@ -12,7 +13,7 @@ Per benchmark file (flat schema: ``problem`` and ``answer`` fields, names config
 
 ``pass@1`` equals ``avg@k``. Results go to ``eval_results.json`` and ``eval_results.md``
 in ``--out`` (default ``<model>/eval``). Prompts are built exactly as for training
-(``prefix_rft.data``: chat template + the instruction). Use :func:`evaluate_rows` to score
+(``prefix_rft.data``: chat template + the instruction). Use :func:`evaluate_questions` to score
 an in-memory model (the demo and the trainer's periodic eval do).
 """
 
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import DataConfig
+from .data import SCHEMAS, Question, prompt_messages, prompt_text, read_questions
 
 
 # ---------------------------------------------------------------------------- estimators
@@ -59,7 +63,8 @@ def pass_ks(k: int) -> list[int]:
 
 
 def summarize(correct_counts: Sequence[int], n: int) -> dict[str, float]:
-    """``{"avg@n", "pass@1", "pass@2", ..., "pass@n", "num_questions"}`` from per-question counts."""
+    """``{"avg@n", "pass@1", "pass@2", ..., "pass@n", "num_questions"}`` from per-question
+    counts."""
     if not correct_counts:
         raise ValueError("correct_counts must hold at least one question")
     out = {f"avg@{n}": sum(correct_counts) / (n * len(correct_counts))}
@@ -70,37 +75,33 @@ def summarize(correct_counts: Sequence[int], n: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- sampling
-def _prompt_ids(tokenizer, rows: Sequence[dict], instruction: str, problem_key: str) -> list[list[int]]:
-    from .data import prompt_text, with_instruction
-
-    ids = []
-    for i, row in enumerate(rows):
-        problem = row.get(problem_key)
-        if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"rows[{i}] has no {problem_key!r} text")
-        messages = [{"role": "user", "content": with_instruction(problem, instruction)}]
-        ids.append(tokenizer.encode(prompt_text(tokenizer, messages), add_special_tokens=False))
-    return ids
+def _prompt_ids(tokenizer, questions: Sequence[Question], instruction: str,
+                system_prompt: str | None) -> list[list[int]]:
+    return [tokenizer.encode(prompt_text(tokenizer, prompt_messages(q.messages, instruction,
+                                                                    system_prompt)),
+                             add_special_tokens=False) for q in questions]
 
 
-def evaluate_rows(model, tokenizer, rows: Sequence[dict], k: int, *, temperature: float = 0.6,
-                  top_p: float = 0.95, max_response_tokens: int = 1024, engine=None,
-                  batch_questions: int = 32, seed: int = 0, instruction: str | None = None,
-                  problem_key: str = "problem", answer_key: str = "answer",
-                  progress: bool = False) -> dict[str, Any]:
-    """Sample ``k`` responses per row and score them.
+def evaluate_questions(model, tokenizer, questions: Sequence[Question], k: int, *,
+                       temperature: float = 0.6, top_p: float = 0.95,
+                       max_response_tokens: int = 1024, engine=None, batch_questions: int = 32,
+                       seed: int = 0, instruction: str | None = None,
+                       system_prompt: str | None = None,
+                       progress: bool = False) -> dict[str, Any]:
+    """Sample ``k`` responses per question and score them against ``question.answer``.
 
     Args:
         model: a transformers causal LM (sampled with the default engine when ``engine`` is
             None; unused otherwise).
         tokenizer: its tokenizer (chat template used when present).
-        rows: dicts with ``problem_key`` and ``answer_key``.
+        questions: :class:`prefix_rft.data.Question` s (``prefix_rft.data.read_questions``).
         engine: a :class:`prefix_rft.rollout.RolloutEngine` to sample with instead.
         batch_questions: questions per ``generate`` call.
         seed: question i is sampled with seed ``seed + i`` (reproducible, batch-independent).
         instruction: appended to each question; None = the training default.
+        system_prompt: as ``data.system_prompt`` (None keeps the file's own system message).
 
-    Returns ``summarize(...)`` plus ``"correct"`` (per-row counts), ``"k"``,
+    Returns ``summarize(...)`` plus ``"correct"`` (per-question counts), ``"k"``,
     ``"mean_response_tokens"``, ``"seconds"``.
     """
     from .config import DEFAULT_INSTRUCTION
@@ -109,27 +110,28 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], k: int, *, temperature
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if not rows:
-        raise ValueError("rows must hold at least one question")
+    if not questions:
+        raise ValueError("questions must hold at least one question")
     start = time.perf_counter()
     engine = engine or make_engine(DEFAULT_ENGINE, model, tokenizer, seed=seed)
-    prompts = _prompt_ids(tokenizer, rows, DEFAULT_INSTRUCTION if instruction is None else instruction,
-                          problem_key)
+    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+    prompts = _prompt_ids(tokenizer, questions, instruction, system_prompt)
     correct, lengths = [], []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows), desc="eval", unit="q", dynamic_ncols=True)
-    for lo in range(0, len(rows), batch_questions):
-        chunk = range(lo, min(len(rows), lo + batch_questions))
+        bar = tqdm(total=len(questions), desc="eval", unit="q", dynamic_ncols=True)
+    for lo in range(0, len(questions), batch_questions):
+        chunk = range(lo, min(len(questions), lo + batch_questions))
         requests = [RolloutRequest(prompts[i], (), n=k, sampling=SamplingSettings(
-            temperature=temperature, top_p=top_p, max_new_tokens=max_response_tokens, seed=seed + i))
-            for i in chunk]
+            temperature=temperature, top_p=top_p, max_new_tokens=max_response_tokens,
+            seed=seed + i)) for i in chunk]
         with torch.no_grad():
             outputs = engine.generate(requests)
-        texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for out in outputs for s in out]
-        golds = [str(rows[i][answer_key]) for i in chunk for _ in range(k)]
+        texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True)
+                 for out in outputs for s in out]
+        golds = [questions[i].answer for i in chunk for _ in range(k)]
         rewards, _ = math_rewards(texts, golds)
         lengths += [len(s.response_ids) for out in outputs for s in out]
         correct += [int(sum(rewards[j * k:(j + 1) * k])) for j in range(len(chunk))]
@@ -155,21 +157,15 @@ def render_markdown(results: dict[str, dict[str, Any]], k: int) -> str:
     return "\n".join(lines) + "\n\n(percent; pass@j is the unbiased estimator from k samples)\n"
 
 
-def _read_benchmark(path: str, max_rows: int) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--data: {path!r} is not a file")
-    rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows[:max_rows] if max_rows else rows
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .rollout import DEFAULT_ENGINE, engine_names
 
     ap = argparse.ArgumentParser(prog="prefix-rft eval", description="avg@k and unbiased pass@k "
-                                 "of a local HF model on jsonl benchmark files (problem/answer rows).")
+                                 "of a local HF model on benchmark files (jsonl/parquet, any "
+                                 "training schema).")
     ap.add_argument("--model", required=True, help="local HF model directory")
-    ap.add_argument("--data", required=True, nargs="+", help="benchmark .jsonl files")
+    ap.add_argument("--data", required=True, nargs="+",
+                    help="benchmark files (.jsonl/.json/.parquet or saved dataset directories)")
     ap.add_argument("--k", type=int, default=32, help="samples per question (default 32)")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -179,9 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-questions", type=int, default=32, help="questions per generate call")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                     help="for engines that reserve GPU memory")
-    ap.add_argument("--problem-key", default="problem")
-    ap.add_argument("--answer-key", default="answer")
-    ap.add_argument("--instruction", default=None, help="appended to each question (default: training's)")
+    ap.add_argument("--schema", choices=("auto", *SCHEMAS), default="auto",
+                    help="row schema of the files, as data.schema (default: detected per file)")
+    ap.add_argument("--problem-key", default="problem", help="flat schema: question field")
+    ap.add_argument("--answer-key", default="answer", help="flat schema: gold answer field")
+    ap.add_argument("--instruction", default=None,
+                    help="appended to each question (default: training's)")
     ap.add_argument("--max-rows", type=int, default=0, help="first N questions per file; 0 = all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -210,26 +209,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``prefix-rft eval`` entry point; returns 0 (argument errors exit with status 2)."""
     args = build_parser().parse_args(argv)
     if args.k < 1 or args.max_tokens < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
-        raise SystemExit("prefix-rft eval: need --k >= 1, --max-tokens >= 1, 0 < --top-p <= 1, --temperature >= 0")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        raise SystemExit("prefix-rft eval: need --k >= 1, --max-tokens >= 1, 0 < --top-p <= 1, "
+                         "--temperature >= 0")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        benchmarks = {Path(p).stem: _read_benchmark(p, args.max_rows) for p in args.data}
+        data_cfg = DataConfig(schema=args.schema, problem_key=args.problem_key,
+                              answer_key=args.answer_key, max_rows=args.max_rows)
+        benchmarks = {Path(p).stem: read_questions(p, data_cfg, what="--data") for p in args.data}
         tokenizer, engine = _load(args, device)
     except ValueError as err:
         raise SystemExit(f"prefix-rft eval: {err}") from None
     results = {}
-    for name, rows in benchmarks.items():
-        results[name] = evaluate_rows(
-            None, tokenizer, rows, args.k, temperature=args.temperature, top_p=args.top_p,
-            max_response_tokens=args.max_tokens, engine=engine, batch_questions=args.batch_questions,
-            seed=args.seed, instruction=args.instruction, problem_key=args.problem_key,
-            answer_key=args.answer_key, progress=not args.no_progress)
+    for name, questions in benchmarks.items():
+        results[name] = evaluate_questions(
+            None, tokenizer, questions, args.k, temperature=args.temperature, top_p=args.top_p,
+            max_response_tokens=args.max_tokens, engine=engine,
+            batch_questions=args.batch_questions, seed=args.seed, instruction=args.instruction,
+            progress=not args.no_progress)
         print(f"{name}: avg@{args.k} {results[name][f'avg@{args.k}']:.4f}  "
               f"pass@{args.k} {results[name][f'pass@{args.k}']:.4f}", flush=True)
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("no_progress",)}
-    (out / "eval_results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    report = {"settings": settings, "results": results}
+    (out / "eval_results.json").write_text(json.dumps(report, indent=1))
     (out / "eval_results.md").write_text(render_markdown(results, args.k))
     print(f"wrote {out / 'eval_results.json'} and {out / 'eval_results.md'}", flush=True)
     return 0 if all(math.isfinite(r[f"avg@{args.k}"]) for r in results.values()) else 1

@@ -22,8 +22,9 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 # (short name shown in the progress bar, metric key)
-PROGRESS_KEYS = (("reward", "reward_mean"), ("pass", "pass_rate"), ("H_cont", "entropy_continuation"),
-                 ("low", "prefix_low"), ("clip", "clip_frac"), ("tok/s", "tokens_per_s"))
+PROGRESS_KEYS = (("reward", "reward_mean"), ("pass", "pass_rate"),
+                 ("H_cont", "entropy_continuation"), ("low", "prefix_low"), ("clip", "clip_frac"),
+                 ("tok/s", "tokens_per_s"))
 # plot file stem -> (title, metric keys drawn as lines on it)
 PLOTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "reward": ("reward", ("reward_mean", "reward_on_policy", "reward_hybrid")),
@@ -65,7 +66,8 @@ class MetricsLogger:
         run_dir: the run directory (``metrics.jsonl`` and ``tensorboard/`` go there).
         total_steps: steps of the whole run (the bar's total; its ETA comes from tqdm).
         start_step: steps already done (resume); later lines in the file are dropped.
-        tensorboard: ``"auto"`` (when ``torch.utils.tensorboard`` imports) | ``"true"`` | ``"false"``.
+        tensorboard: ``"auto"`` (when ``torch.utils.tensorboard`` imports) | ``"true"`` |
+            ``"false"``.
         progress: show the progress bar.
         enabled: False on non-main ranks: every method becomes a no-op.
     """
@@ -87,7 +89,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                         purge_step=start_step + 1)
             except ImportError:
                 if tensorboard == "true":
                     raise ValueError("log.tensorboard=true but tensorboard is not installed "
@@ -111,7 +114,8 @@ class MetricsLogger:
                 if key not in ("step", "time") and value is not None:
                     self._tb.add_scalar(key, value, step)
         if self._bar is not None:
-            shown = {name: f"{row[key]:.3g}" for name, key in PROGRESS_KEYS if row.get(key) is not None}
+            shown = {name: f"{row[key]:.3g}" for name, key in PROGRESS_KEYS
+                     if row.get(key) is not None}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(max(0, step - self._bar.n))
 
@@ -169,7 +173,8 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for key, points in series.items():
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3,
+                    label=key)
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -6,8 +6,9 @@
 :class:`Run` is the typed state of a run that :mod:`prefix_rft.train` reads and updates;
 ``start_run`` builds it from the pieces below (each usable on its own):
 
-* :func:`load_policy` -- the policy and tokenizer from a local HF directory.
-* :func:`build_optimizer` -- AdamW and its per-optimizer-step LR schedule.
+* :func:`load_policy` -- the policy and tokenizer from a local HF directory (+ LoRA).
+* :func:`build_optimizer` -- ``optim.name`` (optionally offloaded to host RAM) and its
+  per-optimizer-step LR schedule.
 * :func:`build_engine` -- the rollout engine named by ``rollout.engine`` (the registry in
   :mod:`prefix_rft.rollout`).
 * :func:`build_loss` -- the fused :class:`~prefix_rft.loss.PrefixRFTLoss` from ``loss.*``.
@@ -34,6 +35,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import Config, save_config
+from .data import PromptDataset, StatefulSampler, load_prompt_dataset
 from .loss import PrefixRFTLoss
 from .rollout import RolloutEngine, engine_class
 
@@ -49,8 +51,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: PrefixRFTLoss
-    dataset: Any  # prefix_rft.data's prompt dataset: items with prompt_ids / demo_ids / answer
-    sampler: Any  # prefix_rft.data.StatefulSampler: this rank's question order (resumable)
+    dataset: PromptDataset  # the training questions; dataset[i] is a data.Question
+    sampler: StatefulSampler  # this rank's question order (seeded, resumable)
     device: torch.device
     rank: int
     world: int  # number of ranks
@@ -87,7 +89,7 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
         print("[prefix-rft] flash-attn not installed or not on CUDA: using sdpa attention",
               flush=True)
         attn = "sdpa"
-    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    dtype = weight_dtype(cfg, device)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn,
         trust_remote_code=cfg.model.trust_remote_code).to(device)
@@ -96,6 +98,12 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     apply_liger(cfg, model, device)
+    lora = cfg.model.lora
+    if lora.r:
+        from .lora import apply_lora
+
+        apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                   target_modules=tuple(lora.target_modules))
     if cfg.train.packing:
         from .varlen_attention import enable_packed_attention
 
@@ -104,6 +112,17 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model, tokenizer
+
+
+def weight_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """Stored weight dtype: fp32 (masters) unless ``model.dtype: bf16``, ``optim.name:
+    adamw_bf16_sr`` (bf16 weights updated with stochastic rounding) or a LoRA run on CUDA
+    (the frozen base needs no masters: bf16, the adapters stay fp32)."""
+    if cfg.model.dtype == "bf16" or cfg.optim.name == "adamw_bf16_sr":
+        return torch.bfloat16
+    if cfg.model.lora.r and device.type == "cuda" and cfg.model.dtype == "auto":
+        return torch.bfloat16
+    return torch.float32
 
 
 def apply_liger(cfg: Config, model: torch.nn.Module, device: torch.device) -> None:
@@ -128,10 +147,20 @@ def optimizer_steps_per_step(cfg: Config) -> int:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module):
-    """AdamW + a per-optimizer-step LR schedule: linear warmup, then constant or cosine."""
+    """``optim.name`` (:func:`prefix_rft.optim.make_optimizer`) over the trainable parameters,
+    in host RAM when ``train.offload: optimizer`` (:class:`prefix_rft.offload.HostOptimizer`),
+    + a per-optimizer-step LR schedule: linear warmup, then constant or cosine."""
+    from .offload import HostOptimizer
+    from .optim import make_optimizer
+
     o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+
+    def make(params):
+        return make_optimizer(o.name, params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                              weight_decay=o.weight_decay)
+
+    optimizer = (HostOptimizer(model.parameters(), make) if cfg.train.offload == "optimizer"
+                 else make(model.parameters()))
     total = optimizer_steps_per_step(cfg) * cfg.train.steps
 
     def lr_factor(k: int) -> float:
@@ -204,8 +233,6 @@ def check_divisible(cfg: Config, world: int) -> None:
 
 def start_run(cfg: Config) -> Run:
     """Process group, seed, data, model (+FSDP2), optimizer, resume, engine, loss."""
-    from .data import StatefulSampler, load_prompt_dataset
-
     rank, world, device = D.init_distributed(cfg.train.device)
     check_divisible(cfg, world)
     seed_everything(cfg.train.seed)
@@ -219,9 +246,12 @@ def start_run(cfg: Config) -> Run:
         print(f"[prefix-rft] {dataset.summary()}", flush=True)
     sampler = StatefulSampler(len(dataset), seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                               rank=rank, world_size=world)
-    if world > 1:
-        D.wrap_fsdp2(model,
-                     mixed_precision_bf16=device.type == "cuda" and cfg.model.dtype == "auto")
+    if world > 1 or cfg.train.offload == "params":
+        if world == 1:
+            D.init_one_rank_group(device)
+        D.wrap_fsdp2(model, offload_params=cfg.train.offload == "params",
+                     mixed_precision_bf16=device.type == "cuda" and cfg.model.dtype == "auto"
+                     and weight_dtype(cfg, device) == torch.float32)
     optimizer, scheduler = build_optimizer(cfg, model)
     start = 0
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)

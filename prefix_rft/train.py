@@ -29,7 +29,7 @@ checkpoint and return; an exception in a single-process run saves before re-rais
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -49,6 +49,7 @@ from .batching import (
     run_head,
 )
 from .config import Config, resolve_config, validate_config
+from .data import Question, read_questions
 from .entropy_mask import mini_batch_keep_masks, needs_mini_batch_pass
 from .loss import sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
@@ -66,7 +67,7 @@ def _request_seed(cfg: Config, step: int, position: int) -> int:
     return (cfg.rollout.seed * 1_000_003 + step * 10_007 + position * 97) % (2**31 - 1)
 
 
-def build_requests(cfg: Config, items: list[dict], step: int, first_position: int):
+def build_requests(cfg: Config, questions: list[Question], step: int, first_position: int):
     """``G`` rollouts per question: one on-policy request (``n = G - num_prefixed``) plus one
     request per hybrid continuing ``cut_prefix(demo, ratio)``. Returns ``(requests, meta,
     low)``: ``meta[i] = (question index, is_prefixed, ratio)`` per request and ``low`` the
@@ -76,22 +77,22 @@ def build_requests(cfg: Config, items: list[dict], step: int, first_position: in
     low = prefix_low_bound(step, schedule=p.schedule, start=p.start, end=p.end,
                            decay_steps=p.decay_steps)
     requests, meta = [], []
-    for q, item in enumerate(items):
+    for q, question in enumerate(questions):
         seed = _request_seed(cfg, step, first_position + q)
         sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                     max_new_tokens=r.max_response_tokens, seed=seed)
         if G - p.num_prefixed > 0:
-            requests.append(RolloutRequest(item["prompt_ids"], (), n=G - p.num_prefixed,
+            requests.append(RolloutRequest(question.prompt_ids, (), n=G - p.num_prefixed,
                                            sampling=sampling))
             meta.append((q, False, 0.0))
         ratios = sample_prefix_ratios(p.num_prefixed, low, high=p.high, beta_alpha=p.beta_alpha,
                                       beta_beta=p.beta_beta, generator=seed)
         for j, ratio in enumerate(ratios):
-            prefix = cut_prefix(item["demo_ids"], ratio, min_prefix_tokens=p.min_prefix_tokens)
+            prefix = cut_prefix(question.demo_ids, ratio, min_prefix_tokens=p.min_prefix_tokens)
             prefix = prefix[: r.max_response_tokens - 1]  # leave room for one sampled token
             hybrid = SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                       max_new_tokens=r.max_response_tokens, seed=seed + 1 + j)
-            requests.append(RolloutRequest(item["prompt_ids"], prefix, n=1, sampling=hybrid))
+            requests.append(RolloutRequest(question.prompt_ids, prefix, n=1, sampling=hybrid))
             meta.append((q, len(prefix) > 0, ratio))
     return requests, meta, low
 
@@ -111,12 +112,13 @@ def roll_out(run: Run, requests: list[RolloutRequest], meta: list) -> list[Rollo
     return rollouts
 
 
-def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) -> dict[str, float]:
+def score(rollouts: list[Rollout], questions: list[Question], tokenizer,
+          cfg: Config) -> dict[str, float]:
     """Rewards (math-verify) and Dr. GRPO advantages, written into the rollouts; returns metrics."""
     from .reward import math_rewards
 
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
-    rewards, stats = math_rewards(texts, [items[r.group]["answer"] for r in rollouts],
+    rewards, stats = math_rewards(texts, [questions[r.group].answer for r in rollouts],
                                   fallback=cfg.reward.fallback, timeout_s=cfg.reward.timeout_s,
                                   num_workers=cfg.reward.num_workers)
     reward_t = torch.tensor(rewards, dtype=torch.float64)
@@ -125,7 +127,8 @@ def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) ->
     adv = group_advantages(reward_t, groups, baseline=cfg.loss.baseline, is_prefixed=prefixed)
     for r, value, a in zip(rollouts, rewards, adv.tolist()):
         r.reward, r.advantage = value, a
-    solved = [0.0] * len(items)  # pass rate: a question counts when an on-policy rollout solved it
+    # pass rate: a question counts when an on-policy rollout solved it
+    solved = [0.0] * len(questions)
     for r in rollouts:
         if not r.is_prefixed:
             solved[r.group] = max(solved[r.group], r.reward)
@@ -134,7 +137,7 @@ def score(rollouts: list[Rollout], items: list[dict], tokenizer, cfg: Config) ->
     m = {"reward_mean": reward_t.mean().item(),
          "reward_on_policy": on.mean().item() if on.numel() else float("nan"),
          "reward_hybrid": hyb.mean().item() if hyb.numel() else float("nan"),
-         "pass_rate": sum(solved) / max(1, len(items)),
+         "pass_rate": sum(solved) / max(1, len(questions)),
          "response_len_mean": float(np.mean(lengths)), "response_len_max": float(max(lengths)),
          "truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
          "reward_no_answer_frac": stats.no_answer / max(1, stats.total),
@@ -163,18 +166,18 @@ def old_logprobs(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
                             continuation_mask_for(rollouts, width))
 
 
-def policy_rows(run: Run, items: list[dict], rollouts: list[Rollout]):
+def policy_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
     """The rollouts, with their old log-probs; the mismatch metrics."""
     mismatch = old_logprobs(run, rollouts)
     return rollouts, {"mismatch_mean": mismatch["mismatch_mean"],
                       "mismatch_max": mismatch["mismatch_max"]}
 
 
-def sft_rows(run: Run, items: list[dict], rollouts: list[Rollout]):
+def sft_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
     """The questions' demonstrations (cut to the response budget); no mismatch to measure."""
-    demos = [Rollout(prompt_ids=it["prompt_ids"], group=q,
-                     response_ids=it["demo_ids"][: run.cfg.rollout.max_response_tokens])
-             for q, it in enumerate(items)]
+    demos = [Rollout(prompt_ids=question.prompt_ids, group=q,
+                     response_ids=question.demo_ids[: run.cfg.rollout.max_response_tokens])
+             for q, question in enumerate(questions)]
     return demos, {"mismatch_mean": float("nan"), "mismatch_max": float("nan")}
 
 
@@ -323,20 +326,20 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     reset_peak_memory(run.device)  # peak_mem_gb is this step's
     t0 = time.perf_counter()
     # ---- sample questions, build requests, roll out
-    items = [run.dataset[i] for i in run.sampler.next_batch(cfg.train.prompts_per_step)]
+    questions = [run.dataset[i] for i in run.sampler.next_batch(cfg.train.prompts_per_step)]
     first = D.shard_range(cfg.train.prompts_per_step).start
-    requests, meta, low = build_requests(cfg, items, step, first)
+    requests, meta, low = build_requests(cfg, questions, step, first)
     rollouts = roll_out(run, requests, meta)
     run.engine.sleep()
     t_rollout = time.perf_counter()
     # ---- reward + advantages
-    metrics = score(rollouts, items, run.tokenizer, cfg)
+    metrics = score(rollouts, questions, run.tokenizer, cfg)
     ratios = [ratio for _, prefixed, ratio in meta if prefixed]
     metrics.update(prefix_low=low,
                    prefix_ratio_mean=float(np.mean(ratios)) if ratios else float("nan"))
     t_reward = time.perf_counter()
     # ---- old log-probs (fused kernel, no grad) + engine mismatch; SFT: the demonstrations
-    rows, mismatch = update_rows(run, items, rollouts)
+    rows, mismatch = update_rows(run, questions, rollouts)
     metrics.update(mismatch)
     t_old = time.perf_counter()
     # ---- policy update
@@ -357,17 +360,20 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 def periodic_eval(run: Run) -> dict[str, float]:
     """``eval.files`` scored with the rollout engine: ``eval/<file stem>/avg@k`` and ``pass@k``.
     Every rank evaluates every question (same seeds), so FSDP2 ranks stay in step."""
-    from .evaluate import evaluate_rows
+    from .evaluate import evaluate_questions
 
     cfg, e, out = run.cfg, run.cfg.eval, {}
+    # Any schema and format, detected per file; field names, instruction and system prompt
+    # as for training.
+    data_cfg = dataclasses.replace(cfg.data, format="auto", schema="auto", max_rows=0)
     for path in e.files:
-        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-                if line.strip()]
+        questions = read_questions(path, data_cfg, what="eval.files")
         with run.engine.generation_context(run.model), run.compute():
-            result = evaluate_rows(run.model, run.tokenizer, rows, e.k, temperature=e.temperature,
-                                   top_p=e.top_p, max_response_tokens=e.max_response_tokens,
-                                   engine=run.engine, seed=cfg.train.seed,
-                                   instruction=cfg.data.instruction)
+            result = evaluate_questions(
+                run.model, run.tokenizer, questions, e.k, temperature=e.temperature,
+                top_p=e.top_p, max_response_tokens=e.max_response_tokens, engine=run.engine,
+                seed=cfg.train.seed, instruction=cfg.data.instruction,
+                system_prompt=cfg.data.system_prompt)
         out[f"eval/{Path(path).stem}/avg@{e.k}"] = result[f"avg@{e.k}"]
         out[f"eval/{Path(path).stem}/pass@{e.k}"] = result[f"pass@{e.k}"]
     return out
@@ -446,7 +452,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if D.is_main() and cfg.log.plots:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
     run.engine.close()
-    if run.world > 1:
+    if run.world > 1 or cfg.train.offload == "params":  # (a one-rank group for offload)
         D.destroy_distributed()
     return {"run_dir": str(run_dir), "steps_done": done,
             "final_model_dir": str(final_dir) if final_dir else None, "metrics": metrics,

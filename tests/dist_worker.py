@@ -132,7 +132,8 @@ def main(out_path: str, ckpt_root: str) -> None:
     model, optimizer, ids, lab = setup(tied=False)
     total_valid = int((global_batch()[1] != -100).sum())
     train_step(model, optimizer, ids, lab, total_valid)
-    results["checkpoint"] = checkpoint_round_trip(model, optimizer, ids, lab, total_valid, ckpt_root)
+    results["checkpoint"] = checkpoint_round_trip(model, optimizer, ids, lab, total_valid,
+                                                  ckpt_root)
     if is_main():
         torch.save(results, out_path)
     destroy_distributed()

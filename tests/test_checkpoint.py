@@ -65,7 +65,8 @@ def test_round_trip_continues_training_identically(tmp_path):
 
     model2, opt2, sched2 = _train_objects(seed=123)  # different init: all must come from disk
     torch.manual_seed(999)  # different RNG: must be restored too
-    meta = C.load_checkpoint(C.find_latest(tmp_path), model=model2, optimizer=opt2, scheduler=sched2)
+    meta = C.load_checkpoint(C.find_latest(tmp_path), model=model2, optimizer=opt2,
+                             scheduler=sched2)
     assert meta["step"] == 2 and meta["sampler"] == {"epoch": 1, "position": 7}
     assert meta["extra"] == {"reward": 0.5}
     assert sched2.last_epoch == 2 and opt2.param_groups[0]["lr"] == pytest.approx(0.05 / 3)

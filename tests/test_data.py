@@ -79,23 +79,23 @@ def test_flat_jsonl_prompts_demos_and_skips(tmp_path, caplog):
     item = ds[0]
     expected_prompt = (f"<|im_start|>user\nWhat is 2+3? {DEFAULT_INSTRUCTION}<|im_end|>\n"
                        "<|im_start|>assistant\n")
-    assert item["prompt_ids"] == encode(tok, expected_prompt)
-    assert item["demo_ids"] == encode(tok, "2+3=5. \\boxed{5}") + [tok.eos_token_id]
-    assert item["answer"] == "5" and item["problem"] == "What is 2+3?" and item["index"] == 0
+    assert item.prompt_ids == encode(tok, expected_prompt)
+    assert item.demo_ids == encode(tok, "2+3=5. \\boxed{5}") + [tok.eos_token_id]
+    assert item.answer == "5" and item.problem == "What is 2+3?" and item.index == 0
     # the demonstration is exactly what follows the prompt in the templated conversation
     full = tok.apply_chat_template(
         [{"role": "user", "content": f"What is 2+3? {DEFAULT_INSTRUCTION}"},
          {"role": "assistant", "content": "2+3=5. \\boxed{5}"}], tokenize=False)
-    assert encode(tok, full)[:len(item["prompt_ids"]) + len(item["demo_ids"])] == \
-        item["prompt_ids"] + item["demo_ids"]
-    assert ds[1]["answer"] == "42"
+    assert encode(tok, full)[:len(item.prompt_ids) + len(item.demo_ids)] == \
+        item.prompt_ids + item.demo_ids
+    assert ds[1].answer == "42"
     assert ds.demo_ids(0) is ds.demo_ids(0)  # cached, not re-tokenized
 
 
 def test_rft_keeps_rows_without_demonstration(tmp_path):
     cfg = DataConfig(train_files=[write_jsonl(tmp_path / "a.jsonl", FLAT_ROWS)])
     ds = load_prompt_dataset(cfg, make_tokenizer(), need_demo=False)
-    assert len(ds) == 3 and ds[2]["demo_ids"] is None and ds.skipped["no demonstration"] == 0
+    assert len(ds) == 3 and ds[2].demo_ids is None and ds.skipped["no demonstration"] == 0
 
 
 def test_verl_parquet_schema_and_system_prompt(tmp_path):
@@ -108,19 +108,20 @@ def test_verl_parquet_schema_and_system_prompt(tmp_path):
     ds = load_prompt_dataset(cfg, tok, need_demo=True)
     assert len(ds) == 2 and ds.skipped["no answer"] == 1
     first = ds[0]
-    assert first["problem"] == "Find x if x+1=3." and first["answer"] == "2"
-    assert first["prompt_ids"] == encode(tok, (
+    assert first.problem == "Find x if x+1=3." and first.answer == "2"
+    assert first.prompt_ids == encode(tok, (
         "<|im_start|>system\nThink hard.<|im_end|>\n"
-        f"<|im_start|>user\nFind x if x+1=3. {DEFAULT_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"))
-    assert first["demo_ids"] == encode(tok, "<think>\nx=2</think>\n\\boxed{2}") + [tok.eos_token_id]
+        "<|im_start|>user\nFind x if x+1=3. "
+        f"{DEFAULT_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"))
+    assert first.demo_ids == encode(tok, "<think>\nx=2</think>\n\\boxed{2}") + [tok.eos_token_id]
     # system_prompt "" drops the dataset's system message; other text replaces it
     dropped = load_prompt_dataset(DataConfig(train_files=[str(path)], schema="verl",
                                              system_prompt="", instruction=""), tok, need_demo=True)
-    assert dropped[0]["prompt_ids"] == encode(
+    assert dropped[0].prompt_ids == encode(
         tok, "<|im_start|>user\nFind x if x+1=3.<|im_end|>\n<|im_start|>assistant\n")
     replaced = load_prompt_dataset(DataConfig(train_files=[str(path)], schema="verl",
                                               system_prompt="Be brief."), tok, need_demo=True)
-    assert replaced[1]["prompt_ids"][:len(encode(tok, "<|im_start|>system\nBe brief."))] == \
+    assert replaced[1].prompt_ids[:len(encode(tok, "<|im_start|>system\nBe brief."))] == \
         encode(tok, "<|im_start|>system\nBe brief.")
 
 
@@ -131,7 +132,7 @@ def test_saved_to_disk_and_plain_template(tmp_path):
     tok = make_tokenizer(chat_template=False)
     cfg = DataConfig(train_files=[str(tmp_path / "saved")], system_prompt="You are careful.")
     ds = load_prompt_dataset(cfg, tok, need_demo=True)
-    assert ds[0]["prompt_ids"] == encode(
+    assert ds[0].prompt_ids == encode(
         tok, f"You are careful.\n\nWhat is 2+3? {DEFAULT_INSTRUCTION}\n")
 
 
@@ -142,7 +143,7 @@ def test_custom_keys_and_overlong_prompts(tmp_path):
     cfg = DataConfig(train_files=[path], problem_key="q", solution_key="sol",
                      answer_key="gold.value", instruction="", max_prompt_tokens=100)
     ds = load_prompt_dataset(cfg, make_tokenizer(), need_demo=True)
-    assert len(ds) == 1 and ds.skipped["prompt too long"] == 1 and ds[0]["answer"] == "1"
+    assert len(ds) == 1 and ds.skipped["prompt too long"] == 1 and ds[0].answer == "1"
     cfg.overlong_prompts = "error"
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         load_prompt_dataset(cfg, make_tokenizer(), need_demo=True)
@@ -153,7 +154,8 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="train_files"):
         load_prompt_dataset(DataConfig(), tok, need_demo=True)
     with pytest.raises(ValueError, match="does not exist"):
-        load_prompt_dataset(DataConfig(train_files=[str(tmp_path / "nope.jsonl")]), tok, need_demo=True)
+        load_prompt_dataset(DataConfig(train_files=[str(tmp_path / "nope.jsonl")]), tok,
+                            need_demo=True)
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(ValueError, match="data.format"):
         read_rows(tmp_path / "data.txt")
@@ -174,7 +176,8 @@ def test_sampler_epochs_are_permutations_and_seeded():
     assert flat[:7] != flat[7:14]  # reshuffled each epoch
     again = StatefulSampler(7, seed=3)
     assert [again.next_global_batch(3) for _ in range(7)] == drawn
-    assert StatefulSampler(7, seed=3, shuffle=False).next_global_batch(9) == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    in_order = StatefulSampler(7, seed=3, shuffle=False)
+    assert in_order.next_global_batch(9) == [0, 1, 2, 3, 4, 5, 6, 0, 1]
 
 
 def test_sampler_resume_continues_the_same_sequence():

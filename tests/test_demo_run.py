@@ -11,6 +11,7 @@ pytest.importorskip("transformers", reason="the demo needs transformers")
 
 from prefix_rft.cli import main as cli_main  # noqa: E402
 from prefix_rft.demo import run as demo_run  # noqa: E402
+from prefix_rft.metrics_log import read_metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_quick_demo_writes_table_run_dir_and_plots(quick_run):
         assert 0.0 <= r[f"avg@{k}"] <= r[f"pass@{k}"] <= 1.0
         assert r["num_questions"] == results["eval_questions"]
     assert (run_dir / "demo_results.md").read_text().count("| Prefix-RFT |") == 1
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, demo_run.QUICK_STEPS + 1))
     assert (run_dir / "final" / "config.json").is_file()
     assert (run_dir / "plots" / "before_after.png").stat().st_size > 0
@@ -64,14 +65,16 @@ def test_second_run_reuses_the_assets(quick_run):
 
 
 def test_config_points_at_the_workdir_and_overrides_win(tmp_path):
-    args, overrides = demo_run.parse_args(["--workdir", str(tmp_path), "--seed", "5", "--steps", "7",
-                                           "--optim.lr=2e-4", "--rollout.group_size", "6"])
+    args, overrides = demo_run.parse_args(["--workdir", str(tmp_path), "--seed", "5",
+                                           "--steps", "7", "--optim.lr=2e-4",
+                                           "--rollout.group_size", "6"])
     cfg = demo_run.demo_config(args, overrides, demo_run.asset_paths(str(tmp_path)))
     assert cfg.model.path == str(tmp_path / "assets" / "model")
     assert cfg.data.train_files == [str(tmp_path / "assets" / "train.jsonl")]
     assert cfg.eval.files == [str(tmp_path / "assets" / "test.jsonl")]
     assert cfg.train.run_dir == str(tmp_path / "run")
-    assert (cfg.train.seed, cfg.train.steps, cfg.optim.lr, cfg.rollout.group_size) == (5, 7, 2e-4, 6)
+    got = (cfg.train.seed, cfg.train.steps, cfg.optim.lr, cfg.rollout.group_size)
+    assert got == (5, 7, 2e-4, 6)
     assert cfg.train.device == "cpu" and cfg.loss.algo == "prefix_rft"
 
 
@@ -106,7 +109,7 @@ def test_render_table_rows():
     after = {"avg@4": 0.5, "pass@1": 0.5, "pass@4": 0.875, "mean_response_tokens": 30.96}
     lines = demo_run.render_table(before, after, 4).splitlines()
     assert lines[0] == "| model | avg@4 | pass@1 | pass@4 | mean response tokens |"
-    assert lines[2] == "| base | 6.2 | 6.2 | 25.0 | 33.0 |" or lines[2] == "| base | 6.3 | 6.3 | 25.0 | 33.0 |"
+    assert lines[2] in ("| base | 6.2 | 6.2 | 25.0 | 33.0 |", "| base | 6.3 | 6.3 | 25.0 | 33.0 |")
     assert lines[3] == "| Prefix-RFT | 50.0 | 50.0 | 87.5 | 31.0 |"
     assert re.fullmatch(r"\|---\|(---:\|){4}", lines[1])
 
@@ -117,6 +120,6 @@ def test_stopped_training_exits_1_and_resumes(tmp_path, capsys):
     assert "training stopped after 1 of 3 steps" in capsys.readouterr().out
     assert not (tmp_path / "run" / "demo_results.json").exists()
     assert demo_run.main(argv + ["--checkpoint.resume=auto"]) == 0
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert json.loads((tmp_path / "run" / "demo_results.json").read_text())["steps"] == 3

@@ -134,7 +134,8 @@ def _check_fsdp_checkpoint_loads_in_one_process(ckpt_root):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
     load_checkpoint(find_latest(ckpt_root), model=model, optimizer=optimizer, restore_rng=False)
     ref = dist_worker.build_model(False)
-    ref_optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
+    ref_optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.99),
+                                      weight_decay=0.01)
     input_ids, labels = dist_worker.global_batch()
     hidden = ref.model(input_ids=input_ids).last_hidden_state
     logprob, entropy = linear_logprob_entropy(

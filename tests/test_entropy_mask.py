@@ -79,7 +79,8 @@ def test_property_matches_brute_force(shape, fraction, seed, levels):
     # few distinct levels -> many ties
     ent = torch.randint(0, levels, shape, generator=g).float()
     cand = torch.rand(shape, generator=g) < 0.6
-    assert torch.equal(entropy_topk_mask(ent, cand, fraction), brute_force_mask(ent, cand, fraction))
+    assert torch.equal(entropy_topk_mask(ent, cand, fraction),
+                       brute_force_mask(ent, cand, fraction))
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, float("nan"), "0.2"])

@@ -11,7 +11,8 @@ from fractions import Fraction
 import pytest
 from train_helpers import shared_assets
 
-from prefix_rft.evaluate import evaluate_rows, main, pass_at_k, pass_ks, summarize
+from prefix_rft.data import Question
+from prefix_rft.evaluate import evaluate_questions, main, pass_at_k, pass_ks, summarize
 from prefix_rft.rollout import RolloutEngine, RolloutSample
 
 
@@ -72,25 +73,25 @@ class ScriptedEngine(RolloutEngine):
         for request in requests:
             texts = self.answers[self.calls]
             self.calls += 1
-            out.append([RolloutSample(response_ids=self.tokenizer.encode(texts[j % len(texts)]),
-                                      prefix_len=0, finish_reason="stop",
-                                      logprobs=[0.0] * len(self.tokenizer.encode(texts[j % len(texts)])))
-                        for j in range(request.n)])
+            ids = [self.tokenizer.encode(texts[j % len(texts)]) for j in range(request.n)]
+            out.append([RolloutSample(response_ids=i, prefix_len=0, finish_reason="stop",
+                                      logprobs=[0.0] * len(i)) for i in ids])
         return out
 
     def load_weights(self, named_tensors):
         pass
 
 
-def test_evaluate_rows_scores_like_hand_computation(tiny_assets):
+def test_evaluate_questions_scores_like_hand_computation(tiny_assets):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_assets["model"])
-    rows = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "What is 2 * 3?", "answer": "6"}]
+    questions = [Question(problem=p, answer=a, messages=[{"role": "user", "content": p}])
+                 for p, a in (("What is 1 + 1?", "2"), ("What is 2 * 3?", "6"))]
     scripted = [["so \\boxed{2}", "\\boxed{3}", "no idea", "\\boxed{2.0}"],  # 2 correct of 4
                 ["\\boxed{5}", "\\boxed{7}", "\\boxed{1}", "\\boxed{0}"]]  # 0 correct
     engine = ScriptedEngine(tok, scripted)
-    out = evaluate_rows(None, tok, rows, 4, engine=engine, batch_questions=1)
+    out = evaluate_questions(None, tok, questions, 4, engine=engine, batch_questions=1)
     assert out["correct"] == [2, 0]
     assert out["avg@4"] == pytest.approx(2 / 8)
     assert out["pass@2"] == pytest.approx((1 - math.comb(2, 2) / math.comb(4, 2)) / 2)
@@ -99,9 +100,9 @@ def test_evaluate_rows_scores_like_hand_computation(tiny_assets):
 
 def test_eval_cli_tiny_model_writes_json_and_markdown(tiny_assets, tmp_path):
     out_dir = tmp_path / "eval"
-    code = main(["--model", tiny_assets["model"], "--data", tiny_assets["test"], tiny_assets["train"],
-                 "--k", "2", "--max-tokens", "6", "--max-rows", "2", "--out", str(out_dir),
-                 "--no-progress", "--device", "cpu"])
+    code = main(["--model", tiny_assets["model"], "--data", tiny_assets["test"],
+                 tiny_assets["train"], "--k", "2", "--max-tokens", "6", "--max-rows", "2",
+                 "--out", str(out_dir), "--no-progress", "--device", "cpu"])
     assert code == 0
     report = json.loads((out_dir / "eval_results.json").read_text())
     assert set(report["results"]) == {"test", "train"}
@@ -113,6 +114,29 @@ def test_eval_cli_tiny_model_writes_json_and_markdown(tiny_assets, tmp_path):
     assert "| test | 2 |" in table and "pass@2" in table
 
 
+def test_eval_cli_reads_every_training_schema(tiny_assets, tmp_path):
+    """The same questions as flat jsonl and as verl parquet (schema detected per file) give
+    the same prompts, hence the same samples and scores."""
+    import datasets
+
+    from prefix_rft.data import read_rows
+
+    flat = list(read_rows(tiny_assets["test"]))[:2]
+    verl = [{"prompt": [{"role": "user", "content": r["problem"]}],
+             "target": [{"role": "assistant", "content": r["solution"]}],
+             "reward_model": {"ground_truth": r["answer"]}} for r in flat]
+    verl_path = tmp_path / "verl_test.parquet"
+    datasets.Dataset.from_list(verl).to_parquet(str(verl_path))
+    out_dir = tmp_path / "eval"
+    code = main(["--model", tiny_assets["model"], "--data", tiny_assets["test"], str(verl_path),
+                 "--k", "2", "--max-tokens", "6", "--max-rows", "2", "--out", str(out_dir),
+                 "--no-progress", "--device", "cpu"])
+    assert code == 0
+    results = json.loads((out_dir / "eval_results.json").read_text())["results"]
+    for key in ("correct", "mean_response_tokens", "avg@2"):
+        assert results["test"][key] == results["verl_test"][key]
+
+
 def test_eval_cli_rejects_missing_files(tiny_assets, tmp_path):
-    with pytest.raises(SystemExit, match="is not a file"):
+    with pytest.raises(SystemExit, match="does not exist"):
         main(["--model", tiny_assets["model"], "--data", str(tmp_path / "nope.jsonl"), "--k", "1"])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kernel_helpers import fused, grads_of, make_problem, reference, rel_rms
 from prefix_rft.kernels import linear_logprob_entropy
-from prefix_rft.kernels.reference import torch_bwd, torch_fwd
+from prefix_rft.kernels.linear_logprob_entropy_torch import torch_bwd, torch_fwd
 
 FP32_TOL = 1e-5
 

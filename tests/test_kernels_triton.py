@@ -8,12 +8,10 @@ bf16-rounded values upcast to fp32 there, and in real bf16 only on CUDA.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 
 import pytest
 import torch
-import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -282,72 +280,3 @@ def test_property_fp32_matches_fp64_over_shapes(n, h, v, temperature, bias, seed
         got = outputs_and_grads(triton_fn, *prob, temperature)
     ref = outputs_and_grads(ref64_fn, *prob, temperature)
     assert_close_to_fp64(got, ref, 1e-5)
-
-
-# ----------------------------------------------------------- GPU compile without a GPU
-
-
-def _sm90_compile(kernel, signature, constexprs, cfg):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    return triton.compile(ASTSource(kernel, signature, constexprs),
-                          target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-
-
-def compile_for_sm90(dtype: str) -> None:
-    """Compile fwd and bwd kernels (checked-in sm90 config) to sm_90 cubins; needs no GPU."""
-    from prefix_rft.kernels import linear_logprob_entropy_triton as ops
-    from prefix_rft.kernels.triton_configs import CONFIGS
-
-    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-    fam = CONFIGS["sm90"]
-    fwd_cfg = fam["fwd_fp32"] if dtype == "fp32" else fam["fwd"]
-    bwd_cfg = fam["bwd_fp32"] if dtype == "fp32" else fam["bwd"]
-    precision = ops._dot_precision(torch_dtype)
-    ints = ["N", "H", "V", "stride_xn", "stride_xk", "stride_wv", "stride_wk", "ignore_index"]
-    sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": "*fp32", "labels_ptr": "*i64",
-           "part_ptr": "*fp32", "split_size": "i32", "inv_temp": "fp32", **dict.fromkeys(ints, "i32")}
-    blocks = {k: fwd_cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K")}
-    consts = dict(HAS_BIAS=True, DOT_PRECISION=precision, **blocks)
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    assert _sm90_compile(ops._linear_logprob_entropy_fwd_kernel, sig, consts, fwd_cfg).asm["cubin"]
-    sig = {k: "*fp32" for k in ("b_ptr", "lse_ptr", "ent_ptr", "glp_ptr", "gh_ptr", "dx_ptr",
-                                "dw_ptr", "db_ptr")}
-    sig.update({"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "labels_ptr": "*i64",
-                "inv_temp": "fp32", "filter_eps": "fp32", **dict.fromkeys(ints, "i32")})
-    blocks = {k: bwd_cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "GROUP_N")}
-    flags = dict.fromkeys(["HAS_BIAS", "HAS_GLP", "HAS_GH", "NEED_DX", "NEED_DW", "NEED_DB"], True)
-    for filt in (False, True):
-        consts = dict(FILTER=filt, DOT_PRECISION=precision, **flags, **blocks)
-        sig.update(dict.fromkeys(consts, "constexpr"))
-        kern = _sm90_compile(ops._linear_logprob_entropy_bwd_kernel, sig, consts, bwd_cfg)
-        assert kern.asm["cubin"]
-    print(f"compiled {dtype} fwd + bwd for sm_90")
-
-
-def test_kernels_compile_for_sm90_with_checked_in_configs():
-    """The interpreter forgives what the GPU compiler rejects: build real sm_90 cubins.
-
-    Runs in a subprocess without TRITON_INTERPRET (the interpreter replaces the jit
-    functions); needs only the ptxas that ships in the triton wheel, no GPU.
-    """
-    import subprocess
-    import sys
-
-    import triton.backends.nvidia as nv
-
-    if not os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")):
-        pytest.skip("no ptxas bundled with this triton install: cannot compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, __file__, "--compile-sm90", "bf16", "fp32"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled bf16" in done.stdout and "compiled fp32" in done.stdout
-
-
-if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--compile-sm90":
-    for dtype_name in sys.argv[2:]:
-        compile_for_sm90(dtype_name)

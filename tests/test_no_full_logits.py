@@ -53,9 +53,9 @@ class LargestTensor(TorchDispatchMode):
 def _model():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False,
-                      attn_implementation="sdpa")
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
+                      tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).float()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -79,9 +79,10 @@ def _rollouts(g: torch.Generator) -> list[Rollout]:
     for i in range(8):
         prompt = torch.randint(0, VOCAB, (10 + i,), generator=g).tolist()
         response = torch.randint(0, VOCAB, (30 + i % 3,), generator=g).tolist()
-        rollouts.append(Rollout(prompt_ids=prompt, response_ids=response, prefix_len=12 if i % 4 == 0 else 0,
+        prefix_len = 12 if i % 4 == 0 else 0
+        rollouts.append(Rollout(prompt_ids=prompt, response_ids=response, prefix_len=prefix_len,
                                 group=i // 4, is_prefixed=i % 4 == 0, advantage=(-1.0) ** i * 0.5,
-                                engine_logprobs=[0.0] * (len(response) - (12 if i % 4 == 0 else 0))))
+                                engine_logprobs=[0.0] * (len(response) - prefix_len)))
     return rollouts
 
 

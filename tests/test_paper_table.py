@@ -65,11 +65,12 @@ def test_smoke_writes_table_csv_png(smoke):
 def test_same_budget_and_method_overrides_reach_the_runs(smoke):
     tmp, _, _ = smoke
     for method in METHODS[1:]:
-        saved = yaml.safe_load((tmp / "work" / method / "seed0" / "config.yaml").read_text(encoding="utf-8"))
+        saved = yaml.safe_load((tmp / "work" / method / "seed0" / "config.yaml")
+                               .read_text(encoding="utf-8"))
         assert saved["train"]["steps"] == 1 and saved["train"]["prompts_per_step"] == 2
         assert saved["rollout"]["group_size"] == 2
-    cfg = {m: yaml.safe_load((tmp / "work" / m / "seed0" / "config.yaml").read_text(encoding="utf-8"))
-           for m in METHODS[1:]}
+    cfg = {m: yaml.safe_load((tmp / "work" / m / "seed0" / "config.yaml")
+                             .read_text(encoding="utf-8")) for m in METHODS[1:]}
     assert cfg["sft"]["loss"]["algo"] == "sft" and cfg["rft"]["prefix"]["num_prefixed"] == 0
     assert cfg["prefix_rft_all_tokens"]["loss"]["entropy_top_fraction"] == 1.0
     assert cfg["prefix_rft_uniform"]["prefix"]["schedule"] == "constant"
@@ -93,8 +94,8 @@ def test_resume_skips_cached_runs_and_appends_analysis(smoke, capsys):
 def test_failed_run_is_recorded_not_raised(smoke):
     tmp, _, _ = smoke
     out = tmp / "bad" / "table"
-    code = pt.main(["--smoke", "--methods", "base", "sft", "--out", str(out), "--workdir", str(tmp / "work"),
-                    "--no-resume", "--set", "data.problem_key=no_such_field"])
+    code = pt.main(["--smoke", "--methods", "base", "sft", "--out", str(out), "--workdir",
+                    str(tmp / "work"), "--no-resume", "--set", "data.problem_key=no_such_field"])
     assert code == 1
     md = out.with_suffix(".md").read_text(encoding="utf-8")
     rows = _table_rows(md)

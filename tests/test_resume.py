@@ -9,10 +9,11 @@ import signal
 
 import pytest
 import torch
-from train_helpers import read_jsonl, shared_assets, tiny_config
+from train_helpers import shared_assets, tiny_config
 
 import prefix_rft.train as train_module
 from prefix_rft.checkpoint import list_checkpoints
+from prefix_rft.metrics_log import read_metrics
 from prefix_rft.train import train
 
 
@@ -49,8 +50,9 @@ def reference(tiny_assets, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
     result = train(_config(tiny_assets, run_dir))
     assert result["steps_done"] == 4
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert any(r["adv_std"] > 0 for r in rows), "no learning signal: the comparison would be vacuous"
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert any(r["adv_std"] > 0 for r in rows), (
+        "no learning signal: the comparison would be vacuous")
     return _final_state(run_dir), _comparable(rows)
 
 
@@ -60,7 +62,7 @@ def _assert_same(reference, run_dir):
     assert state.keys() == ref_state.keys()
     for key in ref_state:
         assert torch.equal(state[key], ref_state[key]), key
-    rows = _comparable(read_jsonl(run_dir / "metrics.jsonl"))
+    rows = _comparable(read_metrics(run_dir / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows == ref_rows
 

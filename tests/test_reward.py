@@ -18,7 +18,6 @@ import time
 import psutil
 import pytest
 
-from prefix_rft import reward
 from prefix_rft.reward import (
     RewardStats,
     extract_answer,
@@ -27,6 +26,7 @@ from prefix_rft.reward import (
     shutdown_workers,
     warmup,
 )
+from prefix_rft.reward import pool as reward_pool
 
 # Scheduling slack on top of a time limit: this machine is small and shared.
 SLACK_S = 0.75
@@ -290,7 +290,8 @@ def _adversarial_strings(seed: int = 0) -> list[str]:
     strings += [r"\boxed{\frac{}", r"\boxed{\sqrt}", r"\boxed{^^^}", r"\boxed{\left(}",
                 r"\boxed{\begin{matrix}}", r"\boxed{\}", r"\boxed{$}", r"\boxed{1/0}",
                 r"\boxed{0/0}", r"\boxed{\infty - \infty}", r"\boxed{100000!!}",
-                r"\boxed{\log(0)}", "\\boxed{\x00}", "\\boxed{\ud800}", r"\boxed{" + "9" * 999 + "}"]
+                r"\boxed{\log(0)}", "\\boxed{\x00}", "\\boxed{\ud800}",
+                r"\boxed{" + "9" * 999 + "}"]
     strings += list(_huge_inputs().values())
     return strings
 
@@ -302,14 +303,14 @@ def test_adversarial_strings_never_raise_or_overrun():
     golds = ["5", r"\frac{1}{2}", "(1,2]", "x^2", r"\{"]
     stats = RewardStats()
     for index, text in enumerate(strings):
-        starts_before = reward._POOL.started
+        starts_before = reward_pool._POOL.started
         begin = time.perf_counter()
         fallback = ("answer_is", "last_number") if index % 4 == 0 else "none"
         value = math_reward(text, golds[index % len(golds)], timeout_s=limit,
                             fallback=fallback, stats=stats)
         elapsed = time.perf_counter() - begin
         assert value in (0.0, 1.0)
-        if reward._POOL.started != starts_before:
+        if reward_pool._POOL.started != starts_before:
             warmup()  # a helper was killed; let its successor import off the clock
         # The limit bounds verification; multi-MB inputs also pay the linear extraction
         # (timed on its own in test_extract_answer_is_linear_on_1mb_inputs).
@@ -338,13 +339,13 @@ def _timed(function, *args, **kwargs):
 
 
 def test_slow_verifier_is_cut_by_the_helpers_timer():
-    starts_before = reward._POOL.started
+    starts_before = reward_pool._POOL.started
     stats = RewardStats()
     value, elapsed = _timed(math_reward, r"\boxed{1}", "1", timeout_s=0.5,
                             verify_fn="fake_verifiers:sleepy", stats=stats)
     assert value == 0.0 and stats.timeouts == 1 and stats.total == 1
     assert elapsed <= 0.5 + SLACK_S
-    assert reward._POOL.started == starts_before  # soft path: no restart needed
+    assert reward_pool._POOL.started == starts_before  # soft path: no restart needed
     # verdicts are memoized, timeouts are not: the same call times out again
     math_reward(r"\boxed{1}", "1", timeout_s=0.3, verify_fn="fake_verifiers:sleepy", stats=stats)
     assert stats.timeouts == 2
@@ -354,7 +355,7 @@ def test_slow_verifier_is_cut_by_the_helpers_timer():
 def test_stuck_verifier_is_killed_and_replaced():
     warmup()
     pids_before = _helper_pids()
-    victim = reward._POOL.idle[-1].process.pid  # the helper the next call checks out
+    victim = reward_pool._POOL.idle[-1].process.pid  # the helper the next call checks out
     stats = RewardStats()
     value, elapsed = _timed(math_reward, r"\boxed{1}", "1", timeout_s=0.5,
                             verify_fn="fake_verifiers:stuck", stats=stats)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import read_jsonl, shared_assets, tiny_config
+from train_helpers import shared_assets, tiny_config
 
+from prefix_rft.data import read_rows
+from prefix_rft.metrics_log import read_metrics
 from prefix_rft.train import train
 
 
@@ -20,8 +22,8 @@ def tiny_assets(tmp_path_factory):
     return shared_assets(tmp_path_factory)
 
 
-# The metrics the method says to log each step (plus the engine-vs-trainer mismatch).
-SECTION3_METRICS = [
+# The metrics logged each step (docs/design.md, section 2), as metrics.jsonl keys.
+STEP_METRICS = [
     "reward_mean", "reward_on_policy", "reward_hybrid", "pass_rate", "adv_mean", "adv_std",
     "adv_min", "adv_max", "prefix_low", "prefix_ratio_mean", "prefix_token_frac",
     "kept_prefix_token_frac", "kept_prefix_frac", "entropy_prefix", "entropy_continuation",
@@ -43,26 +45,29 @@ def _weights(model_dir: str) -> dict[str, torch.Tensor]:
 def _prefix_rft_config(assets, run_dir, **overrides):
     # Prefix ratios in [0.95, 1]: hybrids start from (almost) the whole demonstration, so they
     # usually carry the boxed answer and the groups have non-zero advantages for a random model.
-    base = dict(prefix__start=1.0, prefix__end=0.95, prefix__high=1.0, rollout__max_response_tokens=40,
-                train__mini_batch_size=1)  # 2 optimizer steps per step: ratios move off 1
+    # train.mini_batch_size 1: 2 optimizer steps per step, so ratios move off 1
+    base = dict(prefix__start=1.0, prefix__end=0.95, prefix__high=1.0,
+                rollout__max_response_tokens=40, train__mini_batch_size=1)
     base.update(overrides)
     return tiny_config(assets, run_dir, **base)
 
 
 def _check_run(result, run_dir: Path, steps: int, initial: dict[str, torch.Tensor]):
     assert result["steps_done"] == steps and not result["stopped_early"]
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for row in rows:
-        missing = [k for k in SECTION3_METRICS if k not in row]
+        missing = [k for k in STEP_METRICS if k not in row]
         assert not missing, f"metrics.jsonl lacks {missing}"
-        for key in SECTION3_METRICS:
+        for key in STEP_METRICS:
             if key != "reward_hybrid":
                 assert row[key] is not None and math.isfinite(row[key]), (key, row[key])
         assert 0.95 <= row["prefix_low"] <= 1.0
-        assert 0 < row["prefix_token_frac"] < 1 and row["kept_prefix_token_frac"] <= row["prefix_token_frac"]
+        assert 0 < row["prefix_token_frac"] < 1
+        assert row["kept_prefix_token_frac"] <= row["prefix_token_frac"]
         assert row["tokens_per_s"] > 0 and row["update_time_s"] > 0
-    assert any(r["adv_std"] > 0 for r in rows), "no step had a non-zero advantage; the test is vacuous"
+    assert any(r["adv_std"] > 0 for r in rows), (
+        "no step had a non-zero advantage; the test is vacuous")
     assert any(r["grad_norm"] > 0 for r in rows)
     final = _weights(result["final_model_dir"])  # loads with from_pretrained
     changed = [k for k in initial if not torch.equal(initial[k], final[k])]
@@ -73,8 +78,9 @@ def _check_run(result, run_dir: Path, steps: int, initial: dict[str, torch.Tenso
 
 def test_prefix_rft_three_steps_hf_engine(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = _prefix_rft_config(tiny_assets, run_dir, log__plots=True, eval__files=[tiny_assets["test"]],
-                             eval__every=2, eval__k=2, eval__max_response_tokens=8,
+    cfg = _prefix_rft_config(tiny_assets, run_dir, log__plots=True,
+                             eval__files=[tiny_assets["test"]], eval__every=2, eval__k=2,
+                             eval__max_response_tokens=8,
                              log__tensorboard="true", log__progress=True)
     initial = _weights(tiny_assets["model"])
     result = train(cfg)
@@ -104,32 +110,32 @@ def test_prefix_rft_three_steps_vllm_engine(tiny_assets, tmp_path):
 
 
 def test_rft_one_step_has_no_prefixes(tiny_assets, tmp_path):
-    cfg = tiny_config(tiny_assets, tmp_path / "run", loss__algo="rft", train__steps=1, log__plots=False,
-                      checkpoint__save_final=False)
+    cfg = tiny_config(tiny_assets, tmp_path / "run", loss__algo="rft", train__steps=1,
+                      log__plots=False, checkpoint__save_final=False)
     assert cfg.prefix.num_prefixed == 0
     result = train(cfg)
-    (row,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert result["final_model_dir"] is None
     assert row["prefix_token_frac"] == 0 and row["reward_hybrid"] is None
     assert math.isfinite(row["loss"]) and math.isfinite(row["entropy_continuation"])
 
 
 def test_sft_one_step_with_bad_rows_skipped(tiny_assets, tmp_path, capsys):
-    rows = read_jsonl(tiny_assets["train"])[:6]
+    rows = list(read_rows(tiny_assets["train"]))[:6]
     bad = [{"problem": "What is 1 + 1?", "solution": "2"},  # no answer
            {"problem": "", "solution": "x", "answer": "1"},  # no problem
            {"problem": "What is 2 + 2?", "answer": "4"}]  # no demonstration (needed by sft)
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + bad + rows[2:]))
-    cfg = tiny_config(tiny_assets, tmp_path / "run", loss__algo="sft", train__steps=1, log__plots=False,
-                      data__train_files=[str(data)], checkpoint__save_final=False)
+    cfg = tiny_config(tiny_assets, tmp_path / "run", loss__algo="sft", train__steps=1,
+                      log__plots=False, data__train_files=[str(data)], checkpoint__save_final=False)
     initial = _weights(tiny_assets["model"])
     result = train(cfg)
     out = capsys.readouterr().out
     assert "9 rows from 1 file(s), 6 usable" in out
     assert "no answer 1 (rows 2)" in out and "no problem 1 (rows 3)" in out
     assert "no demonstration 1 (rows 4)" in out
-    (row,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert row["nll_per_token"] > 0 and math.isfinite(row["loss"]) and row["grad_norm"] > 0
     assert "reward_mean" in row and "pass_rate" in row  # still rolled out for logging
     from prefix_rft.checkpoint import find_latest
@@ -186,8 +192,8 @@ def test_torchrun_two_ranks_match_one_process(tiny_assets, tmp_path):
            "-m", "prefix_rft.cli", "train", "--config", str(tmp_path / "multi.yaml")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    multi_rows = read_jsonl(tmp_path / "multi" / "metrics.jsonl")
-    single_rows = read_jsonl(tmp_path / "single" / "metrics.jsonl")
+    multi_rows = read_metrics(tmp_path / "multi" / "metrics.jsonl")
+    single_rows = read_metrics(tmp_path / "single" / "metrics.jsonl")
     assert len(multi_rows) == len(single_rows) == 2
     for m, s in zip(multi_rows, single_rows):
         for key in ("reward_mean", "reward_hybrid", "pass_rate", "response_len_mean", "prefix_low"):

@@ -8,7 +8,6 @@ Building takes about a second; the artifacts are cached per pytest session.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -60,10 +59,6 @@ def tiny_config(assets: dict[str, str], run_dir: Path, **overrides) -> Config:
         section, name = key.split("__")
         setattr(getattr(cfg, section), name, value)
     return validate_config(resolve_config(cfg))
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 _SHARED: dict[str, dict[str, str]] = {}

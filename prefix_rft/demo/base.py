@@ -1,6 +1,6 @@
 """The demo's "base model" step and ``prepare_demo``.
 
-Evaluation goes through ``prefix_rft.evaluate.evaluate_rows`` like every other model.
+Evaluation goes through ``prefix_rft.evaluate.evaluate_questions`` like every other model.
 
 The paper starts from a pretrained base that already solves some hard problems. The
 demo's stand-in: a tiny randomly initialized Qwen2 is briefly fine-tuned (plain SFT)

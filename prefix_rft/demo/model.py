@@ -121,7 +121,8 @@ def load_model(model_dir: str):
     from transformers import AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ValueError(f"model_dir: expected a HF model directory with config.json, got {model_dir!r}")
+        raise ValueError("model_dir: expected a HF model directory with config.json, got "
+                         f"{model_dir!r}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     return model

@@ -9,7 +9,7 @@ Stages (each logs as it goes; training shows the trainer's progress bar):
 1. ``prepare_demo``: build or reuse the task (hard train / held-out splits), the tokenizer
    and the base model under ``{workdir}/assets`` (manifest-checked, so a second run reuses).
 2. Evaluate the base on the held-out hard split: ``k`` samples per question, avg@k,
-   pass@k, mean response tokens (``prefix_rft.evaluate.evaluate_rows``).
+   pass@k, mean response tokens (``prefix_rft.evaluate.evaluate_questions``).
 3. Train with Prefix-RFT through ``prefix_rft.train.train(cfg)`` -- the same loop, config and
    ``from_pretrained`` path a real model takes. The config is ``configs/demo.yaml`` with the
    paths pointed at ``{workdir}``, then any ``--section.field=value`` overrides.
@@ -48,17 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
                "(e.g. --optim.lr=2e-4 --rollout.group_size=8); see prefix_rft/config.py.",
         allow_abbrev=False)
     ap.add_argument("--workdir", default="runs/demo",
-                    help="assets go to WORKDIR/assets, the training run to WORKDIR/run (default runs/demo)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the task, base model, training and eval")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+                    help="assets go to WORKDIR/assets, the training run to WORKDIR/run (default "
+                         "runs/demo)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the task, base model, training and eval")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps (default: the config's)")
     ap.add_argument("--quick", action="store_true",
-                    help=f"smoke run: micro model, tiny data, {QUICK_STEPS} steps, small eval (< 90 s)")
+                    help=f"smoke run: micro model, tiny data, {QUICK_STEPS} steps, "
+                         "small eval (< 90 s)")
     ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                     help="rollout engine for training (evaluation always uses the HF engine)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice, usually one per core)")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="trainer YAML (default configs/demo.yaml)")
-    ap.add_argument("--eval-k", type=int, default=8, help="samples per held-out question (default 8)")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG),
+                    help="trainer YAML (default configs/demo.yaml)")
+    ap.add_argument("--eval-k", type=int, default=8,
+                    help="samples per held-out question (default 8)")
     ap.add_argument("--eval-rows", type=int, default=0, help="held-out questions to score; 0 = all")
     ap.add_argument("--eval-temperature", type=float, default=1.0,
                     help="sampling temperature of the before/after evaluation (default 1.0)")
@@ -80,7 +86,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.eval_k < 1 or args.eval_rows < 0:
-        parser.error(f"--eval-k must be >= 1 and --eval-rows >= 0, got {args.eval_k}, {args.eval_rows}")
+        parser.error(f"--eval-k must be >= 1 and --eval-rows >= 0, got {args.eval_k}, "
+                     f"{args.eval_rows}")
     if not args.eval_temperature > 0:
         parser.error(f"--eval-temperature must be > 0, got {args.eval_temperature}")
     if not Path(args.config).is_file():
@@ -102,7 +109,8 @@ def demo_config(args: argparse.Namespace, overrides: list[str], paths: dict[str,
 
     run_dir = os.path.join(args.workdir, "run")
     ours = [f"--model.path={paths['model']}", f"--data.train_files=[{paths['train']}]",
-            f"--train.run_dir={run_dir}", f"--train.seed={args.seed}", f"--eval.files=[{paths['test']}]",
+            f"--train.run_dir={run_dir}", f"--train.seed={args.seed}",
+            f"--eval.files=[{paths['test']}]",
             f"--rollout.engine={args.engine}", "--train.device=cpu"]
     if args.steps is not None:
         ours.append(f"--train.steps={args.steps}")
@@ -113,27 +121,30 @@ def demo_config(args: argparse.Namespace, overrides: list[str], paths: dict[str,
     return load_config(args.config, ours + overrides)
 
 
-def evaluate_model(model_dir: str, rows: list[dict], args, cfg, label: str) -> dict[str, Any]:
-    """avg@k / pass@k / mean response tokens of the model in ``model_dir`` on ``rows``."""
+def evaluate_model(model_dir: str, questions: list, args, cfg, label: str) -> dict[str, Any]:
+    """avg@k / pass@k / mean response tokens of the model in ``model_dir`` on ``questions``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefix_rft.evaluate import evaluate_rows
+    from prefix_rft.evaluate import evaluate_questions
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    _log(f"[demo] evaluating the {label} model: {len(rows)} held-out questions x {args.eval_k} "
-         f"samples (T={args.eval_temperature}, top-p 1.0, max {cfg.rollout.max_response_tokens} tokens)")
-    result = evaluate_rows(model, tokenizer, rows, args.eval_k, temperature=args.eval_temperature,
-                           top_p=1.0, max_response_tokens=cfg.rollout.max_response_tokens,
-                           seed=args.seed, instruction=cfg.data.instruction, progress=True)
+    _log(f"[demo] evaluating the {label} model: {len(questions)} held-out questions x "
+         f"{args.eval_k} samples (T={args.eval_temperature}, top-p 1.0, "
+         f"max {cfg.rollout.max_response_tokens} tokens)")
+    result = evaluate_questions(
+        model, tokenizer, questions, args.eval_k, temperature=args.eval_temperature, top_p=1.0,
+        max_response_tokens=cfg.rollout.max_response_tokens, seed=args.seed,
+        instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt, progress=True)
     result.pop("correct", None)
     return result
 
 
 def render_table(before: dict, after: dict, k: int) -> str:
     """Markdown before/after table: avg@k, pass@1, pass@k (percent), mean response tokens."""
-    cols = [(f"avg@{k}", f"avg@{k}", True), ("pass@1", "pass@1", True), (f"pass@{k}", f"pass@{k}", True),
+    cols = [(f"avg@{k}", f"avg@{k}", True), ("pass@1", "pass@1", True),
+            (f"pass@{k}", f"pass@{k}", True),
             ("mean response tokens", "mean_response_tokens", False)]
     lines = ["| model | " + " | ".join(c[0] for c in cols) + " |",
              "|---|" + "|".join("---:" for _ in cols) + "|"]
@@ -172,8 +183,8 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
     (None when training was stopped early; it can be resumed)."""
     import torch
 
+    from prefix_rft.data import read_questions
     from prefix_rft.demo.base import prepare_demo
-    from prefix_rft.demo.task import read_jsonl
     from prefix_rft.train import train
 
     if args.threads:
@@ -189,20 +200,21 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
     if run_dir.exists() and cfg.checkpoint.resume == "none":
         _log(f"[demo] removing the previous run in {run_dir}")
         shutil.rmtree(run_dir)
-    rows = read_jsonl(paths["test"])
-    rows = rows[: args.eval_rows] if args.eval_rows else rows
+    questions = read_questions(paths["test"], what="demo test split")
+    questions = questions[: args.eval_rows] if args.eval_rows else questions
     k = 2 if args.quick else args.eval_k
     args.eval_k = k
 
     t0 = time.perf_counter()
-    before = evaluate_model(paths["model"], rows, args, cfg, "base")
+    before = evaluate_model(paths["model"], questions, args, cfg, "base")
     timings["eval_base"] = time.perf_counter() - t0
-    _log(f"[demo] base: avg@{k} {100 * before[f'avg@{k}']:.1f}%  pass@{k} {100 * before[f'pass@{k}']:.1f}%  "
-         f"({timings['eval_base']:.1f}s)")
+    _log(f"[demo] base: avg@{k} {100 * before[f'avg@{k}']:.1f}%  pass@{k} "
+         f"{100 * before[f'pass@{k}']:.1f}%  ({timings['eval_base']:.1f}s)")
 
     t0 = time.perf_counter()
-    _log(f"[demo] training: {cfg.loss.algo}, {cfg.train.steps} steps x {cfg.train.prompts_per_step} "
-         f"questions x {cfg.rollout.group_size} rollouts ({cfg.prefix.num_prefixed} from a "
+    _log(f"[demo] training: {cfg.loss.algo}, {cfg.train.steps} steps x "
+         f"{cfg.train.prompts_per_step} questions x {cfg.rollout.group_size} rollouts "
+         f"({cfg.prefix.num_prefixed} from a "
          f"demonstration prefix), lr {cfg.optim.lr:g}, engine {cfg.rollout.engine}")
     result = train(cfg)
     timings["train"] = time.perf_counter() - t0
@@ -213,24 +225,24 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
         return None
 
     t0 = time.perf_counter()
-    after = evaluate_model(result["final_model_dir"], rows, args, cfg, "trained")
+    after = evaluate_model(result["final_model_dir"], questions, args, cfg, "trained")
     timings["eval_after"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
     table = render_table(before, after, k)
     plot = plot_before_after(before, after, k, run_dir / "plots" / "before_after.png")
     results = {"before": before, "after": after, "k": k, "eval_temperature": args.eval_temperature,
-               "eval_questions": len(rows), "seed": args.seed, "steps": result["steps_done"],
+               "eval_questions": len(questions), "seed": args.seed, "steps": result["steps_done"],
                "timings_s": timings, "torch_threads": torch.get_num_threads(),
                "assets_reused": paths["reused"], "overrides": overrides, "run_dir": str(run_dir),
                "final_model_dir": result["final_model_dir"]}
     (run_dir / "demo_results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     (run_dir / "demo_results.md").write_text(
-        f"Held-out hard problems: {len(rows)} questions x {k} samples at T={args.eval_temperature} "
-        f"(percent)\n\n{table}", encoding="utf-8")
+        f"Held-out hard problems: {len(questions)} questions x {k} samples at "
+        f"T={args.eval_temperature} (percent)\n\n{table}", encoding="utf-8")
     _log("")
     _log(table)
-    _log(f"[demo] {len(rows)} held-out questions x {k} samples, T={args.eval_temperature}; "
+    _log(f"[demo] {len(questions)} held-out questions x {k} samples, T={args.eval_temperature}; "
          f"times: prepare {timings['prepare']:.0f}s, base eval {timings['eval_base']:.0f}s, "
          f"train {timings['train']:.0f}s, final eval {timings['eval_after']:.0f}s, "
          f"total {timings['total']:.0f}s")

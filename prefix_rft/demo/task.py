@@ -20,7 +20,9 @@ held-out split is decided by a hash of the text alone (about ``HELD_OUT_SHARE`` 
 problems), so no seed, difficulty or row count can ever put the same problem in both.
 
 Rows are flat dicts -- ``problem``, ``solution`` (the demonstration), ``answer`` (gold
-string) -- the schema ``prefix_rft.data`` reads, plus ``difficulty`` and ``num_steps``.
+string) -- the ``flat`` schema of ``prefix_rft.data``, plus ``difficulty`` and ``num_steps``;
+``write_jsonl`` writes them and ``prefix_rft.data.read_rows`` / ``read_questions`` read them.
+Responses are scored by ``prefix_rft.reward`` like any other task's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import hashlib
 import json
 import os
 import random
-import re
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -93,7 +94,8 @@ def get_difficulty(difficulty: str | Difficulty) -> Difficulty:
         return difficulty
     if difficulty not in DIFFICULTIES:
         raise ValueError(
-            f"difficulty: expected one of {sorted(DIFFICULTIES)} or a Difficulty, got {difficulty!r}"
+            f"difficulty: expected one of {sorted(DIFFICULTIES)} or a Difficulty, got "
+            f"{difficulty!r}"
         )
     return DIFFICULTIES[difficulty]
 
@@ -202,40 +204,6 @@ def make_split(
     return rows
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (balanced braces), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
-
-
-_INT_RE = re.compile(r"^\s*[+]?0*(\d+)\s*$")
-
-
-def is_correct(response: str, answer: str) -> bool:
-    """Quick demo check: last boxed content equals the gold integer (leading zeros ok).
-
-    The trainer's reward (``prefix_rft.reward``) uses math-verify; on this task's plain
-    integer answers the two agree (tested on gold rows).
-    """
-    boxed = extract_boxed(response)
-    if boxed is None:
-        return False
-    got, gold = _INT_RE.match(boxed), _INT_RE.match(answer)
-    if got is None or gold is None:
-        return boxed.strip() == answer.strip()
-    return got.group(1) == gold.group(1)
-
-
 def write_jsonl(rows: Iterable[dict], path: str) -> str:
     """Write rows one JSON object per line (atomic: temp file then rename); returns path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -245,12 +213,6 @@ def write_jsonl(rows: Iterable[dict], path: str) -> str:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Read rows written by ``write_jsonl``."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def difficulty_dict(difficulty: str | Difficulty) -> dict:

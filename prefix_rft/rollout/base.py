@@ -240,10 +240,11 @@ class RolloutEngine(ABC):
         """Bring the engine's weights up to the policy's after an optimizer step.
 
         Default, for engines holding their own copy: gather the full state dict (every rank
-        has its own engine, so every rank gathers), :meth:`wake`, :meth:`load_weights`."""
-        from prefix_rft.distributed import gather_full_state_dict
+        has its own engine, so every rank gathers; LoRA adapters merged into their base
+        weights), :meth:`wake`, :meth:`load_weights`."""
+        from prefix_rft.distributed import gather_merged_state_dict
 
-        state = gather_full_state_dict(model, rank0_only=False)
+        state = gather_merged_state_dict(model, rank0_only=False)  # LoRA merged into W
         self.wake()
         self.load_weights(state.items())
 

@@ -25,8 +25,10 @@
   the engine starts. Under FSDP/ZeRO, gather full tensors before passing them.
 - Memory: ``gpu_memory_utilization`` caps vLLM's share of the GPU; on CUDA the engine is
   built with ``enable_sleep_mode=True`` and ``sleep()`` / ``wake()`` call ``llm.sleep(level)``
-  / ``llm.wake_up()`` (level 1 keeps the weights in CPU RAM, level 2 drops them -- then
-  ``load_weights`` after ``wake()`` must send every tensor). On CPU both are no-ops.
+  / ``llm.wake_up()`` (level ``rollout.sleep_level``: 1 keeps the weights in CPU RAM, 2 drops
+  them -- then ``load_weights`` after ``wake()`` must send every tensor; 0 never sleeps). The
+  training loop puts the engine to sleep after each rollout and the weight sync wakes it.
+  On CPU both are no-ops.
 - Distributed: one engine per rank under torchrun, each on its own ``LOCAL_RANK`` GPU
   (``torch.cuda.set_device`` first), each generating its own share of the prompts (data
   parallel; no tensor parallelism). When ``WORLD_SIZE > 1`` the engine defaults to
@@ -114,7 +116,9 @@ class VLLMEngine(RolloutEngine):
         max_model_len: context + response limit; default: the model's.
         eos_token_ids: stop ids of every request; default from the model dir's configs.
         seed: vLLM's seed for requests without ``sampling.seed``.
-        sleep_level: ``llm.sleep`` level used by :meth:`sleep` on GPU (1 or 2).
+        sleep_level: ``llm.sleep`` level used by :meth:`sleep` on GPU: 1 frees the KV cache
+            and moves the weights to CPU RAM, 2 frees both (the sync re-sends every weight),
+            0 never sleeps (the engine keeps its whole budget during the update).
         cpu_kv_cache_gib: on CPU, the KV-cache size (``VLLM_CPU_KVCACHE_SPACE``) if unset.
         **llm_kwargs: passed on to ``vllm.LLM``.
     """
@@ -129,8 +133,8 @@ class VLLMEngine(RolloutEngine):
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
                              f"got {gpu_memory_utilization}")
-        if sleep_level not in (1, 2):
-            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level}")
         self._temp_dir = None
         if isinstance(model, torch.nn.Module):
             if not hasattr(model, "save_pretrained"):
@@ -172,7 +176,7 @@ class VLLMEngine(RolloutEngine):
                 gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                 max_model_len=max_model_len, seed=seed,
                 logprobs_mode="processed_logprobs", generation_config="vllm",
-                enable_sleep_mode=self._on_gpu, **llm_kwargs)
+                enable_sleep_mode=self._on_gpu and sleep_level > 0, **llm_kwargs)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
     @classmethod
@@ -187,6 +191,7 @@ class VLLMEngine(RolloutEngine):
                    dtype="bfloat16" if on_gpu or cfg.model.dtype == "bf16" else "float32",
                    gpu_memory_utilization=r.gpu_memory_utilization,
                    enforce_eager=r.enforce_eager or not on_gpu, seed=r.seed + rank,
+                   sleep_level=r.sleep_level,
                    max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens, **extra)
 
     @classmethod
@@ -254,7 +259,7 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        if self._on_gpu and not self._asleep:
+        if self._on_gpu and self.sleep_level > 0 and not self._asleep:
             self.llm.sleep(level=self.sleep_level)
             self._asleep = True
 
