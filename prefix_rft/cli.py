@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench", help="benchmarks: kernels (default, CPU), gpu_kernels, rollout, train_step, "
-                          "packing",
+                      "memory, packing",
         description="Run a benchmark from the source tree's benchmarks/ folder; further "
                     "arguments go to it (e.g. `prefix-rft bench kernels --help`).")
     bench.add_argument("name", nargs="?", default=None, metavar="{" + ",".join(BENCHMARKS) + "}",
