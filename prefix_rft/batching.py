@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import forward_with_head
+from .distributed import forward_with_head, max_over_ranks
 from .packing import PackedBatch, pack, run_packed_head, split_rows
 
 
@@ -202,3 +202,46 @@ def make_micro_batches(rollouts: Sequence[Rollout], rows: Sequence[int], max_tok
         return [pack(rollouts, mb, device=device) for mb in parts]
     return [collate(rollouts, mb, pad_token_id=pad_token_id, device=device)
             for mb in micro_batches(rollouts, rows, max_tokens)]
+
+
+def update_micro_batches(run, rows: list[Rollout], picked, *, balanced: bool):
+    """Micro-batches of one pass: packed (``train.packing``; first-fit decreasing by real
+    tokens when ``balanced``, else in order) or right-padded rows cut in order, from a
+    :class:`prefix_rft.setup.Run`'s ``cfg.train``, ``pad_id`` and ``device``. Returns
+    ``(batches, idle)``: ``idle`` = how many fewer this rank has than the busiest rank."""
+    t = run.cfg.train
+    batches = make_micro_batches(rows, picked, t.micro_batch_tokens, packing=t.packing,
+                                 balanced=balanced, pad_token_id=run.pad_id, device=run.device)
+    return batches, max_over_ranks(len(batches)) - len(batches)
+
+
+def idle_forwards(run, count: int, *, grad: bool) -> None:
+    """``count`` one-token forwards (+ backward of an exact zero when ``grad``): under FSDP2
+    every forward all-gathers, so a rank with fewer micro-batches than another must still
+    join the collectives of the extra ones. Adds nothing to any gradient."""
+    ids = torch.full((1, 1), run.pad_id, dtype=torch.long, device=run.device)
+
+    def head(hidden, weight, bias):
+        return (hidden.sum() + weight.sum()) * 0.0
+
+    for _ in range(count):
+        with run.compute(), torch.set_grad_enabled(grad):
+            zero = forward_with_head(run.model, head, ids)
+        if grad:
+            zero.backward()
+
+
+def may_balance_update(cfg) -> bool:
+    """Whether the update's micro-batches may be token-balanced: not when the ``micro_batch``
+    entropy-mask scope ranks prefix tokens per micro-batch (which rollouts share one changes
+    the mask), so there the packed split keeps the mini-batch's order."""
+    lo = cfg.loss
+    return lo.algo == "sft" or not (lo.entropy_mask_scope == "micro_batch"
+                                    and lo.entropy_top_fraction < 1)
+
+
+def padded_cut_tokens(rollouts: Sequence[Rollout], rows: Sequence[int], max_tokens: int) -> int:
+    """Positions right-padded micro-batches of ``rows`` would hold (the padded layout's
+    in-order cut, ``len(mb) * longest`` each): what packing saves, for the logs."""
+    return sum(len(mb) * max(rollouts[i].num_tokens for i in mb)
+               for mb in micro_batches(rollouts, rows, max_tokens))

@@ -13,6 +13,13 @@ Layout of ``run_dir/checkpoints/step_000042/``:
 A checkpoint is written into ``.tmp-step_000042`` and renamed into place only when every
 file is complete, so a kill mid-write leaves the previous checkpoint as the latest;
 leftover ``.tmp-*`` directories are ignored by ``find_latest`` and removed by the next save.
+Re-saving an existing step renames the old directory aside (``.old-step_000042``), renames
+the new one in, then deletes the old one; a kill between the two renames leaves the old one
+aside, which ``list_checkpoints`` still counts (and the next save puts back), so some
+complete checkpoint is found at every instant. Weights are checked for NaN/Inf before every
+save and export (:class:`~prefix_rft.errors.NonFiniteError`, nothing written, nothing
+pruned). Files are written through Python file objects, so a full disk is reported as
+"no space left on device: <path>" (:class:`~prefix_rft.errors.UserError`).
 Under FSDP2 every rank must call ``save_checkpoint`` / ``load_checkpoint`` /
 ``save_hf_model`` (they gather and scatter the full state dicts collectively).
 
@@ -42,9 +49,12 @@ import torch
 from torch import nn
 
 from . import distributed as D
+from .errors import UserError, crash_point, fsync_dir, save_file, writing
+from .finite import check_weights_finite
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OLD_DIR = re.compile(r"^\.old-step_(\d+)$")
 
 
 # ---------------------------------------------------------------- RNG
@@ -76,12 +86,14 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = []
+    found, aside = {}, {}
     for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
+        match = _STEP_DIR.match(path.name) or _OLD_DIR.match(path.name)
         if match and path.is_dir() and (path / "state.json").is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+            (found if path.name.startswith("step_") else aside)[int(match.group(1))] = path
+    for step, path in aside.items():  # killed mid re-save: the old copy is the checkpoint
+        found.setdefault(step, path)
+    return sorted(found.items())
 
 
 def find_latest(run_dir: str | Path) -> Path | None:
@@ -104,10 +116,13 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     path = Path(resume)
     if (path / "state.json").is_file():
         return path
+    if not path.exists():
+        raise UserError(f"checkpoint.resume {str(path)!r} does not exist: give none, auto, or "
+                        f"a checkpoint or run directory")
     latest = find_latest(path)
     if latest is None:
-        raise ValueError(f"checkpoint.resume must be none|auto|a checkpoint or run directory; "
-                         f"no checkpoint found at {str(path)!r}")
+        raise UserError(f"checkpoint.resume must be none|auto|a checkpoint or run directory; "
+                        f"no checkpoint found at {str(path)!r}")
     return latest
 
 
@@ -146,6 +161,57 @@ def _prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _tidy(root: Path) -> None:
+    """Before a save (main rank): put back a checkpoint left aside by a kill mid re-save,
+    delete leftovers of finished re-saves and interrupted writes."""
+    if not root.is_dir():
+        return
+    for old in root.glob(".old-step_*"):
+        final = root / old.name[len(".old-"):]
+        if final.is_dir() and (final / "state.json").is_file():
+            shutil.rmtree(old, ignore_errors=True)
+        elif (old / "state.json").is_file():
+            shutil.rmtree(final, ignore_errors=True)
+            old.rename(final)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is renamed aside first and deleted
+    only after the new one is in place (a kill in between leaves the old one findable)."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    crash_point("checkpoint-replace")
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    save_file(path, lambda handle: torch.save(obj, handle))
+
+
+def _write_files(tmp: Path, model: nn.Module, optimizer: Any, scheduler: Any,
+                 meta_text: str) -> None:
+    _save_torch(capture_rng_state(), tmp / f"rng_rank{D.get_rank()}.pt")
+    model_state = _model_state(model)  # collective
+    optim_state = _full_optimizer_state(model, optimizer) if optimizer is not None else None
+    if optim_state is not None and _is_host_optimizer(optimizer):
+        _save_torch(optim_state, tmp / f"optimizer_rank{D.get_rank()}.pt")
+        optim_state = None
+    if D.is_main():
+        _save_torch(model_state, tmp / "model.pt")
+        if optim_state is not None:
+            _save_torch(optim_state, tmp / "optimizer.pt")
+        if scheduler is not None:
+            _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        # last: marks the directory complete
+        save_file(tmp / "state.json", lambda handle: handle.write(meta_text.encode()))
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     sampler_state: dict | None = None, extra: dict | None = None,
@@ -164,29 +230,23 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
     meta = {"step": step, "world_size": D.get_world_size(), "sampler": sampler_state,
             "extra": extra if extra is not None else {}}
     meta_text = json.dumps(meta, indent=1)  # fail early on non-JSON data, before any write
+    check_weights_finite(model, f"refusing to save checkpoint {final.name} (the last good "
+                                f"checkpoint is kept)")  # collective
     if D.is_main():
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        _tidy(root)
+        with writing(root):
+            tmp.mkdir(parents=True)
     D.barrier()
-    torch.save(capture_rng_state(), tmp / f"rng_rank{D.get_rank()}.pt")
-    model_state = _model_state(model)  # collective
-    optim_state = _full_optimizer_state(model, optimizer) if optimizer is not None else None
-    if optim_state is not None and _is_host_optimizer(optimizer):
-        torch.save(optim_state, tmp / f"optimizer_rank{D.get_rank()}.pt")
-        optim_state = None
-    if D.is_main():
-        torch.save(model_state, tmp / "model.pt")
-        if optim_state is not None:
-            torch.save(optim_state, tmp / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(meta_text)  # last: marks the directory complete
+    try:
+        _write_files(tmp, model, optimizer, scheduler, meta_text)
+    except Exception:
+        if D.is_main():  # e.g. disk full: give the space back, keep the older checkpoints
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     D.barrier()
     if D.is_main():
-        if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with writing(root):
+            _replace_dir(tmp, final)  # re-saving a step (final save after a periodic one)
         _prune(Path(run_dir), keep_last)
     D.barrier()
     return final
@@ -268,18 +328,18 @@ def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
     masters; LoRA adapters merged in). Atomic like checkpoints; collective under FSDP2
     (rank 0 writes)."""
     out_dir = Path(out_dir)
+    check_weights_finite(model, f"refusing to export {str(out_dir)!r}")  # collective
     state = D.gather_merged_state_dict(model)  # LoRA: adapters merged into the base weights
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if D.is_main():
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        with writing(tmp):
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, out_dir)
     D.barrier()
     return out_dir
 

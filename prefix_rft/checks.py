@@ -111,6 +111,13 @@ def check_tensor(name: str, t: Any, shape: tuple[int, ...], device, floating: bo
         raise ValueError(f"{name} is on {t.device}, expected {device} (the device of logprob)")
 
 
+def check_mask(name: str, t: Any, shape: tuple[int, ...], device) -> None:
+    """A ``shape`` mask: bool, integer 0/1 or floating 0/1 (e.g. a product of masks)."""
+    check_tensor(name, t, shape, device, floating=None)
+    if t.is_floating_point() and bool(((t != 0) & (t != 1)).any()):
+        raise ValueError(f"{name} must hold only 0 and 1, got other values in a {t.dtype} mask")
+
+
 def check_float_tensor(name: str, t: Any, dims: str) -> None:
     """A floating tensor with as many dimensions as ``dims`` names, e.g. ``"[B, T]"``."""
     import torch

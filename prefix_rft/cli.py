@@ -62,15 +62,25 @@ def _split_overrides(extra: Sequence[str]) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .config import load_config, save_config
+    """A user mistake (config, paths, data, device, resume, NaN, disk full, a locked run
+    directory) prints one line and exits with 2; ``--debug`` adds its traceback."""
+    from .errors import report_user_errors
 
     overrides = _split_overrides(extra)
+    return report_user_errors("prefix-rft train", lambda: _train(args, overrides),
+                              debug=args.debug)
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import load_config, save_config
+    from .errors import UserError
+
     if args.resume is not None:
         overrides.append(f"--checkpoint.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
-    except ValueError as err:  # a config mistake: one clean line, no traceback
-        raise SystemExit(f"prefix-rft train: {err}") from None
+    except ValueError as err:  # a config mistake (YAML syntax, key, value)
+        raise UserError(str(err)) from err
     if args.print_config:
         import tempfile
         from pathlib import Path
@@ -78,6 +88,9 @@ def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             print(save_config(cfg, Path(tmp) / "config.yaml").read_text(), end="")
         return 0
+    from .preflight import preflight
+
+    preflight(cfg)  # paths, data, resume, device: before transformers is even imported
     from .train import train
 
     result = train(cfg)
@@ -135,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "fresh); PATH: a checkpoint or run directory (= --checkpoint.resume)")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config as YAML and exit (validates it)")
+    train.add_argument("--debug", action="store_true",
+                       help="show the traceback of a user error too (bugs always show one)")
     train.set_defaults(handler=_cmd_train)
 
     for name, target, helptext in (

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,6 +155,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (cuda when available) | cpu | cuda
     run_dir: str = "runs/prefix-rft"  # config, metrics, checkpoints, plots go here
     max_steps_per_run: int = 0  # stop (after checkpointing) after this many steps; 0 = no limit
+    max_bad_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite
+    #   loss or grad norm (each is skipped); 0 = never stop
     # none | optimizer (state + step in host RAM) | params (FSDP2 CPUOffloadPolicy: params,
     # grads and state in host RAM)
     offload: Literal["none", "optimizer", "params"] = "none"  # see prefix_rft/offload.py
@@ -191,6 +194,8 @@ class RewardConfig:
     fallback: Fallback = "none"  # none = no answer (reward 0)
     timeout_s: float = 5.0  # seconds per verification (enforced in a helper process)
     num_workers: int = 1  # helper processes verifying a batch in parallel
+    non_finite: Literal["zero", "error"] = "zero"  # NaN/Inf rewards or advantages: zero
+    #   (counted in non_finite_rewards / non_finite_advantages, set to 0) | error (stop)
 
 
 @dataclass
@@ -275,14 +280,19 @@ def _coerce_scalar(key: str, tp: Any, value: Any) -> Any:
             return int(number)
         raise _bad(key, "an integer", value)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise _bad(key, "a number", value)
+        if number is None:
+            raise _bad(key, "a number", value)
+        if not math.isfinite(number):
+            raise _bad(key, "a finite number", number)
+        return number
     if tp is str or is_choice_type(tp):
         if isinstance(value, bool):  # `liger: true` in YAML is a bool; the field is a choice
             return "true" if value else "false"
@@ -452,8 +462,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        with open(path, encoding="utf-8") as handle:
-            config_from_dict(yaml.safe_load(handle), cfg)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                raw = yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ValueError(f"config file {str(path)!r} is not valid YAML{where} ({problem}): "
+                             f"fix the file") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {str(path)!r} is not UTF-8 text") from None
+        config_from_dict(raw, cfg)
     apply_overrides(cfg, list(overrides or []))
     return validate_config(resolve_config(cfg))
 

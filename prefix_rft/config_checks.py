@@ -76,8 +76,24 @@ def _check_module_options(cfg: Config) -> None:
              num_workers=("reward.num_workers", w.num_workers))
 
 
+def _check_finite(cfg: Config) -> None:
+    """NaN/Inf in any number field (also inside lists, e.g. ``optim.betas``) is refused."""
+    import dataclasses
+    import math
+
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+            for i, item in items:
+                if isinstance(item, float) and not math.isfinite(item):
+                    key = f"{section.name}.{f.name}" + (f"[{i}]" if i is not None else "")
+                    raise ValueError(f"{key} must be a finite number, got {item!r}")
+
+
 def check_config(cfg: Config) -> None:
     """Check every field; raise a one-line ValueError naming the first bad one."""
+    _check_finite(cfg)
     _check_choices(cfg)
     d, p, r, o, t = cfg.data, cfg.prefix, cfg.rollout, cfg.optim, cfg.train
     for key, value in [
@@ -95,6 +111,7 @@ def check_config(cfg: Config) -> None:
         ("train.max_steps_per_run", t.max_steps_per_run),
         ("checkpoint.every", cfg.checkpoint.every),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("eval.every", cfg.eval.every),
+        ("train.max_bad_steps", t.max_bad_steps),
         ("eval.max_response_tokens", cfg.eval.max_response_tokens),
     ]:
         check_int(key, value, 0)

@@ -56,6 +56,7 @@ from prefix_rft.checks import (
     check_choice,
     check_float_tensor,
     check_int,
+    check_mask,
     check_number,
     check_tensor,
 )
@@ -108,7 +109,7 @@ def check_loss_options(
 
 def prefix_rft_loss(
     logprob: torch.Tensor,
-    old_logprob: torch.Tensor,
+    old_logprob: torch.Tensor | None,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     prefix_mask: torch.Tensor,
@@ -124,6 +125,7 @@ def prefix_rft_loss(
     num_sequences: int | None = None,
     keep_prefix_mask: torch.Tensor | None = None,
     seq_index: torch.Tensor | None = None,
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Prefix-RFT policy loss from per-token log-probs (formulas in the module docstring).
 
@@ -135,10 +137,11 @@ def prefix_rft_loss(
     Args:
         logprob: ``[B, T]`` log π_θ(y_t) of the response tokens, with gradient.
         old_logprob: ``[B, T]`` log π_old(y_t) from the policy before the update (same
-            temperature), no gradient needed.
+            temperature), no gradient needed. None for an exactly on-policy update (one
+            optimizer step per rollout batch): the detached ``logprob`` is used, so ρ = 1.
         advantages: ``[B]`` one advantage per rollout (``advantage.group_advantages``).
-        response_mask: ``[B, T]`` bool (or 0/1), True on real response tokens.
-        prefix_mask: ``[B, T]`` bool (or 0/1), True on demonstration-prefix tokens.
+        response_mask: ``[B, T]`` bool, or integer/float 0/1, True on real response tokens.
+        prefix_mask: ``[B, T]`` bool, or integer/float 0/1, True on demonstration-prefix tokens.
         entropy: ``[B, T]`` token entropies; detached for the mask, differentiated for the
             entropy bonus. May be None when neither needs it (fraction 1 or a given
             ``keep_prefix_mask``, and ``entropy_coef == 0``); entropy metrics are then 0.
@@ -149,10 +152,17 @@ def prefix_rft_loss(
         entropy_coef: entropy bonus weight on continuation tokens (0 = off).
         loss_scale: multiplies the returned loss (e.g. 1/world_size).
         num_sequences: B of the normalizer (default ``logprob.shape[0]``); give the
-            mini-batch size when this call is one micro-batch of it.
+            mini-batch size when this call is one micro-batch of it. With ``G`` equal
+            micro-batches of ``B_micro`` accumulated per optimizer step that is
+            ``B_micro × G`` (e.g. TRL's Dr. GRPO: ``per_device_train_batch_size ×
+            gradient_accumulation_steps``).
         keep_prefix_mask: ``[B, T]`` bool precomputed by :func:`compute_keep_prefix_mask`
             (``mini_batch`` scope); None computes it here from ``entropy`` (``micro_batch``).
         seq_index: packed layout only: ``[R]`` int, the sequence (``0..B-1``) of each token.
+        importance_weights: ``[B, T]`` or ``[B, 1]`` (packed: ``[R]``) non-negative, no
+            gradient: multiplies each token's clipped loss, e.g. TRL's vLLM
+            importance-sampling correction ``π_old / π_sampler`` (truncated or masked).
+            None = 1.
 
     Returns:
         ``(loss, metrics)``: scalar fp32 loss; metrics of Python floats (see
@@ -183,10 +193,17 @@ def prefix_rft_loss(
         max_response_tokens=max_response_tokens, clip_low=clip_low, clip_high=clip_high,
         clip_c=clip_c, entropy_top_fraction=entropy_top_fraction, entropy_coef=entropy_coef,
     )
+    if old_logprob is None:
+        old_logprob = logprob.detach()
     check_tensor("old_logprob", old_logprob, shape, dev, floating=True)
     check_tensor("advantages", advantages, (B,), dev, floating=True)
-    check_tensor("response_mask", response_mask, shape, dev, floating=False)
-    check_tensor("prefix_mask", prefix_mask, shape, dev, floating=False)
+    check_mask("response_mask", response_mask, shape, dev)
+    check_mask("prefix_mask", prefix_mask, shape, dev)
+    if importance_weights is not None:
+        if seq_index is None:
+            _check_importance_weights(importance_weights, B, shape[1], dev)
+        else:
+            check_tensor("importance_weights", importance_weights, shape, dev, floating=True)
     check_number("loss_scale", loss_scale)
     check_int("num_sequences", num_sequences, allow_none=True)
     if num_sequences is not None and num_sequences < B:
@@ -216,6 +233,8 @@ def prefix_rft_loss(
     if clip_c is not None:
         capped = torch.minimum(token_loss, -token_adv * clip_c)
         token_loss = torch.where(token_adv < 0, capped, token_loss)
+    if importance_weights is not None:
+        token_loss = token_loss * importance_weights.detach().float()
     denom = float((num_sequences or B) * max_response_tokens)
     pg_loss = torch.where(valid, token_loss, 0.0).sum() / denom
     loss = pg_loss
@@ -232,6 +251,10 @@ def prefix_rft_loss(
     return loss, metrics
 
 
+def _check_importance_weights(weights, B: int, T: int, device) -> None:
+    cols = weights.shape[-1] if isinstance(weights, torch.Tensor) and weights.dim() == 2 else T
+    check_tensor("importance_weights", weights, (B, 1 if cols == 1 else T), device,
+                 floating=True)
 
 
 # ---------------------------------------------------------------------------- fused module
@@ -260,11 +283,12 @@ class PrefixRFTLoss(torch.nn.Module):
     (``mini_batch`` requires ``keep_prefix_mask`` in forward unless the fraction is 1).
 
     Forward shapes: ``hidden [B, T, H]``, ``lm_head_weight [V, H]``, ``response_ids [B, T]``
-    int, ``old_logprob [B, T]``, ``advantages [B]``, ``response_mask [B, T]``,
+    int, ``old_logprob [B, T]`` (None: on-policy), ``advantages [B]``, ``response_mask [B, T]``,
     ``prefix_mask [B, T]``, ``lm_head_bias [V]`` or None; keyword ``num_sequences``,
-    ``loss_scale``, ``keep_prefix_mask`` as in :func:`prefix_rft_loss`. Packed layout
-    (:mod:`prefix_rft.packing`, no padding): ``hidden [R, H]`` and ``[R]`` per-token tensors
-    for the ``R`` response tokens back to back, ``advantages [B]`` and ``seq_index [R]``.
+    ``loss_scale``, ``keep_prefix_mask``, ``importance_weights`` as in :func:`prefix_rft_loss`.
+    Packed layout (:mod:`prefix_rft.packing`, no padding): ``hidden [R, H]`` and ``[R]``
+    per-token tensors for the ``R`` response tokens back to back, ``advantages [B]`` and
+    ``seq_index [R]``.
     Returns ``(loss scalar fp32, metrics dict[str, float])``.
 
     Example (paste into any trainer; a tiny HF model stands in for yours)::
@@ -349,7 +373,7 @@ class PrefixRFTLoss(torch.nn.Module):
         check_tensor("response_ids", response_ids, shape, hidden.device, floating=False)
         if response_ids.dtype == torch.bool:
             raise ValueError("response_ids must be an integer tensor of token ids, got bool")
-        check_tensor("response_mask", response_mask, shape, hidden.device, floating=False)
+        check_mask("response_mask", response_mask, shape, hidden.device)
         valid = as_mask(response_mask)
         if packed and bool(valid.all()):  # no padding to drop
             return linear_logprob_entropy(hidden, lm_head_weight, response_ids.long(),
@@ -374,7 +398,7 @@ class PrefixRFTLoss(torch.nn.Module):
         hidden: torch.Tensor,
         lm_head_weight: torch.Tensor,
         response_ids: torch.Tensor,
-        old_logprob: torch.Tensor,
+        old_logprob: torch.Tensor | None,
         advantages: torch.Tensor,
         response_mask: torch.Tensor,
         prefix_mask: torch.Tensor,
@@ -384,7 +408,12 @@ class PrefixRFTLoss(torch.nn.Module):
         loss_scale: float = 1.0,
         keep_prefix_mask: torch.Tensor | None = None,
         seq_index: torch.Tensor | None = None,
+        importance_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of :func:`prefix_rft_loss` on the fused log-probs/entropies of ``hidden``.
+
+        ``old_logprob=None`` means on-policy (ρ = 1); the keyword arguments are passed through.
+        """
         scope = self.entropy_mask_scope
         if scope == "micro_batch" and keep_prefix_mask is not None:
             raise ValueError("keep_prefix_mask needs entropy_mask_scope='mini_batch'")
@@ -403,4 +432,5 @@ class PrefixRFTLoss(torch.nn.Module):
             entropy_top_fraction=self.entropy_top_fraction, entropy_coef=self.entropy_coef,
             loss_scale=loss_scale, num_sequences=num_sequences, keep_prefix_mask=keep_prefix_mask,
             seq_index=seq_index,
+            importance_weights=importance_weights,
         )

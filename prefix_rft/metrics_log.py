@@ -6,8 +6,13 @@
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")        # PNGs for the run
 
 Every line of ``metrics.jsonl`` is ``{"step": int, "time": unix seconds, <metric>: float}``.
+A non-finite metric stays visible: it is written as the bare token ``NaN``, ``Infinity`` or
+``-Infinity`` (what Python's ``json`` writes and reads back as a float; strict JSON parsers
+such as ``jq`` reject these tokens); ``null`` only marks a value that is not a number.
 On resume the lines after the resumed step (written after the last checkpoint by the run
-that was interrupted) are dropped, so the file always reads as one continuous run.
+that was interrupted) and a torn last line are dropped, so the file always reads as one
+continuous run; that rewrite goes to a temp file renamed over the old one, so a kill at any
+instant keeps every row.
 Only the main rank should construct an enabled logger (``enabled=False`` elsewhere).
 """
 
@@ -19,6 +24,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .errors import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 # (short name shown in the progress bar, metric key)
@@ -49,6 +56,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return rows
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float (NaN and Inf kept), or None when it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _finite(value: Any) -> float | None:
@@ -82,8 +97,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        self._truncate(start_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if tensorboard != "false":
             try:
@@ -101,12 +115,21 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True)
 
+    def _truncate(self, start_step: int) -> None:
+        """Keep the rows up to ``start_step`` (and no torn line); atomic when it rewrites."""
+        if not self.path.is_file():
+            return
+        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= start_step]
+        text = "".join(json.dumps(row) + "\n" for row in kept)
+        if text != self.path.read_text(encoding="utf-8"):
+            write_text_atomic(self.path, text, pause="metrics-rewrite")
+
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record the metrics of training step ``step`` (1-based: steps done so far)."""
         if not self.enabled:
             return
         row = {"step": int(step), "time": time.time()}
-        row.update({k: (float(v) if _finite(v) is not None else None) for k, v in metrics.items()})
+        row.update({k: _number(v) for k, v in metrics.items()})  # NaN/Inf kept
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:

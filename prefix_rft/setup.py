@@ -25,7 +25,7 @@ import importlib.util
 import math
 import random
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .config import Config, save_config
 from .data import PromptDataset, StatefulSampler, load_prompt_dataset
+from .errors import UserError
+from .finite import StepGuard, check_weights_finite
 from .loss import PrefixRFTLoss
 from .rollout import RolloutEngine, engine_class
 
@@ -61,6 +63,7 @@ class Run:
     start_step: int = 0  # steps already done when this process started (resume)
     resumed_from: str | None = None  # checkpoint directory, or None for a fresh run
     optimizer_stepped: bool = False  # the current step changed the weights (crash handling)
+    guard: StepGuard = field(default_factory=StepGuard)  # skips non-finite optimizer steps
 
     def compute(self) -> contextlib.AbstractContextManager:
         """This run's :func:`compute_context`."""
@@ -82,7 +85,7 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
 
     path = Path(cfg.model.path)
     if not cfg.model.path or not (path / "config.json").is_file():
-        raise ValueError(f"model.path must be a local HF model directory with a config.json, "
+        raise UserError(f"model.path must be a local HF model directory with a config.json, "
                          f"got {cfg.model.path!r}")
     attn = cfg.model.attn_implementation
     if attn == "flash_attention_2" and not (is_installed("flash_attn") and device.type == "cuda"):
@@ -93,6 +96,8 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn,
         trust_remote_code=cfg.model.trust_remote_code).to(device)
+    check_weights_finite(model, f"model.path {cfg.model.path!r} cannot be trained (use a model "
+                                f"with finite weights)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or str(path),
                                               trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -133,7 +138,7 @@ def apply_liger(cfg: Config, model: torch.nn.Module, device: torch.device) -> No
     if not use_liger:
         return
     if not is_installed("liger_kernel"):
-        raise ValueError("model.liger=true but liger-kernel is not installed "
+        raise UserError("model.liger=true but liger-kernel is not installed "
                          "(pip install liger-kernel)")
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -227,7 +232,7 @@ def check_divisible(cfg: Config, world: int) -> None:
     for key, value in (("train.prompts_per_step", cfg.train.prompts_per_step),
                        ("train.mini_batch_size", cfg.train.mini_batch_size)):
         if value % world:
-            raise ValueError(f"{key} must be divisible by the number of ranks ({world}), "
+            raise UserError(f"{key} must be divisible by the number of ranks ({world}), "
                              f"got {value}")
 
 
@@ -241,7 +246,10 @@ def start_run(cfg: Config) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     model, tokenizer = load_policy(cfg, device)
-    dataset = load_prompt_dataset(cfg.data, tokenizer, need_demo=cfg.loss.algo != "rft")
+    try:
+        dataset = load_prompt_dataset(cfg.data, tokenizer, need_demo=cfg.loss.algo != "rft")
+    except ValueError as err:  # the data's fault (missing file, no usable rows, ...)
+        raise (err if isinstance(err, UserError) else UserError(str(err))) from err
     if D.is_main():
         print(f"[prefix-rft] {dataset.summary()}", flush=True)
     sampler = StatefulSampler(len(dataset), seed=cfg.data.seed, shuffle=cfg.data.shuffle,
@@ -258,6 +266,8 @@ def start_run(cfg: Config) -> Run:
     if resume_from is not None:
         meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer,
                                     scheduler=scheduler)
+        check_weights_finite(model, f"checkpoint {str(resume_from)!r} cannot be resumed "
+                                    f"(resume from an earlier one)")
         start = int(meta["step"])
         sampler.load_state_dict(meta["sampler"])
     engine = build_engine(cfg, model, tokenizer, device, rank)
@@ -267,4 +277,5 @@ def start_run(cfg: Config) -> Run:
                scheduler=scheduler, loss_fn=build_loss(cfg), dataset=dataset, sampler=sampler,
                device=device, rank=rank, world=world, run_dir=run_dir,
                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-               start_step=start, resumed_from=str(resume_from) if resume_from else None)
+               start_step=start, resumed_from=str(resume_from) if resume_from else None,
+               guard=StepGuard(max_bad_steps=cfg.train.max_bad_steps))

@@ -8,7 +8,8 @@ Per step, top to bottom in :func:`train_step`: sample this rank's questions -> b
 requests per question (``num_prefixed`` hybrids continuing a scheduled demonstration
 prefix, the rest on-policy) -> roll out through the engine -> decode + reward -> Dr. GRPO
 advantages (group = question) -> old log-probs with the fused kernel (no grad; prefix tokens
-too) and the engine-vs-trainer log-prob mismatch -> ``ppo_epochs`` x mini-batches of
+too) and the engine-vs-trainer log-prob mismatch (skipped when the update is exactly on-policy:
+:func:`is_exactly_on_policy`) -> ``ppo_epochs`` x mini-batches of
 micro-batched :class:`~prefix_rft.loss.PrefixRFTLoss` over the decoder's hidden states ->
 AdamW (warmup, clipping) -> weight sync to the engine -> log -> checkpoint.
 
@@ -30,6 +31,7 @@ checkpoint and return; an exception in a single-process run saves before re-rais
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import time
 from pathlib import Path
@@ -43,20 +45,25 @@ from . import distributed as D
 from .advantage import advantage_stats, group_advantages
 from .batching import (
     Rollout,
-    make_micro_batches,
-    micro_batches,
+    idle_forwards,
+    may_balance_update,
+    padded_cut_tokens,
     response_logprob_entropy,
     run_head,
+    update_micro_batches,
 )
 from .config import Config, resolve_config, validate_config
 from .data import Question, read_questions
 from .entropy_mask import mini_batch_keep_masks, needs_mini_batch_pass
-from .loss import sft_loss
+from .errors import UserError
+from .finite import zero_non_finite
+from .loss import prefix_rft_loss, sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
-from .packing import padding_stats
 from .prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
+from .preflight import preflight
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
+from .runlock import RunLock
 from .setup import Run, peak_memory_gb, reset_peak_memory, start_run
 
 
@@ -112,19 +119,24 @@ def roll_out(run: Run, requests: list[RolloutRequest], meta: list) -> list[Rollo
     return rollouts
 
 
-def score(rollouts: list[Rollout], questions: list[Question], tokenizer,
-          cfg: Config) -> dict[str, float]:
-    """Rewards (math-verify) and Dr. GRPO advantages, written into the rollouts; returns metrics."""
+def score(rollouts: list[Rollout], questions: list[Question], tokenizer, cfg: Config,
+          step: int = 0) -> dict[str, float]:
+    """Rewards (math-verify) and Dr. GRPO advantages, written into the rollouts; returns
+    metrics. Non-finite rewards / advantages are zeroed and counted, or stop the run
+    (``reward.non_finite``)."""
     from .reward import math_rewards
 
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
     rewards, stats = math_rewards(texts, [questions[r.group].answer for r in rollouts],
                                   fallback=cfg.reward.fallback, timeout_s=cfg.reward.timeout_s,
                                   num_workers=cfg.reward.num_workers)
-    reward_t = torch.tensor(rewards, dtype=torch.float64)
+    reward_t, bad_rewards = zero_non_finite(torch.tensor(rewards, dtype=torch.float64),
+                                            "rewards", cfg.reward.non_finite, step)
+    rewards = reward_t.tolist()
     groups = torch.tensor([r.group for r in rollouts])
     prefixed = torch.tensor([r.is_prefixed for r in rollouts], dtype=torch.bool)
     adv = group_advantages(reward_t, groups, baseline=cfg.loss.baseline, is_prefixed=prefixed)
+    adv, bad_advantages = zero_non_finite(adv, "advantages", cfg.reward.non_finite, step)
     for r, value, a in zip(rollouts, rewards, adv.tolist()):
         r.reward, r.advantage = value, a
     # pass rate: a question counts when an on-policy rollout solved it
@@ -141,7 +153,8 @@ def score(rollouts: list[Rollout], questions: list[Question], tokenizer,
          "response_len_mean": float(np.mean(lengths)), "response_len_max": float(max(lengths)),
          "truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
          "reward_no_answer_frac": stats.no_answer / max(1, stats.total),
-         "reward_failures": float(stats.parse_failures + stats.timeouts + stats.errors)}
+         "reward_failures": float(stats.parse_failures + stats.timeouts + stats.errors),
+         "non_finite_rewards": float(bad_rewards), "non_finite_advantages": float(bad_advantages)}
     m.update(advantage_stats(adv))
     return m
 
@@ -150,27 +163,36 @@ def score(rollouts: list[Rollout], questions: list[Question], tokenizer,
 def old_logprobs(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """Log-probs (and entropies) of the policy before the update, per rollout, no grad;
     prefix tokens included. Returns the engine-vs-trainer mismatch on continuation tokens."""
-    batches, idle = _micro_batches(run, rollouts, range(len(rollouts)), balanced=True)
+    batches, idle = update_micro_batches(run, rollouts, range(len(rollouts)), balanced=True)
     with torch.no_grad(), run.compute():
         for batch in batches:
             lp, ent = response_logprob_entropy(run.model, batch, run.loss_fn)
             for i, lp_i, ent_i in zip(batch.rows, batch.per_rollout(lp), batch.per_rollout(ent)):
                 rollouts[i].old_logprob = lp_i.float().cpu()
                 rollouts[i].old_entropy = ent_i.float().cpu()
-    _idle_forwards(run, idle, grad=False)
+    idle_forwards(run, idle, grad=False)
+    return engine_mismatch(rollouts, [r.old_logprob for r in rollouts])
+
+
+def engine_mismatch(rollouts: list[Rollout], trainer_logprobs: list[torch.Tensor]
+                    ) -> dict[str, float]:
+    """``mismatch_mean`` / ``mismatch_max``: |engine - trainer| log-prob on continuation tokens,
+    given the trainer's ``[len(response_ids)]`` log-probs of each rollout."""
     width = max(len(r.response_ids) for r in rollouts)
     trainer = torch.zeros(len(rollouts), width)
-    for i, r in enumerate(rollouts):
-        trainer[i, : len(r.response_ids)] = r.old_logprob
-    return logprob_mismatch([r.engine_logprobs for r in rollouts], trainer,
-                            continuation_mask_for(rollouts, width))
+    for i, (r, lp) in enumerate(zip(rollouts, trainer_logprobs)):
+        trainer[i, : len(r.response_ids)] = lp[: len(r.response_ids)]
+    mismatch = logprob_mismatch([r.engine_logprobs for r in rollouts], trainer,
+                                continuation_mask_for(rollouts, width))
+    return {"mismatch_mean": mismatch["mismatch_mean"], "mismatch_max": mismatch["mismatch_max"]}
 
 
 def policy_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
-    """The rollouts, with their old log-probs; the mismatch metrics."""
-    mismatch = old_logprobs(run, rollouts)
-    return rollouts, {"mismatch_mean": mismatch["mismatch_mean"],
-                      "mismatch_max": mismatch["mismatch_max"]}
+    """The rollouts, with their old log-probs; the mismatch metrics. Exactly on-policy, no
+    old-log-prob pass: the update measures the mismatch (see :func:`is_exactly_on_policy`)."""
+    if is_exactly_on_policy(run.cfg):
+        return rollouts, {}
+    return rollouts, old_logprobs(run, rollouts)
 
 
 def sft_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
@@ -182,41 +204,6 @@ def sft_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
 
 
 # ---------------------------------------------------------------------------- update
-def _micro_batches(run: Run, rows: list[Rollout], picked, *, balanced: bool):
-    """Micro-batches of one pass: packed (``train.packing``; first-fit decreasing by real
-    tokens when ``balanced``, else in order) or right-padded rows cut in order. Returns
-    ``(batches, idle)``: ``idle`` = how many fewer this rank has than the busiest rank."""
-    t = run.cfg.train
-    batches = make_micro_batches(rows, picked, t.micro_batch_tokens, packing=t.packing,
-                                 balanced=balanced, pad_token_id=run.pad_id, device=run.device)
-    return batches, D.max_over_ranks(len(batches)) - len(batches)
-
-
-def _idle_forwards(run: Run, count: int, *, grad: bool) -> None:
-    """``count`` one-token forwards (+ backward of an exact zero when ``grad``): under FSDP2
-    every forward all-gathers, so a rank with fewer micro-batches than another must still
-    join the collectives of the extra ones. Adds nothing to any gradient."""
-    ids = torch.full((1, 1), run.pad_id, dtype=torch.long, device=run.device)
-
-    def head(hidden, weight, bias):
-        return (hidden.sum() + weight.sum()) * 0.0
-
-    for _ in range(count):
-        with run.compute(), torch.set_grad_enabled(grad):
-            zero = D.forward_with_head(run.model, head, ids)
-        if grad:
-            zero.backward()
-
-
-def _balanced_update(cfg: Config) -> bool:
-    """Whether the update's micro-batches may be token-balanced: not when the ``micro_batch``
-    entropy-mask scope ranks prefix tokens per micro-batch (which rollouts share one changes
-    the mask), so there the packed split keeps the mini-batch's order."""
-    lo = cfg.loss
-    return lo.algo == "sft" or not (lo.entropy_mask_scope == "micro_batch"
-                                    and lo.entropy_top_fraction < 1)
-
-
 def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
              keep_masks=None) -> dict[str, float]:
     """``ppo_epochs`` passes of mini-batches (by question) of micro-batched loss + AdamW step.
@@ -224,43 +211,48 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
     ``micro_loss(batch, num_sequences, keep)`` returns one micro-batch's ``(loss, metrics)``,
     its share of the global mini-batch of ``num_sequences`` rows; ``keep_masks(batches,
     first_update, idle)`` the per-micro-batch ``keep_prefix_mask`` (None: the loss decides).
-    Logs ``update_tokens`` (real), ``update_padded_tokens`` (positions the forwards computed),
-    ``update_padding_frac`` and ``update_padding_frac_if_padded`` (the padded layout's)."""
+    Logs real / computed update tokens and padding fractions (actual, and if padded)."""
     cfg = run.cfg
     local_questions = cfg.train.mini_batch_size // run.world
     num_sequences = cfg.train.mini_batch_size * per_question  # global mini-batch, normalizer B
-    avg, grad_norms, tokens, padded, if_padded = MetricAverager(), [], 0, 0, 0
+    avg, grad_norms, tokens, skipped, padded, if_padded = MetricAverager(), [], 0, 0, 0, 0
     groups = sorted({r.group for r in rows})
-    balanced = _balanced_update(cfg)
+    balanced = may_balance_update(cfg)
     for epoch in range(cfg.train.ppo_epochs):
         for start in range(0, len(groups), local_questions):
             chosen = set(groups[start:start + local_questions])
             picked = [i for i, r in enumerate(rows) if r.group in chosen]
-            batches, idle = _micro_batches(run, rows, picked, balanced=balanced)
-            if_padded += padding_stats(rows, micro_batches(rows, picked,
-                                                           cfg.train.micro_batch_tokens),
-                                       packed=False)["padded_tokens"]
+            batches, idle = update_micro_batches(run, rows, picked, balanced=balanced)
+            if_padded += padded_cut_tokens(rows, picked, cfg.train.micro_batch_tokens)
             first_update = epoch == 0 and start == 0
-            keeps = (keep_masks(batches, first_update, idle) if keep_masks
-                     else [None] * len(batches))
-            for batch, keep in zip(batches, keeps):
+            keeps = keep_masks(batches, first_update, idle) if keep_masks else [None] * len(batches)
+            losses, bad_adv = [], 0
+            for index, (batch, keep) in enumerate(zip(batches, keeps)):
                 with run.compute():
                     loss, m = micro_loss(batch, num_sequences, keep)
-                loss.backward()
+                loss.backward()  # even when non-finite: FSDP2 ranks reduce together
+                losses.append((index, float(loss.detach())))
+                bad_adv += int((~torch.isfinite(batch.advantages)).sum())
                 avg.add(m)
                 tokens += batch.num_tokens
                 padded += batch.num_padded_tokens
-            _idle_forwards(run, idle, grad=True)
+            idle_forwards(run, idle, grad=True)
             grad_norms.append(D.clip_grad_norm(run.model, cfg.optim.grad_clip))
-            run.optimizer_stepped = True
-            run.optimizer.step()
-            run.scheduler.step()
+            if run.guard.check(losses=losses, grad_norm=grad_norms[-1], bad_advantages=bad_adv):
+                run.optimizer_stepped = True
+                run.optimizer.step()
+                run.scheduler.step()
+            else:  # skip: no update, no schedule step; the reason is printed
+                skipped += 1
+                if D.is_main():
+                    print(f"[prefix-rft] {run.guard.reasons[-1]}", flush=True)
             run.optimizer.zero_grad(set_to_none=True)
             avg.n_mini += 1
+            run.guard.raise_if_exhausted()
     out = avg.result()
     out.update(grad_norm=float(np.mean(grad_norms)), grad_norm_max=float(np.max(grad_norms)),
                lr=run.scheduler.get_last_lr()[0], update_tokens=float(tokens),
-               update_padded_tokens=float(padded),
+               skipped_steps=float(skipped), update_padded_tokens=float(padded),
                update_padding_frac=1.0 - tokens / padded if padded else 0.0,
                update_padding_frac_if_padded=1.0 - tokens / if_padded if if_padded else 0.0)
     return out
@@ -269,6 +261,8 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
 def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """The Prefix-RFT / RFT update over the scored rollouts."""
     cfg, loss_fn = run.cfg, run.loss_fn
+    if is_exactly_on_policy(cfg):
+        return on_policy_update(run, rollouts)
 
     def micro_loss(batch, num_sequences, keep):
         old = batch.gather([r.old_logprob for r in rollouts])
@@ -288,15 +282,51 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
 
     def keep_masks(batches, first_update, idle):
         scope, fraction = cfg.loss.entropy_mask_scope, cfg.loss.entropy_top_fraction
-        keeps = mini_batch_keep_masks(
-            batches, lambda k, batch: current_entropy(batch, first_update),
-            scope=scope, entropy_top_fraction=fraction)
+        keeps = mini_batch_keep_masks(batches, lambda k, b: current_entropy(b, first_update),
+                                      scope=scope, entropy_top_fraction=fraction)
         if not first_update and needs_mini_batch_pass(scope, fraction):
-            _idle_forwards(run, idle, grad=False)
+            idle_forwards(run, idle, grad=False)
         return keeps
 
     return optimize(run, rollouts, per_question=cfg.rollout.group_size, micro_loss=micro_loss,
                     keep_masks=keep_masks)
+
+
+# ---------------------------------------------------------------------------- exactly on-policy
+def is_exactly_on_policy(cfg: Config) -> bool:
+    """One optimizer step per rollout batch (``ppo_epochs`` 1, one mini-batch) and no
+    mini-batch entropy ranking before the first backward: the policy before the update is the
+    one the update's only forward sees, so the old-log-prob pass is redundant. The loss then
+    uses the detached log-probs of that forward (ρ = 1, as TRL does with ``num_iterations=1``)
+    and the engine mismatch is measured on them."""
+    return (cfg.loss.algo != "sft" and cfg.train.ppo_epochs == 1
+            and cfg.train.mini_batch_size == cfg.train.prompts_per_step
+            and not needs_mini_batch_pass(cfg.loss.entropy_mask_scope,
+                                          cfg.loss.entropy_top_fraction))
+
+
+def on_policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
+    """:func:`policy_update` without old log-probs; adds the mismatch metrics."""
+    loss_fn, seen = run.loss_fn, {}
+
+    def micro_loss(batch, num_sequences, keep):
+        def head(hidden, weight, bias):
+            lp, ent = loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
+                                                    batch.response_mask, bias)
+            for i, lp_i in zip(batch.rows, batch.per_rollout(lp.detach())):
+                seen[i] = lp_i.float().cpu()
+            return prefix_rft_loss(
+                lp, None, batch.advantages, batch.response_mask, batch.prefix_mask, ent,
+                max_response_tokens=loss_fn.max_response_tokens, clip_low=loss_fn.clip_low,
+                clip_high=loss_fn.clip_high, clip_c=loss_fn.clip_c,
+                entropy_top_fraction=loss_fn.entropy_top_fraction,
+                entropy_coef=loss_fn.entropy_coef, loss_scale=float(run.world),
+                num_sequences=num_sequences, seq_index=batch.seq_index)
+        return run_head(run.model, batch, head)
+
+    out = optimize(run, rollouts, per_question=run.cfg.rollout.group_size, micro_loss=micro_loss)
+    out.update(engine_mismatch(rollouts, [seen[i] for i in range(len(rollouts))]))
+    return out
 
 
 def sft_update(run: Run, demos: list[Rollout]) -> dict[str, float]:
@@ -305,9 +335,8 @@ def sft_update(run: Run, demos: list[Rollout]) -> dict[str, float]:
         def head(hidden, weight, bias):
             lp, _ = run.loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
                                                       batch.response_mask, bias)
-            mask = batch.response_mask
-            if lp.dim() == 1:  # packed [R]: one row for sft_loss's [B, T]
-                lp, mask = lp[None], mask[None]
+            mask = batch.response_mask  # packed [R]: one row for sft_loss's [B, T]
+            lp, mask = (lp[None], mask[None]) if lp.dim() == 1 else (lp, mask)
             return sft_loss(lp, mask,
                             max_response_tokens=run.cfg.rollout.max_response_tokens,
                             num_sequences=num_sequences, loss_scale=float(run.world))
@@ -333,7 +362,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     run.engine.sleep()
     t_rollout = time.perf_counter()
     # ---- reward + advantages
-    metrics = score(rollouts, questions, run.tokenizer, cfg)
+    run.guard.step = step
+    metrics = score(rollouts, questions, run.tokenizer, cfg, step=step)
     ratios = [ratio for _, prefixed, ratio in meta if prefixed]
     metrics.update(prefix_low=low,
                    prefix_ratio_mean=float(np.mean(ratios)) if ratios else float("nan"))
@@ -387,8 +417,8 @@ def _save(run: Run, done: int, sampler_state: dict, metrics: dict) -> Path:
 
 def _save_after_crash(run: Run, done: int, sampler_state: dict, error: BaseException) -> None:
     """Single process only (a collective save from one failing rank would hang the others)."""
-    if D.is_distributed():
-        return
+    if D.is_distributed() or isinstance(error, UserError):
+        return  # a user error (NaN, disk full, ...): keep the last good checkpoint as it is
     try:
         if not run.optimizer_stepped:  # model untouched this step: a clean checkpoint
             path = _save(run, done, sampler_state, {"crashed": repr(error)[:500]})
@@ -405,6 +435,17 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run (or resume) training as configured. Returns ``{"run_dir", "steps_done",
     "final_model_dir", "metrics" (last step's), "stopped_early", "resumed_from"}``."""
     cfg = validate_config(resolve_config(cfg))
+    preflight(cfg)  # paths, data files, resume, device: before the model is loaded
+    lock = RunLock(cfg.train.run_dir)
+    if os.environ.get("RANK", "0") == "0":  # the main rank (the process group is not up yet)
+        lock.acquire()
+    try:
+        return _train(cfg)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config) -> dict[str, Any]:
     run = start_run(cfg)
     run_dir, total, done = run.run_dir, cfg.train.steps, run.start_step
     logger = MetricsLogger(run_dir, total_steps=total, start_step=done,

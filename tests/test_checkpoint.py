@@ -85,8 +85,8 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     calls = []
 
     def dying_save(obj, path, *args, **kwargs):
-        calls.append(str(path))
-        if str(path).endswith("optimizer.pt"):  # die after the model file is written
+        calls.append(str(getattr(path, "name", path)))  # a path or an open file
+        if calls[-1].endswith("optimizer.pt"):  # die after the model file is written
             raise KeyboardInterrupt("killed mid-write")
         return real_save(obj, path, *args, **kwargs)
 

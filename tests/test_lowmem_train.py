@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import read_jsonl, shared_assets, tiny_config
+from train_helpers import shared_assets, tiny_config
 
 from prefix_rft.checkpoint import list_checkpoints
 from prefix_rft.config import resolve_config, save_config, validate_config
+from prefix_rft.metrics_log import read_metrics
 from prefix_rft.train import train
 
 TIMING = {"time", "tokens_per_s", "peak_mem_gb"}
@@ -38,7 +39,7 @@ def _config(assets, run_dir, lora_r=0, **overrides):
 
 def _rows(run_dir):
     return [{k: v for k, v in r.items() if k not in TIMING and not k.endswith("_time_s")}
-            for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
+            for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
 
 
 def _final(run_dir) -> dict[str, torch.Tensor]:

@@ -143,21 +143,21 @@ def test_packed_micro_batch_accumulation(tmp_path):
 
 def test_micro_batch_scope_keeps_in_order_split(tmp_path):
     """micro_batch scope with fraction < 1: packed micro-batches are consecutive rollouts."""
-    from prefix_rft import train
+    from prefix_rft import batching
 
     seen = []
-    real = train.make_micro_batches
+    real = batching.make_micro_batches
 
     def spy(*args, **kwargs):
         seen.append(kwargs["balanced"])
         return real(*args, **kwargs)
 
     run = _run(tmp_path, packing=True, budget=40, scope="micro_batch", fraction=0.2)
-    train.make_micro_batches = spy
+    batching.make_micro_batches = spy
     try:
         _update(run)
     finally:
-        train.make_micro_batches = real
+        batching.make_micro_batches = real
     assert seen == [True, False]  # old-log-prob pass balanced, update in order
 
 

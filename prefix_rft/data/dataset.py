@@ -35,8 +35,9 @@ class PromptDataset:
 
     def __init__(self, tables: Sequence[Sequence[dict]], tokenizer: Any, cfg: DataConfig, *,
                  need_demo: bool, sources: Sequence[str] | None = None,
-                 batch_size: int = 1024):
+                 batch_size: int = 1024, malformed: Sequence[str] = ()):
         self.tokenizer, self.cfg, self.need_demo = tokenizer, cfg, need_demo
+        self.malformed = list(malformed)  # rows the reader skipped: "file:line: problem"
         self.tables = list(tables)
         self.sources = (list(sources) if sources is not None
                         else [f"table{i}" for i in range(len(tables))])
@@ -102,6 +103,10 @@ class PromptDataset:
         parts = [f"{reason} {count} (rows {', '.join(map(str, self.skipped_rows[reason]))}"
                  f"{', ...' if count > len(self.skipped_rows[reason]) else ''})"
                  for reason, count in self.skipped.items() if count]
+        if self.malformed:
+            shown = ", ".join(self.malformed[:_SHOW_ROWS])
+            more = ", ..." if len(self.malformed) > _SHOW_ROWS else ""
+            parts.append(f"malformed {len(self.malformed)} ({shown}{more})")
         skipped = "; skipped: " + "; ".join(parts) if parts else ""
         return (f"data: {self.num_rows} rows from {len(self.tables)} file(s), "
                 f"{len(self._locations)} usable{skipped}")
@@ -137,8 +142,10 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: Any, *, need_demo: bool) -> 
     """
     if not cfg.train_files:
         raise ValueError("data.train_files must list at least one file, got []")
-    tables = [read_rows(path, cfg.format, cfg.max_rows) for path in cfg.train_files]
-    return PromptDataset(tables, tokenizer, cfg, need_demo=need_demo, sources=cfg.train_files)
+    bad: list[str] = []  # malformed rows, skipped: "file:line: problem"
+    tables = [read_rows(path, cfg.format, cfg.max_rows, bad=bad) for path in cfg.train_files]
+    return PromptDataset(tables, tokenizer, cfg, need_demo=need_demo, sources=cfg.train_files,
+                         malformed=bad)
 
 
 def read_questions(path: str | Path, cfg: DataConfig | None = None, *,

@@ -29,6 +29,7 @@ after ``os.fork`` the child forgets the parent's helpers and starts its own.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import subprocess
@@ -134,6 +135,12 @@ def _helper_main(read_fd: int, write_fd: int) -> None:
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.ERROR)  # "timeout disabled" warnings
     import math_verify  # noqa: F401 -- pay the sympy import before saying "ready"
+
+    # Also pay the parsers' and sympy's lazy first-use set-up (hundreds of ms, seconds on a
+    # busy machine) now: charged to the first real call's time limit, it turned correct
+    # answers into timeouts.
+    with contextlib.suppress(Exception):
+        _default_verify(_parse_latex_or_plain("1"), _parse_latex_or_plain(r"\frac{2}{2}"))
 
     def on_timer(signum, frame):
         raise _SoftTimeout()

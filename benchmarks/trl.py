@@ -1,0 +1,360 @@
+"""TRL's GRPOTrainer policy update: TRL's own head, Liger's GRPO loss, this project's drop-in,
+and this project's trainer -- same model, batch and thread count, each in a fresh process.
+
+    nice python -m benchmarks.trl                     # all cases, writes benchmarks/results/trl.*
+    nice python -m benchmarks.trl --cases trl_prefix_rft --repeats 1 --out -
+    python -m benchmarks.trl --smoke                  # tiny model, seconds, nothing written
+
+Cases (policy update = forward + loss + backward over the micro-batches of one batch, then
+AdamW; on-policy, ``num_iterations=1``, so no old-log-prob pass unless the case says so):
+
+* ``trl`` -- a stock ``trl.GRPOTrainer`` (``loss_type="dr_grpo"``, ``beta=0``): TRL's fused
+  chunked log-prob/entropy head and TRL's loss (``trainer.compute_loss``).
+* ``trl_liger`` -- the same trainer computing the loss with Liger-Kernel's
+  ``LigerFusedLinearGRPOLoss`` over the last hidden states, as TRL <= 1.12 did with
+  ``use_liger_loss=True`` (``compiled=True``, its default; no entropy).
+* ``trl_prefix_rft`` -- :class:`prefix_rft.integrations.trl.PrefixRFTGRPOTrainer`.
+* ``prefix_rft_trainer`` -- this project's trainer (``prefix_rft.train.policy_rows`` +
+  ``policy_update``) on the same token ids, as rollouts: one optimizer step per rollout batch,
+  so it skips the old-log-prob pass (``is_exactly_on_policy``); ``prefix_rft_trainer+old``
+  forces that pass (``prefix_rft.train.old_logprobs``), as the trainer ran before it skipped it.
+
+Every case uses fp32 weights and compute, no gradient checkpointing, ``torch.set_num_threads(1)``,
+AdamW (lr 1e-6). Time: wall clock of each timed step after one warm-up step (Liger's
+``torch.compile`` happens in the warm-up). Tokens/s counts prompt + completion tokens of the
+batch. Memory: ``peak_mb`` = the process's peak RSS minus its RSS after building the model,
+the trainer and the inputs (the step's own memory); ``rss_peak_mb`` in ``extra`` is the whole
+process's peak (TRL imports vLLM when installed, which adds to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+CASES = ("trl", "trl_liger", "trl_prefix_rft", "prefix_rft_trainer", "prefix_rft_trainer+old")
+TRL_CASES = ("trl", "trl_liger", "trl_prefix_rft")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# (hidden, layers, heads, kv heads, intermediate, vocab): Qwen2-shaped, the Qwen2.5 vocabulary
+SHAPES = {"cpu": (256, 4, 4, 2, 768, 151936), "smoke": (64, 2, 2, 1, 128, 5003)}
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def build_model(shape: str):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                      max_position_embeddings=4096, tie_word_embeddings=False, use_cache=False,
+                      pad_token_id=0, eos_token_id=1, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).float().train()
+
+
+def make_batch(vocab: int, sequences: int, prompt: int, completion: int) -> dict:
+    """Random token ids (ids >= 2), full masks, Dr. GRPO advantages (zero-mean per group of 8)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    adv = torch.randn(sequences, generator=g)
+    adv = adv - adv.view(-1, min(8, sequences)).mean(1, keepdim=True).repeat_interleave(
+        min(8, sequences), 1).view(-1)
+    return {
+        "prompt_ids": torch.randint(2, vocab, (sequences, prompt), generator=g),
+        "prompt_mask": torch.ones(sequences, prompt, dtype=torch.long),
+        "completion_ids": torch.randint(2, vocab, (sequences, completion), generator=g),
+        "completion_mask": torch.ones(sequences, completion, dtype=torch.long),
+        "advantages": adv,
+    }
+
+
+# ---------------------------------------------------------------------------- TRL cases
+def _liger_trainer_class():
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    from trl import GRPOTrainer
+
+    class LigerGRPOTrainer(GRPOTrainer):
+        """TRL <= 1.12's ``use_liger_loss`` path: hidden states -> Liger's fused GRPO loss."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.liger_loss = LigerFusedLinearGRPOLoss(
+                beta=0.0, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                temperature=self.temperature, use_ref_model=False, loss_type="dr_grpo",
+                max_completion_length=self.max_completion_length)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+            att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+            T = inputs["completion_ids"].size(1)
+            hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state
+            hidden = hidden[:, :-1][:, -T:]
+            loss, metrics = self.liger_loss(
+                _input=hidden, lin_weight=model.lm_head.weight,
+                selected_token_ids=inputs["completion_ids"],
+                attention_mask=inputs["completion_mask"],
+                advantages=inputs["advantages"], bias=model.lm_head.bias,
+                old_per_token_logps=inputs.get("old_per_token_logps"))
+            self._metrics["train"]["clip_ratio"].append(metrics[-1].mean().item())
+            return loss / self.current_gradient_accumulation_steps
+
+    return LigerGRPOTrainer
+
+
+def build_trl_trainer(case: str, model, micro: int, accumulation: int, completion: int, tmp: str):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from prefix_rft.demo.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["what is 1 + 2 ? the answer is 3"] * 10, vocab_size=300)
+    args = GRPOConfig(output_dir=tmp, per_device_train_batch_size=micro,
+                      gradient_accumulation_steps=accumulation, num_generations=8,
+                      max_completion_length=completion, loss_type="dr_grpo", beta=0.0,
+                      scale_rewards="none", bf16=False, gradient_checkpointing=False,
+                      use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
+    if case == "trl":
+        cls = GRPOTrainer
+    elif case == "trl_liger":
+        cls = _liger_trainer_class()
+    else:
+        from prefix_rft.integrations.trl import PrefixRFTGRPOTrainer as cls
+    trainer = cls(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                  args=args, train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}),
+                  processing_class=tok)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = accumulation
+    return trainer
+
+
+def trl_step(trainer, micro_batches: list[dict]) -> None:
+    for mb in micro_batches:
+        loss = trainer.compute_loss(trainer.model, mb)
+        loss.backward()
+
+
+# ---------------------------------------------------------------------------- our trainer
+def build_trainer_case(model, batch: dict, micro: int):
+    """Config + rollouts for ``prefix_rft.train.update`` on the batch's token ids."""
+    from prefix_rft.batching import Rollout
+    from prefix_rft.config import Config, resolve_config
+    from prefix_rft.loss import PrefixRFTLoss
+
+    B, P = batch["prompt_ids"].shape
+    T = batch["completion_ids"].shape[1]
+    cfg = Config()
+    cfg.rollout.group_size, cfg.rollout.max_response_tokens = 8, T
+    cfg.train.prompts_per_step = cfg.train.mini_batch_size = B // 8
+    cfg.train.micro_batch_tokens = micro * (P + T)
+    cfg.model.gradient_checkpointing = False
+    cfg = resolve_config(cfg)
+    rollouts = [Rollout(prompt_ids=batch["prompt_ids"][i].tolist(),
+                        response_ids=batch["completion_ids"][i].tolist(), group=i // 8,
+                        advantage=float(batch["advantages"][i]),
+                        engine_logprobs=[0.0] * T) for i in range(B)]
+    loss_fn = PrefixRFTLoss(max_response_tokens=T, impl="torch",
+                            entropy_top_fraction=cfg.loss.entropy_top_fraction)
+    return cfg, rollouts, loss_fn
+
+
+def build_run(model, cfg, loss_fn, tmp: str):
+    """A :class:`prefix_rft.setup.Run` around the benchmark's model (no engine, no data)."""
+    from pathlib import Path
+
+    import torch
+
+    from prefix_rft.setup import Run
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return Run(cfg=cfg, model=model, tokenizer=None, engine=None, optimizer=optimizer,
+               scheduler=scheduler, loss_fn=loss_fn, dataset=None, sampler=None,
+               device=torch.device("cpu"), rank=0, world=1, run_dir=Path(tmp), pad_id=0)
+
+
+def trainer_step(run, rollouts, with_old: bool) -> None:
+    """What ``prefix_rft.train.train_step`` runs after scoring: ``policy_rows`` (the old-log-prob
+    pass, skipped when exactly on-policy) and ``policy_update``. ``with_old`` forces the pass
+    (the trainer before it learned to skip it)."""
+    import prefix_rft.train as T
+
+    if with_old:
+        T.is_exactly_on_policy = lambda cfg: False
+    rows, _ = T.policy_rows(run, [], rollouts)
+    T.policy_update(run, rows)
+
+
+# ---------------------------------------------------------------------------- one case
+def run_case(case: str, shape: str, sequences: int, prompt: int, completion: int, micro: int,
+             repeats: int) -> dict:
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)
+    model = build_model(shape)
+    batch = make_batch(SHAPES[shape][5], sequences, prompt, completion)
+    accumulation = sequences // micro
+    with tempfile.TemporaryDirectory() as tmp:
+        if case in TRL_CASES:
+            trainer = build_trl_trainer(case, model, micro, accumulation, completion, tmp)
+            model = trainer.model
+            mbs = [{k: v[i:i + micro] for k, v in batch.items()}
+                   for i in range(0, sequences, micro)]
+
+            def step():
+                trl_step(trainer, mbs)
+
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        else:
+            cfg, rollouts, loss_fn = build_trainer_case(model, batch, micro)
+            run = build_run(model, cfg, loss_fn, tmp)
+            with_old = case.endswith("+old")
+
+            def step():
+                trainer_step(run, rollouts, with_old)
+        rss_setup = _rss_mb()
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            step()
+            if case in TRL_CASES:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - t0)
+    tokens = sequences * (prompt + completion)
+    med = sorted(times)[len(times) // 2]
+    return {"case": case, "times_ms": [t * 1e3 for t in times], "tokens": tokens,
+            "tokens_per_s": tokens / med, "peak_mb": max(_peak_rss_mb() - rss_setup, 0.0),
+            "rss_peak_mb": _peak_rss_mb(), "versions": versions()}
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("torch", "transformers", "trl", "liger-kernel"):
+        try:
+            out.append(f"{dist}={version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return " ".join(out)
+
+
+def measure(case, shape, sequences, prompt, completion, micro, repeats) -> dict:
+    """One case in a fresh subprocess (its own peak RSS, its own imports)."""
+    cmd = [sys.executable, "-m", "benchmarks.trl", "--worker", case, shape, str(sequences),
+           str(prompt), str(completion), str(micro), str(repeats)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark worker {case} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- results
+def write_results(rows: list[dict], csv_path: str) -> None:
+    from benchmarks.results_io import append_rows, read_rows, render_markdown
+
+    append_rows(csv_path, rows)
+    every = read_rows(csv_path)
+    stem = os.path.splitext(csv_path)[0]
+    with open(stem + ".md", "w") as f:
+        f.write(render_markdown(every, "TRL GRPOTrainer policy update: TRL, Liger, prefix-rft"))
+    render_png(every, stem + ".png")
+    print(f"appended {len(rows)} rows to {csv_path}")
+
+
+def render_png(rows: list[dict], png_path: str) -> None:
+    """Tokens/s and step peak RSS of the latest row per case (same shape as the last row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shape = rows[-1]["shape"]
+    latest = {r["impl"]: r for r in rows if r["shape"] == shape}
+    names = [c for c in CASES if c in latest]
+    tps = [float(dict(kv.split("=", 1) for kv in latest[c]["extra"].split(";"))["tokens_per_s"])
+           for c in names]
+    mem = [float(latest[c]["peak_mb"] or 0) for c in names]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, ys, label in ((axes[0], tps, "tokens/s (higher is better)"),
+                          (axes[1], mem, "step peak RSS, MB (lower is better)")):
+        ax.barh(names, ys, color="tab:blue")
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+        for y, v in enumerate(ys):
+            ax.text(v, y, f" {v:.0f}", va="center", fontsize=8)
+    fig.suptitle(f"GRPO policy update, {shape}, 1 thread, {rows[-1]['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.trl",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--sequences", type=int, default=32, help="rollouts in the batch (x8 groups)")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per rollout")
+    ap.add_argument("--completion", type=int, default=192, help="completion tokens per rollout")
+    ap.add_argument("--micro", type=int, default=8, help="sequences per micro-batch")
+    ap.add_argument("--repeats", type=int, default=2, help="timed steps per case (after warm-up)")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 1 step, nothing written")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "trl.csv"), help="CSV; '-' = none")
+    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        case, shape, *nums = args.worker
+        seqs, prompt, completion, micro, repeats = map(int, nums)
+        print(json.dumps(run_case(case, shape, seqs, prompt, completion, micro, repeats)))
+        return []
+    shape = "smoke" if args.smoke else "cpu"
+    if args.smoke:
+        args.sequences, args.prompt, args.completion, args.micro, args.repeats = 16, 8, 8, 8, 1
+    if args.sequences % 8 or args.sequences % args.micro:
+        raise SystemExit("--sequences must be a multiple of 8 and of --micro")
+    from benchmarks.results_io import make_row
+
+    h, layers, _, _, _, vocab = SHAPES[shape]
+    label = (f"qwen2 h{h} l{layers} V{vocab} {args.sequences}x({args.prompt}+{args.completion}) "
+             f"micro {args.micro}")
+    rows = []
+    for case in args.cases:
+        r = measure(case, shape, args.sequences, args.prompt, args.completion, args.micro,
+                    args.repeats)
+        extra = (f"tokens_per_s={r['tokens_per_s']:.1f};rss_peak_mb={r['rss_peak_mb']:.0f};"
+                 f"repeats={args.repeats};{r['versions']}")
+        rows.append(make_row("grpo_update", case, "fwd+bwd+adamw", label, r["times_ms"],
+                             r["peak_mb"], extra))
+        print(f"{case:24s} {r['tokens_per_s']:8.1f} tok/s  step peak {r['peak_mb']:7.0f} MB  "
+              f"process peak {r['rss_peak_mb']:7.0f} MB", flush=True)
+    if not args.smoke and args.out != "-":
+        write_results(rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
