@@ -6,6 +6,8 @@ The paper starts from a pretrained base that already solves some hard problems. 
 demo's stand-in: a tiny randomly initialized Qwen2 is briefly fine-tuned (plain SFT)
 on a mix of mostly *easy* problems and a small share of *hard* ones, which leaves it a
 low but non-zero pass rate on the hard held-out split -- room for Prefix-RFT to show.
+None of the base mix's problems is in the trainer's split (``train.jsonl``): the base has
+not imitated the demonstrations the methods are compared on.
 
 The SFT loss is the mean token NLL of the response (demonstration + ``<|im_end|>``)
 given the prompt. It is computed from the decoder's last hidden states and
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data
-from .task import INSTRUCTION
+from .task import DEMONSTRATORS, INSTRUCTION
 
 
 def prompt_text(tokenizer, problem: str, instruction: str | None = INSTRUCTION) -> str:
@@ -145,7 +147,8 @@ class DemoSettings:
     num_train: int = 4000  # hard train rows (problem + demonstration) for the trainer
     num_test: int = 200  # hard held-out rows
     num_easy: int = 4000  # easy rows for the base step (train split only)
-    base_hard_share: float = 0.4  # share of hard train rows in the base step's mix
+    base_hard_share: float = 0.4  # share of hard rows (never train-split ones) in the base mix
+    demonstrator: str = "expert"  # train.jsonl's demonstrator (task.DEMONSTRATORS)
     vocab_size: int = 384  # tokenizer vocab bound (BPE may stop earlier)
     sft: SFTConfig = None  # the base step's SFT settings (None: SFTConfig())
 
@@ -156,6 +159,9 @@ class DemoSettings:
             self.sft = SFTConfig(**self.sft)
         if not 0.0 <= self.base_hard_share < 1.0:
             raise ValueError(f"base_hard_share: expected in [0, 1), got {self.base_hard_share}")
+        if self.demonstrator not in DEMONSTRATORS:
+            raise ValueError(f"demonstrator: expected one of {DEMONSTRATORS}, "
+                             f"got {self.demonstrator!r}")
 
 
 def quick_settings() -> DemoSettings:
@@ -165,12 +171,16 @@ def quick_settings() -> DemoSettings:
 
 
 def _base_mix(settings: DemoSettings, hard_train: list[dict], seed: int) -> list[dict]:
+    """Easy problems plus ``base_hard_share`` hard ones, none of them in ``hard_train``: the
+    base model never sees a problem or demonstration of the trainer's split."""
     from .task import make_split
 
     easy = make_split("train", settings.num_easy, settings.easy, seed)
     share = settings.base_hard_share
-    num_hard = min(len(hard_train), round(share * len(easy) / (1.0 - share)))
-    return easy + hard_train[:num_hard]
+    num_hard = round(share * len(easy) / (1.0 - share))
+    hard = make_split("train", num_hard, settings.hard, seed + 10_000,
+                      exclude={r["problem"] for r in hard_train})
+    return easy + hard
 
 
 def _manifest_matches(paths: dict, manifest: dict) -> bool:
@@ -207,7 +217,7 @@ def prepare_demo(workdir: str, seed: int = 0, quick: bool = False,
     import os
 
     from .model import build_tiny_model, model_size_summary, save_model
-    from .task import difficulty_dict, make_split, write_jsonl
+    from .task import apply_demonstrator, difficulty_dict, make_split, write_jsonl
     from .tokenizer import build_tokenizer
 
     settings = settings or (quick_settings() if quick else DemoSettings())
@@ -226,7 +236,8 @@ def prepare_demo(workdir: str, seed: int = 0, quick: bool = False,
         return {**paths, "reused": True, "timings": {}}
 
     timings, t0 = {}, time.perf_counter()
-    train = make_split("train", settings.num_train, settings.hard, seed)
+    train = apply_demonstrator(make_split("train", settings.num_train, settings.hard, seed),
+                               settings.demonstrator)
     test = make_split("test", settings.num_test, settings.hard, seed)
     base_rows = _base_mix(settings, train, seed)
     for rows, key in ((train, "train"), (test, "test"), (base_rows, "base_train")):
