@@ -132,6 +132,10 @@ def check_config(cfg: Config) -> None:
     if t.mini_batch_size and t.prompts_per_step % t.mini_batch_size:
         raise ValueError(f"train.mini_batch_size must divide train.prompts_per_step "
                          f"({t.prompts_per_step}), got {t.mini_batch_size}")
+    if t.packing and cfg.model.attn_implementation not in ("sdpa", "flash_attention_2"):
+        raise ValueError(f"train.packing needs model.attn_implementation sdpa or "
+                         f"flash_attention_2, got {cfg.model.attn_implementation!r}; "
+                         f"set train.packing=false")
     _check_limited_gpu_options(cfg)
     if cfg.model.path == "" and cfg.model.tokenizer_path:
         raise ValueError(f"model.path must be set when model.tokenizer_path is, "
