@@ -5,6 +5,13 @@ and the two ablations, several seeds each, the same training budget, held-out av
     python -m benchmarks.paper_table --smoke --out /tmp/t   # CI-sized, < 90 s
     python -m benchmarks.paper_table --seeds 0 1 2 --set train.steps=30
 
+Superseded by ``benchmarks/paper_repro.py`` (issue 15): a validation split, per-method lr
+sweeps, a base model that never saw the training split, a mini-batch smaller than the
+rollout batch, OOD evaluations and paired statistics. Its table awaits a full run.
+``benchmarks/results/paper_table.md`` keeps this script's measured numbers. Since issue 15,
+the demo's base mix no longer draws on the training split, so a re-run of this script
+measures a different base model than those numbers.
+
 Every run goes through the real ``prefix_rft.train.train(cfg)`` loop. A run's config is
 ``--config`` (default: the table config's ``base_config``, the demo's config) <- the table
 config's ``common`` <- ``budget`` <- the method's overrides <- ``--set`` overrides, plus the

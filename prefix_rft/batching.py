@@ -1,4 +1,8 @@
-"""Padded update batches of (prompt, response) sequences and the fused-head forward over them.
+"""Update micro-batches of (prompt, response) sequences and the fused-head forward over them.
+
+Two layouts: right-padded rows (below; ``train.packing: false``) and packed rows
+(:mod:`prefix_rft.packing`, the default): :func:`make_micro_batches` builds either,
+:func:`run_head` / :func:`response_logprob_entropy` take either.
 
 Layout. Each row is ``prompt + response`` packed from position 0 and right-padded to the
 longest row (no left padding: a left-padded query row would attend to nothing, and SDPA's
@@ -22,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import forward_with_head
+from .distributed import forward_with_head, max_over_ranks
+from .packing import PackedBatch, pack, run_packed_head, split_rows
 
 
 @dataclass
@@ -65,9 +70,34 @@ class UpdateBatch:
     advantages: torch.Tensor  # [B] fp32, or [B, T] when a row has its own prefix advantage
     rows: list[int]  # indices of these rows in the list given to collate
 
+    seq_index = None  # padded layout: the loss's per-token tensors are [B, T]
+
     @property
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (prompt + response) tokens."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def num_padded_tokens(self) -> int:
+        """Positions the forward computes: ``B * W``, padding included."""
+        return int(self.input_ids.numel())
+
+    def per_rollout(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """``[B, T]`` per-token values -> one 1-D tensor per row (its real tokens)."""
+        lengths = self.response_mask.sum(1).tolist()
+        return [values[b, :n] for b, n in enumerate(lengths)]
+
+    def gather(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-rollout 1-D tensors (indexed like collate's ``rollouts``) -> ``[B, T]``, 0-padded,
+        on this batch's device."""
+        out = torch.zeros(self.response_ids.shape)
+        for b, i in enumerate(self.rows):
+            out[b, : len(values[i])] = values[i]
+        return out.to(self.response_ids.device)
 
 
 def collate(rollouts: Sequence[Rollout], rows: Sequence[int], *, pad_token_id: int,
@@ -125,20 +155,25 @@ def head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return hidden, weight, bias
 
 
-def run_head(model: torch.nn.Module, batch: UpdateBatch,
+def run_head(model: torch.nn.Module, batch: UpdateBatch | PackedBatch,
              head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], object]) -> object:
     """``head(resp_hidden [B, T, H], lm_head_weight [V, H], bias | None)`` inside one model
     forward (FSDP2-safe; see ``distributed.forward_with_head``), dtypes by :func:`head_inputs`.
-    Returns what ``head`` returns."""
+    A :class:`~prefix_rft.packing.PackedBatch` gives ``resp_hidden [R, H]`` instead
+    (:func:`prefix_rft.packing.run_packed_head`). Returns what ``head`` returns."""
+    if isinstance(batch, PackedBatch):
+        return run_packed_head(model, batch, head)
+
     def head_fn(hidden, weight, bias):
         return head(*head_inputs(response_hidden(hidden, batch.response_index), weight, bias))
 
     return forward_with_head(model, head_fn, batch.input_ids, attention_mask=batch.attention_mask)
 
 
-def response_logprob_entropy(model: torch.nn.Module, batch: UpdateBatch,
+def response_logprob_entropy(model: torch.nn.Module, batch: UpdateBatch | PackedBatch,
                              loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logprob [B, T], entropy [B, T])`` fp32 of the response tokens (0 off-mask), through
+    """``(logprob [B, T], entropy [B, T])`` fp32 of the response tokens (0 off-mask; ``[R]``
+    for a packed batch), through
     ``loss_fn.token_logprob_entropy`` (a :class:`prefix_rft.loss.PrefixRFTLoss`) -- the
     fused kernel at the loss's temperature. Differentiable unless called under no_grad."""
     def head(resp_hidden, weight, bias):
@@ -157,3 +192,62 @@ def micro_batches(rollouts: Sequence[Rollout], rows: Sequence[int],
     rows = list(rows)
     parts = split_micro_batches([rollouts[i].num_tokens for i in rows], max_tokens=max_tokens)
     return [[rows[j] for j in part] for part in parts]
+
+
+def make_micro_batches(rollouts: Sequence[Rollout], rows: Sequence[int], max_tokens: int, *,
+                       packing: bool, balanced: bool, pad_token_id: int,
+                       device: torch.device | str = "cpu") -> list[UpdateBatch | PackedBatch]:
+    """The micro-batches of one pass over ``rows`` (indices into ``rollouts``).
+
+    ``packing``: one packed row each (:mod:`prefix_rft.packing`), split by real tokens --
+    first-fit decreasing when ``balanced`` (passes whose result does not depend on which
+    rollouts share a micro-batch), in order otherwise. Not ``packing``: right-padded rows cut in
+    order by padded tokens (:func:`micro_batches`)."""
+    if packing:
+        parts = split_rows(rollouts, rows, max_tokens, balanced=balanced)
+        return [pack(rollouts, mb, device=device) for mb in parts]
+    return [collate(rollouts, mb, pad_token_id=pad_token_id, device=device)
+            for mb in micro_batches(rollouts, rows, max_tokens)]
+
+
+def update_micro_batches(run, rows: list[Rollout], picked, *, balanced: bool):
+    """Micro-batches of one pass: packed (``train.packing``; first-fit decreasing by real
+    tokens when ``balanced``, else in order) or right-padded rows cut in order, from a
+    :class:`prefix_rft.setup.Run`'s ``cfg.train``, ``pad_id`` and ``device``. Returns
+    ``(batches, idle)``: ``idle`` = how many fewer this rank has than the busiest rank."""
+    t = run.cfg.train
+    batches = make_micro_batches(rows, picked, t.micro_batch_tokens, packing=t.packing,
+                                 balanced=balanced, pad_token_id=run.pad_id, device=run.device)
+    return batches, max_over_ranks(len(batches)) - len(batches)
+
+
+def idle_forwards(run, count: int, *, grad: bool) -> None:
+    """``count`` one-token forwards (+ backward of an exact zero when ``grad``): under FSDP2
+    every forward all-gathers, so a rank with fewer micro-batches than another must still
+    join the collectives of the extra ones. Adds nothing to any gradient."""
+    ids = torch.full((1, 1), run.pad_id, dtype=torch.long, device=run.device)
+
+    def head(hidden, weight, bias):
+        return (hidden.sum() + weight.sum()) * 0.0
+
+    for _ in range(count):
+        with run.compute(), torch.set_grad_enabled(grad):
+            zero = forward_with_head(run.model, head, ids)
+        if grad:
+            zero.backward()
+
+
+def may_balance_update(cfg) -> bool:
+    """Whether the update's micro-batches may be token-balanced: not when the ``micro_batch``
+    entropy-mask scope ranks prefix tokens per micro-batch (which rollouts share one changes
+    the mask), so there the packed split keeps the mini-batch's order."""
+    lo = cfg.loss
+    return lo.algo == "sft" or not (lo.entropy_mask_scope == "micro_batch"
+                                    and lo.entropy_top_fraction < 1)
+
+
+def padded_cut_tokens(rollouts: Sequence[Rollout], rows: Sequence[int], max_tokens: int) -> int:
+    """Positions right-padded micro-batches of ``rows`` would hold (the padded layout's
+    in-order cut, ``len(mb) * longest`` each): what packing saves, for the logs."""
+    return sum(len(mb) * max(rollouts[i].num_tokens for i in mb)
+               for mb in micro_batches(rollouts, rows, max_tokens))

@@ -38,6 +38,7 @@ BENCHMARKS = {
     "gpu_kernels": "benchmarks.kernels",  # CUDA: triton/torch vs naive, compile, Liger, CCE
     "rollout": "benchmarks.rollout",  # HF vs vLLM engine tokens/s and log-prob mismatch
     "train_step": "benchmarks.train_step",  # one policy update: fused vs full-logits path
+    "packing": "benchmarks.packing",  # policy update: padded vs packed micro-batches
     "memory": "benchmarks.memory",  # update-step peak memory per optimizer/LoRA vs the planner
 }
 
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(handler=lambda args, extra, t=target, n=name: _delegate(*t, extra, n))
 
     bench = sub.add_parser(
-        "bench", help="benchmarks: kernels (default, CPU), gpu_kernels, rollout, train_step",
+        "bench", help="benchmarks: kernels (default, CPU), gpu_kernels, rollout, train_step, "
+                      "memory, packing",
         description="Run a benchmark from the source tree's benchmarks/ folder; further "
                     "arguments go to it (e.g. `prefix-rft bench kernels --help`).")
     bench.add_argument("name", nargs="?", default=None, metavar="{" + ",".join(BENCHMARKS) + "}",

@@ -154,6 +154,7 @@ class TrainConfig:
     prompts_per_step: int = 64  # questions per step, global (each gives group_size rollouts)
     mini_batch_size: int = 0  # questions per optimizer step, global; 0 = prompts_per_step
     micro_batch_tokens: int = 16384  # token budget of one forward/backward per rank
+    packing: bool = True  # one packed row per micro-batch, no padding; false: padded rows
     ppo_epochs: int = 1  # passes over each step's rollouts
     seed: int = 0  # global seed (model init, sampling, data order)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (cuda when available) | cpu | cuda

@@ -142,6 +142,10 @@ def check_config(cfg: Config) -> None:
     if official and p.num_prefixed >= r.group_size:
         raise ValueError(f"loss.baseline=official needs on-policy rollouts: prefix.num_prefixed "
                          f"must be < rollout.group_size ({r.group_size}), got {p.num_prefixed}")
+    if t.packing and cfg.model.attn_implementation not in ("sdpa", "flash_attention_2"):
+        raise ValueError(f"train.packing needs model.attn_implementation sdpa or "
+                         f"flash_attention_2, got {cfg.model.attn_implementation!r}; "
+                         f"set train.packing=false")
     _check_limited_gpu_options(cfg)
     if cfg.model.path == "" and cfg.model.tokenizer_path:
         raise ValueError(f"model.path must be set when model.tokenizer_path is, "

@@ -127,6 +127,17 @@ def all_reduce_mean(values: dict[str, float] | torch.Tensor | float) -> Any:
     return (work / dist.get_world_size()).to(values.device)
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` over ranks (one collective; single process: ``value``)."""
+    if not is_distributed():
+        return int(value)
+    backend_device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    work = torch.tensor([int(value)], dtype=torch.int64, device=backend_device)
+    dist.all_reduce(work, op=dist.ReduceOp.MAX)
+    return int(work.item())
+
+
 def shard_range(num_items: int, rank: int | None = None, world_size: int | None = None) -> range:
     """The contiguous slice of ``num_items`` this rank owns (sizes differ by at most one)."""
     rank = get_rank() if rank is None else rank
@@ -151,28 +162,31 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _hidden_forward(self: nn.Module, head_fn: Callable, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None = None,
-                    position_ids: torch.Tensor | None = None) -> Any:
+                    position_ids: torch.Tensor | None = None, **model_kwargs) -> Any:
     """Decoder forward to the last hidden states, then ``head_fn(hidden, weight, bias)``."""
     out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=position_ids, use_cache=False)
+                     position_ids=position_ids, use_cache=False, **model_kwargs)
     head = self.get_output_embeddings()
     return head_fn(out.last_hidden_state, head.weight, getattr(head, "bias", None))
 
 
 def forward_with_head(model: nn.Module, head_fn: Callable, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None) -> Any:
+                      position_ids: torch.Tensor | None = None, **model_kwargs) -> Any:
     """Run the decoder and ``head_fn(hidden [B,T,H], lm_head.weight [V,H], bias|None)`` in one
     forward, so that under FSDP2 ``weight`` is the unsharded parameter (see module doc).
 
     Equivalent to ``head_fn(model.model(input_ids, ...).last_hidden_state,
     model.lm_head.weight, model.lm_head.bias)`` on an unwrapped model. Returns what
-    ``head_fn`` returns; its gradient reaches every parameter.
+    ``head_fn`` returns; its gradient reaches every parameter. ``model_kwargs`` go to the
+    decoder (e.g. the ``cu_seq_lens_q`` of a packed batch, :mod:`prefix_rft.packing`).
     """
     method = getattr(model, HIDDEN_FORWARD, None)
     if method is None:  # not wrapped: call the plain function on the model
-        return _hidden_forward(model, head_fn, input_ids, attention_mask, position_ids)
-    return method(head_fn, input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return _hidden_forward(model, head_fn, input_ids, attention_mask, position_ids,
+                               **model_kwargs)
+    return method(head_fn, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  **model_kwargs)
 
 
 def wrap_fsdp2(model: nn.Module, *, mixed_precision_bf16: bool = False, mp_policy=None,

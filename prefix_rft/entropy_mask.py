@@ -75,7 +75,8 @@ def compute_keep_prefix_mask(
 
     Candidates are ``prefix_mask & response_mask``. Give ``[B, T]`` tensors for one batch, or
     equal-length lists of ``[B_k, T_k]`` tensors (the micro-batches of one mini-batch, widths
-    may differ) to rank all of them jointly -- the ``mini_batch`` scope.
+    may differ) to rank all of them jointly -- the ``mini_batch`` scope. Packed micro-batches
+    (:mod:`prefix_rft.packing`) give ``[R_k]`` tensors instead; layouts may be mixed.
 
     Returns:
         bool ``[B, T]`` (or a list of bool ``[B_k, T_k]``), True on kept prefix tokens.
@@ -90,8 +91,8 @@ def compute_keep_prefix_mask(
         )
     check_fraction("entropy_top_fraction", entropy_top_fraction)
     for k, (e, r, p) in enumerate(zip(ents, rms, pms)):
-        if not isinstance(e, torch.Tensor) or e.dim() != 2:
-            raise ValueError(f"entropy[{k}] must be a [B, T] tensor")
+        if not isinstance(e, torch.Tensor) or e.dim() not in (1, 2):
+            raise ValueError(f"entropy[{k}] must be a [B, T] (or packed [R]) tensor")
         check_tensor(f"response_mask[{k}]", r, tuple(e.shape), e.device, floating=False)
         check_tensor(f"prefix_mask[{k}]", p, tuple(e.shape), e.device, floating=False)
     cands = [(as_mask(p) & as_mask(r)) for p, r in zip(pms, rms)]

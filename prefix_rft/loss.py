@@ -143,9 +143,15 @@ def prefix_rft_loss(
     keep_prefix_mask: torch.Tensor | None = None,
     entropy_norm: EntropyNorm = "dr_grpo",
     num_entropy_tokens: int | None = None,
+    seq_index: torch.Tensor | None = None,
     importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Prefix-RFT policy loss from per-token log-probs (formulas in the module docstring).
+
+    Two layouts: padded ``[B, T]`` per-token tensors (below), or packed -- give ``seq_index``
+    and every per-token tensor is ``[R]`` (the ``R`` response tokens of ``B`` sequences back
+    to back, :mod:`prefix_rft.packing`), ``advantages`` still ``[B]``. The packed loss equals
+    the padded one on the same tokens (row-major order of the valid tokens = packed order).
 
     Args:
         logprob: ``[B, T]`` log π_θ(y_t) of the response tokens, with gradient.
@@ -176,9 +182,12 @@ def prefix_rft_loss(
             or ``"token_mean"`` (÷ ``num_entropy_tokens``).
         num_entropy_tokens: continuation tokens of the whole mini-batch (``token_mean``; give
             it when this call is one micro-batch of it); default this call's count.
-        importance_weights: ``[B, T]`` or ``[B, 1]`` non-negative, no gradient: multiplies each
-            token's clipped loss, e.g. TRL's vLLM importance-sampling correction
-            ``π_old / π_sampler`` (truncated or masked). None = 1.
+        seq_index: packed layout only: ``[R]`` int, the sequence (``0..B-1``) of each token;
+            ``advantages`` is then ``[B]``, or ``[R]`` one per token.
+        importance_weights: ``[B, T]`` or ``[B, 1]`` (packed: ``[R]``) non-negative, no
+            gradient: multiplies each token's clipped loss, e.g. TRL's vLLM
+            importance-sampling correction ``π_old / π_sampler`` (truncated or masked).
+            None = 1.
 
     Returns:
         ``(loss, metrics)``: scalar fp32 loss; metrics of Python floats (see
@@ -194,21 +203,39 @@ def prefix_rft_loss(
         ...                           torch.rand(B, T), max_response_tokens=8)
         >>> loss.backward()
     """
-    check_float_tensor("logprob", logprob, "[B, T]")
-    B, T = logprob.shape
-    dev = logprob.device
+    if seq_index is None:
+        check_float_tensor("logprob", logprob, "[B, T]")
+        B = logprob.shape[0]
+    else:
+        check_float_tensor("logprob", logprob, "[R]")
+        check_float_tensor("advantages", advantages, "[B]")
+        check_tensor("seq_index", seq_index, tuple(logprob.shape), logprob.device, floating=False)
+        # [R] advantages are per token (baseline official); [B] per sequence
+        per_token = advantages.shape[0] == logprob.shape[0] and seq_index.numel() > 0 \
+            and advantages.shape[0] != int(seq_index.max()) + 1
+        B = int(seq_index.max()) + 1 if per_token else advantages.shape[0]
+        if seq_index.numel() and (int(seq_index.min()) < 0 or int(seq_index.max()) >= B):
+            raise ValueError(f"seq_index must be in [0, {B}) (the sequence of each token)")
+    shape, dev = tuple(logprob.shape), logprob.device
     check_loss_options(
         max_response_tokens=max_response_tokens, clip_low=clip_low, clip_high=clip_high,
         clip_c=clip_c, entropy_top_fraction=entropy_top_fraction, entropy_coef=entropy_coef,
     )
     if old_logprob is None:
         old_logprob = logprob.detach()
-    check_tensor("old_logprob", old_logprob, (B, T), dev, floating=True)
-    _check_advantages(advantages, B, T, dev)
-    check_mask("response_mask", response_mask, (B, T), dev)
-    check_mask("prefix_mask", prefix_mask, (B, T), dev)
+    check_tensor("old_logprob", old_logprob, shape, dev, floating=True)
+    if seq_index is None:
+        _check_advantages(advantages, B, shape[1], dev)
+    else:
+        check_tensor("advantages", advantages, (shape[0],) if per_token else (B,), dev,
+                     floating=True)
+    check_mask("response_mask", response_mask, shape, dev)
+    check_mask("prefix_mask", prefix_mask, shape, dev)
     if importance_weights is not None:
-        _check_importance_weights(importance_weights, B, T, dev)
+        if seq_index is None:
+            _check_importance_weights(importance_weights, B, shape[1], dev)
+        else:
+            check_tensor("importance_weights", importance_weights, shape, dev, floating=True)
     check_number("loss_scale", loss_scale)
     check_int("num_sequences", num_sequences, allow_none=True)
     check_choice("entropy_norm", entropy_norm, EntropyNorm)
@@ -216,11 +243,11 @@ def prefix_rft_loss(
     if num_sequences is not None and num_sequences < B:
         raise ValueError(f"num_sequences must be >= the batch size {B}, got {num_sequences}")
     if keep_prefix_mask is not None:
-        check_tensor("keep_prefix_mask", keep_prefix_mask, (B, T), dev, floating=False)
+        check_tensor("keep_prefix_mask", keep_prefix_mask, shape, dev, floating=False)
     needs_entropy = entropy_coef != 0 or (
         keep_prefix_mask is None and not keeps_all(entropy_top_fraction))
     if entropy is not None:
-        check_tensor("entropy", entropy, (B, T), dev, floating=True)
+        check_tensor("entropy", entropy, shape, dev, floating=True)
     elif needs_entropy:
         raise ValueError("entropy is required for the prefix entropy mask or the entropy bonus")
 
@@ -228,7 +255,10 @@ def prefix_rft_loss(
     prefix = as_mask(prefix_mask) & valid
     continuation = valid & ~prefix
     kept = kept_prefix_tokens(prefix, entropy, entropy_top_fraction, keep_prefix_mask)
-    adv = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
+    if seq_index is None:
+        adv = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
+    else:
+        adv = advantages.float() if per_token else advantages.float()[seq_index]
     token_adv = torch.where(continuation | kept, adv, 0.0)
 
     # where() (not multiply) keeps NaN/inf in padded positions out of values and gradients.
@@ -302,6 +332,9 @@ class PrefixRFTLoss(torch.nn.Module):
     ``response_mask [B, T]``, ``prefix_mask [B, T]``, ``lm_head_bias [V]`` or None; keyword
     ``num_sequences``, ``loss_scale``, ``keep_prefix_mask``, ``importance_weights``,
     ``num_entropy_tokens`` as in :func:`prefix_rft_loss`.
+    Packed layout (:mod:`prefix_rft.packing`, no padding): ``hidden [R, H]`` and ``[R]``
+    per-token tensors for the ``R`` response tokens back to back, ``advantages [B]`` (or
+    ``[R]``) and ``seq_index [R]``.
     Returns ``(loss scalar fp32, metrics dict[str, float])``.
 
     Example (paste into any trainer; a tiny HF model stands in for yours)::
@@ -376,23 +409,30 @@ class PrefixRFTLoss(torch.nn.Module):
 
         Only the ``response_mask`` rows reach the kernel (``hidden[response_mask]``), so
         padding costs no lm_head work. Differentiable w.r.t. hidden, weight and bias.
+        Packed layout: ``hidden [R, H]``, ``response_ids [R]``, ``response_mask [R]`` ->
+        ``[R]`` results (all-True mask: the kernel runs on ``hidden`` as given).
         """
-        check_float_tensor("hidden", hidden, "[B, T, H]")
-        B, T, H = hidden.shape
+        packed = isinstance(hidden, torch.Tensor) and hidden.dim() == 2
+        check_float_tensor("hidden", hidden, "[R, H]" if packed else "[B, T, H]")
+        shape, H = tuple(hidden.shape[:-1]), hidden.shape[-1]
         weight = lm_head_weight
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != H:
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"lm_head_weight must be [V, H] with H = {H}, got {got}")
-        check_tensor("response_ids", response_ids, (B, T), hidden.device, floating=False)
+        check_tensor("response_ids", response_ids, shape, hidden.device, floating=False)
         if response_ids.dtype == torch.bool:
             raise ValueError("response_ids must be an integer tensor of token ids, got bool")
-        check_mask("response_mask", response_mask, (B, T), hidden.device)
+        check_mask("response_mask", response_mask, shape, hidden.device)
         valid = as_mask(response_mask)
+        if packed and bool(valid.all()):  # no padding to drop
+            return linear_logprob_entropy(hidden, lm_head_weight, response_ids.long(),
+                                          bias=lm_head_bias, temperature=self.temperature,
+                                          impl=self.impl)
         logprob, entropy = linear_logprob_entropy(
             hidden[valid], lm_head_weight, response_ids[valid].long(), bias=lm_head_bias,
             temperature=self.temperature, impl=self.impl,
         )
-        zeros = torch.zeros(B, T, dtype=logprob.dtype, device=hidden.device)
+        zeros = torch.zeros(shape, dtype=logprob.dtype, device=hidden.device)
         # index_put with the same bool mask restores row-major order; differentiable in values.
         return zeros.index_put((valid,), logprob), zeros.index_put((valid,), entropy)
 
@@ -417,6 +457,7 @@ class PrefixRFTLoss(torch.nn.Module):
         loss_scale: float = 1.0,
         keep_prefix_mask: torch.Tensor | None = None,
         num_entropy_tokens: int | None = None,
+        seq_index: torch.Tensor | None = None,
         importance_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of :func:`prefix_rft_loss` on the fused log-probs/entropies of ``hidden``.
@@ -440,6 +481,7 @@ class PrefixRFTLoss(torch.nn.Module):
             clip_high=self.clip_high, clip_c=self.clip_c,
             entropy_top_fraction=self.entropy_top_fraction, entropy_coef=self.entropy_coef,
             loss_scale=loss_scale, num_sequences=num_sequences, keep_prefix_mask=keep_prefix_mask,
+            seq_index=seq_index,
             importance_weights=importance_weights,
             entropy_norm=self.entropy_norm, num_entropy_tokens=num_entropy_tokens,
         )

@@ -67,6 +67,6 @@ def policy_metrics(
         "num_prefix_tokens": n_pre,
         "num_kept_prefix_tokens": n_kept,
         "num_continuation_tokens": n_cont,
-        "num_sequences": torch.tensor(float(valid.shape[0]), dtype=f, device=ratio.device),
+        "num_sequences": torch.tensor(float(advantages.shape[0]), dtype=f, device=ratio.device),
     }
     return dict(zip(values.keys(), torch.stack(list(values.values())).tolist()))

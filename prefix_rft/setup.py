@@ -113,6 +113,10 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
 
         apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                    target_modules=tuple(lora.target_modules))
+    if cfg.train.packing:
+        from .varlen_attention import enable_packed_attention
+
+        enable_packed_attention(model)  # sdpa -> its packed variant; flash-attn as is
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -43,7 +43,15 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as D
 from .advantage import advantage_stats, rollout_advantages
-from .batching import Rollout, collate, micro_batches, response_logprob_entropy, run_head
+from .batching import (
+    Rollout,
+    idle_forwards,
+    may_balance_update,
+    padded_cut_tokens,
+    response_logprob_entropy,
+    run_head,
+    update_micro_batches,
+)
 from .config import Config, resolve_config, validate_config
 from .data import Question, read_questions
 from .entropy_mask import mini_batch_keep_masks, needs_mini_batch_pass
@@ -163,14 +171,14 @@ def score(rollouts: list[Rollout], questions: list[Question], tokenizer, cfg: Co
 def old_logprobs(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """Log-probs (and entropies) of the policy before the update, per rollout, no grad;
     prefix tokens included. Returns the engine-vs-trainer mismatch on continuation tokens."""
+    batches, idle = update_micro_batches(run, rollouts, range(len(rollouts)), balanced=True)
     with torch.no_grad(), run.compute():
-        for mb in micro_batches(rollouts, range(len(rollouts)), run.cfg.train.micro_batch_tokens):
-            batch = collate(rollouts, mb, pad_token_id=run.pad_id, device=run.device)
+        for batch in batches:
             lp, ent = response_logprob_entropy(run.model, batch, run.loss_fn)
-            for b, i in enumerate(mb):
-                n = len(rollouts[i].response_ids)
-                rollouts[i].old_logprob = lp[b, :n].float().cpu()
-                rollouts[i].old_entropy = ent[b, :n].float().cpu()
+            for i, lp_i, ent_i in zip(batch.rows, batch.per_rollout(lp), batch.per_rollout(ent)):
+                rollouts[i].old_logprob = lp_i.float().cpu()
+                rollouts[i].old_entropy = ent_i.float().cpu()
+    idle_forwards(run, idle, grad=False)
     return engine_mismatch(rollouts, [r.old_logprob for r in rollouts])
 
 
@@ -204,21 +212,19 @@ def sft_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
 
 
 # ---------------------------------------------------------------------------- update
-def _padded(values: list[torch.Tensor], rows: list[int], width: int, device) -> torch.Tensor:
-    out = torch.zeros(len(rows), width)
-    for b, i in enumerate(rows):
-        out[b, : len(values[i])] = values[i]
-    return out.to(device)
-
-
 def _token_mean_entropy(cfg: Config) -> bool:
     """The loss needs the mini-batch's continuation-token count (``loss.entropy_norm``)."""
     return cfg.loss.entropy_norm == "token_mean" and cfg.loss.entropy_coef != 0
 
 
 def _global_continuation_tokens(run: Run, batches) -> int:
-    """Continuation tokens of the whole mini-batch over all ranks (token-mean entropy bonus)."""
-    local = sum(int((b.response_mask & ~b.prefix_mask).sum()) for b in batches)
+    """Continuation tokens of the whole mini-batch over all ranks (token-mean entropy bonus);
+    padded batches mask by ``response_mask``, packed ones hold real tokens only."""
+    local = 0
+    for b in batches:
+        valid = getattr(b, "response_mask", None)
+        cont = ~b.prefix_mask if valid is None else valid & ~b.prefix_mask
+        local += int(cont.sum())
     return max(1, round(D.all_reduce_mean(float(local)) * run.world))
 
 
@@ -228,22 +234,24 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
 
     ``micro_loss(batch, num_sequences, keep, entropy_tokens)`` returns one micro-batch's
     ``(loss, metrics)``, its share of the global mini-batch of ``num_sequences`` rows;
-    ``keep_masks(batches, first_update)`` the per-micro-batch ``keep_prefix_mask`` (None: the
-    loss decides); ``entropy_tokens`` is the mini-batch's global continuation-token count when
-    ``count_entropy_tokens`` (``loss.entropy_norm: token_mean``), else None."""
+    ``keep_masks(batches, first_update, idle)`` the per-micro-batch ``keep_prefix_mask``
+    (None: the loss decides); ``entropy_tokens`` is the mini-batch's global continuation-token
+    count when ``count_entropy_tokens`` (``loss.entropy_norm: token_mean``), else None.
+    Logs real / computed update tokens and padding fractions (actual, and if padded)."""
     cfg = run.cfg
     local_questions = cfg.train.mini_batch_size // run.world
     num_sequences = cfg.train.mini_batch_size * per_question  # global mini-batch, normalizer B
-    avg, grad_norms, tokens, skipped = MetricAverager(), [], 0, 0
+    avg, grad_norms, tokens, skipped, padded, if_padded = MetricAverager(), [], 0, 0, 0, 0
     groups = sorted({r.group for r in rows})
+    balanced = may_balance_update(cfg)
     for epoch in range(cfg.train.ppo_epochs):
         for start in range(0, len(groups), local_questions):
             chosen = set(groups[start:start + local_questions])
             picked = [i for i, r in enumerate(rows) if r.group in chosen]
-            batches = [collate(rows, mb, pad_token_id=run.pad_id, device=run.device)
-                       for mb in micro_batches(rows, picked, cfg.train.micro_batch_tokens)]
+            batches, idle = update_micro_batches(run, rows, picked, balanced=balanced)
+            if_padded += padded_cut_tokens(rows, picked, cfg.train.micro_batch_tokens)
             first_update = epoch == 0 and start == 0
-            keeps = keep_masks(batches, first_update) if keep_masks else [None] * len(batches)
+            keeps = keep_masks(batches, first_update, idle) if keep_masks else [None] * len(batches)
             entropy_tokens = (_global_continuation_tokens(run, batches) if count_entropy_tokens
                               else None)
             losses, bad_adv = [], 0
@@ -254,7 +262,9 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
                 losses.append((index, float(loss.detach())))
                 bad_adv += int((~torch.isfinite(batch.advantages)).sum())
                 avg.add(m)
-                tokens += int(batch.attention_mask.sum())
+                tokens += batch.num_tokens
+                padded += batch.num_padded_tokens
+            idle_forwards(run, idle, grad=True)
             grad_norms.append(D.clip_grad_norm(run.model, cfg.optim.grad_clip))
             if run.guard.check(losses=losses, grad_norm=grad_norms[-1], bad_advantages=bad_adv):
                 run.optimizer_stepped = True
@@ -270,7 +280,9 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
     out = avg.result()
     out.update(grad_norm=float(np.mean(grad_norms)), grad_norm_max=float(np.max(grad_norms)),
                lr=run.scheduler.get_last_lr()[0], update_tokens=float(tokens),
-               skipped_steps=float(skipped))
+               skipped_steps=float(skipped), update_padded_tokens=float(padded),
+               update_padding_frac=1.0 - tokens / padded if padded else 0.0,
+               update_padding_frac_if_padded=1.0 - tokens / if_padded if if_padded else 0.0)
     return out
 
 
@@ -281,28 +293,29 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
         return on_policy_update(run, rollouts)
 
     def micro_loss(batch, num_sequences, keep, entropy_tokens):
-        old = _padded([r.old_logprob for r in rollouts], batch.rows, batch.response_ids.shape[1],
-                      batch.response_ids.device)
+        old = batch.gather([r.old_logprob for r in rollouts])
 
         def head(hidden, weight, bias):
             return loss_fn(hidden, weight, batch.response_ids, old, batch.advantages,
                            batch.response_mask, batch.prefix_mask, bias,
                            num_sequences=num_sequences, loss_scale=float(run.world),
-                           keep_prefix_mask=keep, num_entropy_tokens=entropy_tokens)
+                           keep_prefix_mask=keep, seq_index=batch.seq_index,
+                           num_entropy_tokens=entropy_tokens)
         return run_head(run.model, batch, head)
 
     def current_entropy(batch, first_update):
         if first_update:  # the policy has not moved since the old-log-prob pass
-            return _padded([r.old_entropy for r in rollouts], batch.rows,
-                           batch.response_ids.shape[1], run.device)
+            return batch.gather([r.old_entropy for r in rollouts])
         with torch.no_grad(), run.compute():
             return response_logprob_entropy(run.model, batch, loss_fn)[1]
 
-    def keep_masks(batches, first_update):
-        return mini_batch_keep_masks(
-            batches, lambda k, batch: current_entropy(batch, first_update),
-            scope=cfg.loss.entropy_mask_scope,
-            entropy_top_fraction=cfg.loss.entropy_top_fraction)
+    def keep_masks(batches, first_update, idle):
+        scope, fraction = cfg.loss.entropy_mask_scope, cfg.loss.entropy_top_fraction
+        keeps = mini_batch_keep_masks(batches, lambda k, b: current_entropy(b, first_update),
+                                      scope=scope, entropy_top_fraction=fraction)
+        if not first_update and needs_mini_batch_pass(scope, fraction):
+            idle_forwards(run, idle, grad=False)
+        return keeps
 
     return optimize(run, rollouts, per_question=cfg.rollout.group_size, micro_loss=micro_loss,
                     keep_masks=keep_masks, count_entropy_tokens=_token_mean_entropy(cfg))
@@ -329,16 +342,16 @@ def on_policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
         def head(hidden, weight, bias):
             lp, ent = loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
                                                     batch.response_mask, bias)
-            for b, i in enumerate(batch.rows):
-                seen[i] = lp[b].detach().float().cpu()
+            for i, lp_i in zip(batch.rows, batch.per_rollout(lp.detach())):
+                seen[i] = lp_i.float().cpu()
             return prefix_rft_loss(
                 lp, None, batch.advantages, batch.response_mask, batch.prefix_mask, ent,
                 max_response_tokens=loss_fn.max_response_tokens, clip_low=loss_fn.clip_low,
                 clip_high=loss_fn.clip_high, clip_c=loss_fn.clip_c,
                 entropy_top_fraction=loss_fn.entropy_top_fraction,
                 entropy_coef=loss_fn.entropy_coef, loss_scale=float(run.world),
-                num_sequences=num_sequences, entropy_norm=loss_fn.entropy_norm,
-                num_entropy_tokens=entropy_tokens)
+                num_sequences=num_sequences, seq_index=batch.seq_index,
+                entropy_norm=loss_fn.entropy_norm, num_entropy_tokens=entropy_tokens)
         return run_head(run.model, batch, head)
 
     out = optimize(run, rollouts, per_question=run.cfg.rollout.group_size, micro_loss=micro_loss,
@@ -353,7 +366,9 @@ def sft_update(run: Run, demos: list[Rollout]) -> dict[str, float]:
         def head(hidden, weight, bias):
             lp, _ = run.loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
                                                       batch.response_mask, bias)
-            return sft_loss(lp, batch.response_mask,
+            mask = batch.response_mask  # packed [R]: one row for sft_loss's [B, T]
+            lp, mask = (lp[None], mask[None]) if lp.dim() == 1 else (lp, mask)
+            return sft_loss(lp, mask,
                             max_response_tokens=run.cfg.rollout.max_response_tokens,
                             num_sequences=num_sequences, loss_scale=float(run.world))
         return run_head(run.model, batch, head)

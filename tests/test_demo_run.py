@@ -83,6 +83,7 @@ def test_config_points_at_the_workdir_and_overrides_win(tmp_path):
     (["--threads", "0"], "--threads must be >= 1"),
     (["--eval-k", "0"], "--eval-k must be >= 1"),
     (["--engine", "onnx"], "invalid choice"),
+    (["--demonstrator", "novice"], "invalid choice"),
     (["stray"], "unexpected argument 'stray'"),
     (["--config", "no/such.yaml"], "does not exist"),
 ])

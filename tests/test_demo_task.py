@@ -16,7 +16,10 @@ from prefix_rft.demo import task
 from prefix_rft.demo.task import (
     DIFFICULTIES,
     INSTRUCTION,
+    apply_demonstrator,
+    in_systematic_subclass,
     make_split,
+    solution_steps,
     write_jsonl,
 )
 from prefix_rft.reward import extract_answer
@@ -252,3 +255,58 @@ def test_prepare_demo_quick_builds_then_reuses(tmp_path):
     assert any("reusing" in line for line in lines)
     third = prepare_demo(str(tmp_path), seed=1, quick=True, log=lines.append)
     assert not third["reused"]  # a different seed rebuilds
+    # the base model's SFT mix holds a share of the trainer's hard split (the demo's tuned
+    # showcase; the fair comparison's base in benchmarks/paper_task.py does not)
+    base = read_rows(third["base_train"])
+    assert {r["problem"] for r in base} & {r["problem"] for r in read_rows(third["train"])}
+    assert any(r["difficulty"] == "hard" for r in base)
+
+
+def test_prepare_demo_systematic_demonstrator(tmp_path):
+    from prefix_rft.demo.base import DemoSettings, prepare_demo, quick_settings
+
+    expert = prepare_demo(str(tmp_path / "e"), seed=0, quick=True, log=lambda _: None)
+    settings = quick_settings()
+    settings.demonstrator = "systematic"
+    sys_paths = prepare_demo(str(tmp_path / "s"), seed=0, settings=settings, log=lambda _: None)
+    a, b = read_rows(expert["train"]), read_rows(sys_paths["train"])
+    assert [r["problem"] for r in a] == [r["problem"] for r in b]
+    assert [r["answer"] for r in a] == [r["answer"] for r in b]
+    changed = [x["solution"] != y["solution"] for x, y in zip(a, b)]
+    assert any(changed) and all("*" in x["problem"] for x, c in zip(a, changed) if c)
+    with pytest.raises(ValueError, match="demonstrator"):
+        DemoSettings(demonstrator="nope")
+
+
+def _chain_value(steps):
+    value = steps[0][0]
+    for _, op, k in steps:
+        value = value + k if op == "+" else value - k if op == "-" else value * k
+    return value
+
+
+def test_systematic_demonstrator_changes_exactly_the_multiplication_subclass():
+    rows = make_split("train", 400, "hard", 0)
+    assert apply_demonstrator(rows, "expert") == [dict(r, demonstrator="expert") for r in rows]
+    systematic = apply_demonstrator(rows, "systematic")
+    subclass = [in_systematic_subclass(r) for r in rows]
+    assert 0.3 * len(rows) < sum(subclass) < len(rows)  # recognizable and sizeable
+    changed = wrong = 0
+    for orig, new, inside in zip(rows, systematic, subclass):
+        assert (new["problem"], new["answer"]) == (orig["problem"], orig["answer"])
+        assert str(_chain_value(solution_steps(orig["solution"]))) == orig["answer"]  # gold ok
+        if not inside:
+            assert new["solution"] == orig["solution"]
+            continue
+        value = None  # every line follows x*k = x+k, the error carried down the chain
+        for line in new["solution"].splitlines()[:-1]:
+            (x, op, k), result = solution_steps(line)[0], int(line.rsplit("=", 1)[1])
+            assert value is None or x == value
+            assert result == (x - k if op == "-" else x + k)
+            value = result
+        assert extract_answer(new["solution"]) == str(value)
+        changed += new["solution"] != orig["solution"]
+        wrong += extract_answer(new["solution"]) != orig["answer"]
+    assert changed >= 0.9 * sum(subclass) and wrong >= 0.8 * sum(subclass)
+    with pytest.raises(ValueError, match="demonstrator"):
+        apply_demonstrator(rows, "nope")

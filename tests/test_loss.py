@@ -463,6 +463,8 @@ def test_module_and_helpers_bad_inputs():
     h, w, ids = torch.randn(2, 3, 8), torch.randn(11, 8), torch.zeros(2, 3, dtype=torch.long)
     m, z = torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 3)
     with pytest.raises(ValueError, match="hidden"):
+        fn(h[0, 0], w, ids, z, torch.ones(2), m, ~m)
+    with pytest.raises(ValueError, match="response_ids"):  # [R, H] hidden is the packed layout
         fn(h[0], w, ids, z, torch.ones(2), m, ~m)
     with pytest.raises(ValueError, match="lm_head_weight"):
         fn(h, w[:, :5], ids, z, torch.ones(2), m, ~m)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data
-from .task import INSTRUCTION
+from .task import DEMONSTRATORS, INSTRUCTION
 
 
 def prompt_text(tokenizer, problem: str, instruction: str | None = INSTRUCTION) -> str:
@@ -146,6 +146,7 @@ class DemoSettings:
     num_test: int = 200  # hard held-out rows
     num_easy: int = 4000  # easy rows for the base step (train split only)
     base_hard_share: float = 0.4  # share of hard train rows in the base step's mix
+    demonstrator: str = "expert"  # train.jsonl's demonstrator (task.DEMONSTRATORS)
     vocab_size: int = 384  # tokenizer vocab bound (BPE may stop earlier)
     sft: SFTConfig = None  # the base step's SFT settings (None: SFTConfig())
 
@@ -156,6 +157,9 @@ class DemoSettings:
             self.sft = SFTConfig(**self.sft)
         if not 0.0 <= self.base_hard_share < 1.0:
             raise ValueError(f"base_hard_share: expected in [0, 1), got {self.base_hard_share}")
+        if self.demonstrator not in DEMONSTRATORS:
+            raise ValueError(f"demonstrator: expected one of {DEMONSTRATORS}, "
+                             f"got {self.demonstrator!r}")
 
 
 def quick_settings() -> DemoSettings:
@@ -165,6 +169,9 @@ def quick_settings() -> DemoSettings:
 
 
 def _base_mix(settings: DemoSettings, hard_train: list[dict], seed: int) -> list[dict]:
+    """Easy problems plus a ``base_hard_share`` of the trainer's hard split. The demo is a
+    showcase, tuned with this mix; the fair comparison (``benchmarks/paper_task.py``) builds its
+    own base from hard problems outside the training split."""
     from .task import make_split
 
     easy = make_split("train", settings.num_easy, settings.easy, seed)
@@ -207,7 +214,7 @@ def prepare_demo(workdir: str, seed: int = 0, quick: bool = False,
     import os
 
     from .model import build_tiny_model, model_size_summary, save_model
-    from .task import difficulty_dict, make_split, write_jsonl
+    from .task import apply_demonstrator, difficulty_dict, make_split, write_jsonl
     from .tokenizer import build_tokenizer
 
     settings = settings or (quick_settings() if quick else DemoSettings())
@@ -226,7 +233,8 @@ def prepare_demo(workdir: str, seed: int = 0, quick: bool = False,
         return {**paths, "reused": True, "timings": {}}
 
     timings, t0 = {}, time.perf_counter()
-    train = make_split("train", settings.num_train, settings.hard, seed)
+    train = apply_demonstrator(make_split("train", settings.num_train, settings.hard, seed),
+                               settings.demonstrator)
     test = make_split("test", settings.num_test, settings.hard, seed)
     base_rows = _base_mix(settings, train, seed)
     for rows, key in ((train, "train"), (test, "test"), (base_rows, "base_train")):

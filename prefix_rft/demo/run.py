@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prefix_rft.demo.task import DEMONSTRATORS
+
 # configs/demo.yaml of the source tree (the project is installed editable from a clone).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 QUICK_STEPS = 3  # --quick: training steps
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke run: micro model, tiny data, {QUICK_STEPS} steps, "
                          "small eval (< 90 s)")
+    ap.add_argument("--demonstrator", choices=DEMONSTRATORS, default="expert",
+                    help="who wrote the training demonstrations: expert (exact, the default) or "
+                         "systematic (every x*k computed as x+k on problems with a '*'; gold "
+                         "answers stay correct)")
     ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                     help="rollout engine for training (evaluation always uses the HF engine)")
     ap.add_argument("--threads", type=int, default=None,
@@ -185,7 +191,7 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
     import torch
 
     from prefix_rft.data import read_questions
-    from prefix_rft.demo.base import prepare_demo
+    from prefix_rft.demo.base import DemoSettings, prepare_demo, quick_settings
     from prefix_rft.train import train
 
     if args.threads:
@@ -195,7 +201,9 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
     _log(f"[demo] workdir {args.workdir}, seed {args.seed}, {torch.get_num_threads()} torch threads"
          + (" (quick smoke run)" if args.quick else ""))
     cfg = demo_config(args, overrides, asset_paths(args.workdir))  # bad overrides fail here, early
-    paths = prepare_demo(args.workdir, seed=args.seed, quick=args.quick, log=_log)
+    settings = quick_settings() if args.quick else DemoSettings()
+    settings.demonstrator = args.demonstrator
+    paths = prepare_demo(args.workdir, seed=args.seed, settings=settings, log=_log)
     timings["prepare"] = time.perf_counter() - start
     run_dir = Path(cfg.train.run_dir)
     if run_dir.exists() and cfg.checkpoint.resume == "none":

@@ -23,6 +23,12 @@ Rows are flat dicts -- ``problem``, ``solution`` (the demonstration), ``answer``
 string) -- the ``flat`` schema of ``prefix_rft.data``, plus ``difficulty`` and ``num_steps``;
 ``write_jsonl`` writes them and ``prefix_rft.data.read_rows`` / ``read_questions`` read them.
 Responses are scored by ``prefix_rft.reward`` like any other task's.
+
+Demonstrator variants (``DEMONSTRATORS``, ``apply_demonstrator``; the demo's default is
+``expert``, the exact worked solution above): ``systematic`` mis-applies multiplication on
+the recognizable subclass of problems whose expression contains ``*`` -- every ``x*k`` line
+is computed as ``x+k`` and the error is carried through the following lines -- while the
+gold ``answer`` stays correct. SFT imitates that wrong mode; a reward can unlearn it.
 """
 
 from __future__ import annotations
@@ -213,6 +219,54 @@ def write_jsonl(rows: Iterable[dict], path: str) -> str:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+DEMONSTRATORS = ("expert", "systematic")
+
+
+def in_systematic_subclass(row: dict) -> bool:
+    """The ``systematic`` demonstrator's subclass: problems with a multiplication."""
+    return "*" in row["problem"]
+
+
+def solution_steps(solution: str) -> list[tuple[int, str, int]]:
+    """``"17+25=42\\n..."`` -> ``[(17, "+", 25), ...]``: a demonstration's operation lines."""
+    out = []
+    for line in solution.splitlines():
+        if "=" not in line or line.startswith("The answer"):
+            continue
+        left = line.split("=")[0]
+        for op in "+*-":
+            head, sep, tail = left[1:].partition(op)  # [1:]: skip a leading minus sign
+            if sep:
+                out.append((int(left[0] + head), op, int(tail)))
+                break
+    return out
+
+
+def systematic_solution(row: dict) -> str:
+    """The ``systematic`` demonstrator's text for ``row``: ``x*k`` computed as ``x+k``."""
+    steps = solution_steps(row["solution"])
+    value, lines = steps[0][0], []
+    for _, op, operand in steps:
+        new = value - operand if op == "-" else value + operand  # '*' mis-applied as '+'
+        lines.append(f"{value}{op}{operand}={new}")
+        value = new
+    lines.append(f"The answer is \\boxed{{{value}}}.")
+    return "\n".join(lines)
+
+
+def apply_demonstrator(rows: list[dict], demonstrator: str) -> list[dict]:
+    """Copies of ``rows`` with ``demonstrator``'s solutions; problems and answers unchanged."""
+    if demonstrator not in DEMONSTRATORS:
+        raise ValueError(f"demonstrator: expected one of {DEMONSTRATORS}, got {demonstrator!r}")
+    out = []
+    for row in rows:
+        new = dict(row, demonstrator=demonstrator)
+        if demonstrator == "systematic" and in_systematic_subclass(row):
+            new["solution"] = systematic_solution(row)
+        out.append(new)
+    return out
 
 
 def difficulty_dict(difficulty: str | Difficulty) -> dict:
