@@ -86,18 +86,18 @@ def test_consecutive_bad_steps_stop_the_run(tiny_assets, tmp_path, monkeypatch):
 
 
 def _poison_advantages_at(monkeypatch, step: int) -> None:
-    real, calls = train_module.group_advantages, []
+    real, calls = train_module.rollout_advantages, []
 
-    def group_advantages(*args, **kwargs):
+    def rollout_advantages(*args, **kwargs):
         calls.append(1)
-        adv = real(*args, **kwargs)
+        adv, prefix_adv = real(*args, **kwargs)
         if len(calls) == step:
             adv = adv.clone()
             adv[0] = float("nan")
             adv[1] = float("inf")
-        return adv
+        return adv, prefix_adv
 
-    monkeypatch.setattr(train_module, "group_advantages", group_advantages)
+    monkeypatch.setattr(train_module, "rollout_advantages", rollout_advantages)
 
 
 def test_non_finite_advantages_are_zeroed_and_counted(tiny_assets, tmp_path, monkeypatch):
