@@ -184,7 +184,7 @@ class Runner:
             model, tokenizer, questions, k, temperature=float(setting["temperature"]),
             top_p=float(setting["top_p"]), max_response_tokens=max_tokens,
             batch_questions=int(ev.get("batch_questions", 50)), seed=seed,
-            instruction=self.instruction())
+            prompt_template=self.prompt_template())
         out = {"scores": [c / k for c in result["correct"]], "avg": result[f"avg@{k}"],
                "pass": result[f"pass@{k}"], "k": k, "length": result["mean_response_tokens"],
                "seconds": time.perf_counter() - start}
@@ -193,10 +193,11 @@ class Runner:
         record.write_text(json.dumps(out))
         return out
 
-    def instruction(self) -> str:
+    def prompt_template(self) -> str:
+        """The training config's prompt template, so evaluation prompts match training's."""
         from prefix_rft.config import load_config as load_train_config
 
-        return load_train_config(self.config_path, []).data.instruction
+        return load_train_config(self.config_path, []).data.prompt_template
 
 
 def run_sweep(runner: Runner, variant: str) -> tuple[dict[str, float], list[dict]]:
