@@ -33,7 +33,13 @@ import triton.language as tl
 from . import linear_logprob_entropy_triton as _atomic
 from .linear_logprob_entropy_torch import torch_bwd
 from .linear_logprob_entropy_triton import _compute_dtype, _dot_precision
-from .tl_utils import tl_any_at_least, tl_grad_logit_tile, tl_logit_tile
+from .tl_utils import (
+    tl_any_at_least,
+    tl_grad_logit_tile,
+    tl_grouped_tile,
+    tl_logit_tile,
+    tl_row_labels,
+)
 
 
 @triton.jit
@@ -59,17 +65,9 @@ def _linear_logprob_entropy_dz_kernel(
     n_row_tiles = tl.cdiv(N, BLOCK_N)
     n_vocab_tiles = tl.cdiv(chunk_len, BLOCK_V)
     # Grouped order: GROUP_N row tiles sweep the chunk together, so W tiles stay in L2.
-    per_group = GROUP_N * n_vocab_tiles
-    first_n = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(n_row_tiles - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
-
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, pid_v = tl_grouped_tile(pid, n_row_tiles, n_vocab_tiles, GROUP_N)
+    rows, labels, valid = tl_row_labels(labels_ptr, pid_n, N, ignore_index, BLOCK_N)
     row_in = rows < N
-    labels = tl.load(labels_ptr + rows, mask=row_in, other=ignore_index)
-    valid = row_in & (labels != ignore_index)
-    labels = labels.to(tl.int32)  # 32-bit compares against whole tiles of column ids (V < 2^31)
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_in = local < chunk_len
     cols = v_start + local

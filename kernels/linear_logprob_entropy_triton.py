@@ -31,7 +31,9 @@ from .tl_utils import (
     tl_any_at_least,
     tl_atomic_add_tile_product,
     tl_grad_logit_tile,
+    tl_grouped_tile,
     tl_logit_tile,
+    tl_row_labels,
     tl_row_max,
 )
 from .triton_configs import (
@@ -223,17 +225,8 @@ def _linear_logprob_entropy_bwd_kernel(
     n_vocab_tiles = tl.cdiv(V, BLOCK_V)
     # Grouped order: GROUP_N row tiles sweep the vocab together, so each W tile is read
     # from HBM once per group and the dW lines they add into stay hot in L2.
-    per_group = GROUP_N * n_vocab_tiles
-    first_n = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(n_row_tiles - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
-
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_in = rows < N
-    labels = tl.load(labels_ptr + rows, mask=row_in, other=ignore_index)
-    valid = row_in & (labels != ignore_index)
-    labels = labels.to(tl.int32)  # 32-bit compares against whole tiles of column ids (V < 2^31)
+    pid_n, pid_v = tl_grouped_tile(pid, n_row_tiles, n_vocab_tiles, GROUP_N)
+    rows, labels, valid = tl_row_labels(labels_ptr, pid_n, N, ignore_index, BLOCK_N)
     if tl.sum(valid.to(tl.int32), axis=0) > 0:
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         col_in = cols < V

@@ -107,3 +107,25 @@ def tl_any_at_least(dz, eps):
     """True when some ``|dz| >= eps`` (NaN compares false, so it counts as kept)."""
     big = tl.where(tl.abs(dz) < eps, 0, 1)
     return tl.sum(tl.sum(big, axis=1), axis=0) > 0
+
+
+@triton.jit
+def tl_grouped_tile(pid, n_row_tiles, n_vocab_tiles, GROUP_N: tl.constexpr):
+    """``(pid_n, pid_v)`` of program ``pid`` in grouped order: ``GROUP_N`` row tiles sweep the
+    vocabulary tiles together, so each W tile is read from HBM once per group (L2 reuse)."""
+    per_group = GROUP_N * n_vocab_tiles
+    first_n = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(n_row_tiles - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def tl_row_labels(labels_ptr, pid_n, N, ignore_index, BLOCK_N: tl.constexpr):
+    """Rows of tile ``pid_n``, their labels (int32) and which rows count (in range and not
+    ``ignore_index``)."""
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_in, other=ignore_index)
+    valid = row_in & (labels != ignore_index)
+    labels = labels.to(tl.int32)  # 32-bit compares against whole tiles of column ids (V < 2^31)
+    return rows, labels, valid
