@@ -84,7 +84,10 @@ def inputs_from_config(cfg, gpus: int = 1, model_config: str | None = None
     r, targets, dropout = _lora_settings(cfg)
     compute_bf16 = device == "cuda" and cfg.model.dtype in ("auto", "bf16")
     seq = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
-    per_mb = max(1, cfg.train.micro_batch_tokens // seq)  # padded sequences per micro-batch
+    # Padded micro-batches hold a [B, 1, T, T] bool mask; packed ones (train.packing) build
+    # none: their attention runs per sequence group (prefix_rft/varlen_attention.py).
+    per_mb = 0 if getattr(cfg.train, "packing", False) else max(
+        1, cfg.train.micro_batch_tokens // seq)
     inp = PlanInputs(micro_batch_tokens=cfg.train.micro_batch_tokens, world=gpus, device=device,
                      weight_bytes=2 if optim == "adamw_bf16_sr" else 4,
                      compute_bf16=compute_bf16, optim=optim, lora_r=r, lora_targets=targets,

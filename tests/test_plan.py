@@ -145,3 +145,20 @@ def test_cli_plan_exit_status(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="optim.name"):
         cli_main(args + ["--optim.name=sgd"])
+
+
+def test_packed_micro_batches_hold_no_attention_mask():
+    from prefix_rft.config import load_config
+    from prefix_rft.plan import inputs_from_config
+
+    path = str(ROOT / "configs" / "qwen2.5-math-1.5b.yaml")
+    model = str(MODEL_CONFIGS / "qwen2.5-math-1.5b.json")
+    _, packed, _ = inputs_from_config(load_config(path, ["--train.packing=true"]),
+                                      model_config=model)
+    _, padded, _ = inputs_from_config(load_config(path, ["--train.packing=false"]),
+                                      model_config=model)
+    assert packed.attention_mask_bytes == 0
+    cfg = load_config(path, [])
+    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
+    rows = max(1, cfg.train.micro_batch_tokens // seq)
+    assert padded.attention_mask_bytes == rows * min(seq, cfg.train.micro_batch_tokens) ** 2
