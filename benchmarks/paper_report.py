@@ -12,8 +12,7 @@ import csv
 import math
 from pathlib import Path
 
-from benchmarks.paper_stats import paired_bootstrap
-from benchmarks.paper_table import mean_std
+from benchmarks.paper_stats import mean_std, paired_bootstrap
 from benchmarks.results_io import device_name, git_commit
 
 CSV_COLUMNS = ["variant", "method", "seed", "split", "temperature", "top_p", "status", "avg",

@@ -52,11 +52,24 @@ from typing import Any
 
 import yaml
 
-from benchmarks.paper_table import as_overrides, log
 from benchmarks.paper_task import VARIANTS, TableTask, prepare_table_assets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "benchmarks" / "paper_repro.yaml"
+def log(message: str) -> None:
+    print(f"[paper_repro {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def as_overrides(mapping: dict[str, Any] | None) -> list[str]:
+    """``{"train.steps": 3}`` -> ``["--train.steps=3"]`` (values in YAML syntax)."""
+    out = []
+    for key, value in (mapping or {}).items():
+        text = value if isinstance(value, str) else yaml.safe_dump(
+            value, default_flow_style=True).strip()
+        out.append(f"--{key}={text.removesuffix(chr(10) + '...').strip()}")
+    return out
+
+
 KEYS = ("base_config", "workdir", "variants", "seeds", "assets", "sweep", "budget", "common",
         "methods", "reference", "eval")
 
@@ -252,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--table-config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--quick", action="store_true", help="smoke test (the config's quick section)")
     ap.add_argument("--out", default=None,
-                    help="output prefix (.md/.csv/.png); default benchmarks/results/paper_repro"
+                    help="output prefix (.md/.csv/.png); default benchmarks/results/paper_table"
                          " (with --quick: {workdir}/paper_repro_quick)")
     ap.add_argument("--workdir", default=None, help="default: the config's workdir")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:  # test/OOD/phrasing only once every lr is fixed
         rows += run_table(runner, variant, selected[variant], seeds)
     out = Path(args.out or (workdir / "paper_repro_quick" if args.quick
-                            else REPO_ROOT / "benchmarks" / "results" / "paper_repro"))
+                            else REPO_ROOT / "benchmarks" / "results" / "paper_table"))
     header = {"command": "python -m benchmarks.paper_repro " + " ".join(map(shlex.quote, argv)),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_s": time.perf_counter() - wall, "seeds": seeds, "variants": variants,

@@ -17,6 +17,8 @@ numpy equivalent of ``paired_bootstrap``::
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -58,3 +60,14 @@ def paired_bootstrap(a, b, n_boot: int = 2000, alpha: float = 0.05, seed: int = 
     return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi),
             "per_seed": per_seed_differences(a, b), "questions": int(d.shape[0]),
             "seeds": int(a.shape[0])}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0.0 for a single value, nan for none)."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return math.nan, math.nan
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))

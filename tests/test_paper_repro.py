@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from benchmarks import paper_repro as pr
-from benchmarks.paper_stats import paired_bootstrap, per_seed_differences
+from benchmarks.paper_stats import mean_std, paired_bootstrap, per_seed_differences
 from benchmarks.paper_task import UNSEEN_TEMPLATE, TableTask, build_splits
 from prefix_rft.data import read_rows
 from prefix_rft.metrics_log import read_metrics
@@ -51,6 +51,20 @@ def test_ci_covers_the_true_difference_and_shrinks_with_questions():
         widths.append(r["hi"] - r["lo"])
     assert widths[1] < widths[0] / 2  # ~1/sqrt(questions)
     assert per_seed_differences([[1.0, 0.0], [0.5, 0.5]], [[0.0, 0.0], [1.0, 1.0]]) == [0.5, -0.5]
+
+
+def test_mean_std_is_the_sample_std_and_skips_missing():
+    mean, std = mean_std([0.1, 0.3, float("nan"), None, 0.5])
+    assert mean == pytest.approx(0.3) and std == pytest.approx(np.std([0.1, 0.3, 0.5], ddof=1))
+    assert mean_std([0.2]) == (0.2, 0.0)
+    assert all(np.isnan(v) for v in mean_std([]))
+
+
+def test_overrides_are_yaml_values():
+    assert pr.as_overrides({"train.steps": 150, "loss.clip_c": 3.0, "log.tensorboard": "false",
+                            "eval.files": [], "log.plots": False}) == [
+        "--train.steps=150", "--loss.clip_c=3.0", "--log.tensorboard=false", "--eval.files=[]",
+        "--log.plots=false"]
 
 
 def test_bad_shapes_raise():
