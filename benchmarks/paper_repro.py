@@ -23,16 +23,9 @@ is selected *is* the seed-``sweep.seed`` run of the table, not trained twice), a
 (model, split, setting, k, seed); both under ``{workdir}/cache``. Re-running the command
 skips what is cached; a failed run is recorded and retried on the next invocation.
 
-Budget: ``--quick`` took 32 s on the session's shared 2-core CPU at load ~3 (101-235 s at
-load 9-11). The full run was NOT run in the session that wrote this.
-Its estimate for an idle 2-core CPU is ~80-90 min:
-- training: 2 variants x (9 sweep runs + 5 seeds x 6 methods - 3 runs reused from the
-  sweep) = 72 run-equivalents of 150 steps (SFT->RFT: 75 + 75). At ~0.35 s/step, the
-  old table's measured rate for the same 32 rollouts per step, that is ~63 min.
-- evaluation: ~65 models x 3 splits x 2 settings (3,600 samples per model at ~320
-  samples/s, the old table's rate) plus the sweep's validation scores: ~13 min.
-- assets: ~2 min (the demo's base step).
-- overhead: ~3 s of process-internal setup per run, ~4 min.
+Budget: the full run took 57 min on an idle 2-core CPU with the two variants as two
+processes side by side (``--variants expert`` / ``--variants systematic``, one shared cache;
+the assets built once first), 55 min each; ``--quick`` about 30 s.
 The report prints the measured wall time; re-run the same command to resume.
 """
 
