@@ -37,7 +37,11 @@ import subprocess
 import sys
 import time
 
-CASES = ("trl", "trl_liger", "trl_prefix_rft", "prefix_rft_trainer", "prefix_rft_trainer+old")
+from benchmarks.trl_e2e import E2E_CASES, GEN_CASES
+
+UPDATE_CASES = ("trl", "trl_liger", "trl_prefix_rft", "prefix_rft_trainer",
+                "prefix_rft_trainer+old")
+CASES = UPDATE_CASES + E2E_CASES + GEN_CASES
 TRL_CASES = ("trl", "trl_liger", "trl_prefix_rft")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # (hidden, layers, heads, kv heads, intermediate, vocab): Qwen2-shaped, the Qwen2.5 vocabulary
@@ -54,14 +58,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def build_model(shape: str):
+def build_model(shape: str, use_cache: bool = False):
+    """A random Qwen2-shaped fp32 model. ``use_cache=True`` as a real checkpoint's config.json
+    (its generation config then caches K/V); False for the update-only cases."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      max_position_embeddings=4096, tie_word_embeddings=False, use_cache=False,
+                      max_position_embeddings=4096, tie_word_embeddings=False, use_cache=use_cache,
                       pad_token_id=0, eos_token_id=1, attn_implementation="sdpa")
     torch.manual_seed(0)
     return Qwen2ForCausalLM(cfg).float().train()
@@ -210,7 +216,15 @@ def run_case(case: str, shape: str, sequences: int, prompt: int, completion: int
     import torch
 
     torch.set_num_threads(1)
-    model = build_model(shape)
+    model = build_model(shape, use_cache=case in E2E_CASES + GEN_CASES)
+    if case in E2E_CASES + GEN_CASES:
+        from benchmarks import trl_e2e
+
+        rss_setup = _rss_mb()
+        with tempfile.TemporaryDirectory() as tmp:
+            times, tokens = trl_e2e.run_case(case, model, sequences, prompt, completion, micro,
+                                             repeats, tmp)
+        return _result(case, times, tokens, rss_setup)
     batch = make_batch(SHAPES[shape][5], sequences, prompt, completion)
     accumulation = sequences // micro
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,11 +256,23 @@ def run_case(case: str, shape: str, sequences: int, prompt: int, completion: int
                 optimizer.zero_grad(set_to_none=True)
             if i:
                 times.append(time.perf_counter() - t0)
-    tokens = sequences * (prompt + completion)
+    return _result(case, times, sequences * (prompt + completion), rss_setup)
+
+
+def _result(case: str, times: list[float], tokens: int, rss_setup: float) -> dict:
     med = sorted(times)[len(times) // 2]
     return {"case": case, "times_ms": [t * 1e3 for t in times], "tokens": tokens,
             "tokens_per_s": tokens / med, "peak_mb": max(_peak_rss_mb() - rss_setup, 0.0),
             "rss_peak_mb": _peak_rss_mb(), "versions": versions()}
+
+
+def op_of(case: str, completion: int) -> tuple[str, str]:
+    """(op, mode) columns of a case: the policy update, a whole step, or generation alone."""
+    if case in E2E_CASES:
+        return "grpo_step", "generate+reward+update"
+    if case in GEN_CASES:
+        return "generate", f"{completion} new tokens/seq (tokens_per_s: generated)"
+    return "grpo_update", "fwd+bwd+adamw"
 
 
 def versions() -> str:
@@ -287,7 +313,8 @@ def write_results(rows: list[dict], csv_path: str) -> None:
 
 
 def render_png(rows: list[dict], png_path: str) -> None:
-    """Tokens/s and step peak RSS of the latest row per case (same shape as the last row)."""
+    """Tokens/s and step peak RSS of the latest row per case (same shape as the last row),
+    one row of panels per op (policy update, whole step, generation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,19 +322,23 @@ def render_png(rows: list[dict], png_path: str) -> None:
 
     shape = rows[-1]["shape"]
     latest = {r["impl"]: r for r in rows if r["shape"] == shape}
-    names = [c for c in CASES if c in latest]
-    tps = [float(dict(kv.split("=", 1) for kv in latest[c]["extra"].split(";"))["tokens_per_s"])
-           for c in names]
-    mem = [float(latest[c]["peak_mb"] or 0) for c in names]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, ys, label in ((axes[0], tps, "tokens/s (higher is better)"),
-                          (axes[1], mem, "step peak RSS, MB (lower is better)")):
-        ax.barh(names, ys, color="tab:blue")
-        ax.set_xlabel(label)
-        ax.invert_yaxis()
-        for y, v in enumerate(ys):
-            ax.text(v, y, f" {v:.0f}", va="center", fontsize=8)
-    fig.suptitle(f"GRPO policy update, {shape}, 1 thread, {rows[-1]['device']}", fontsize=9)
+    ops = [op for op in ("grpo_update", "grpo_step", "generate")
+           if any(r["op"] == op for r in latest.values())]
+    fig, axes = plt.subplots(len(ops), 2, figsize=(10, 2.2 + 1.6 * len(ops)), squeeze=False)
+    for row_axes, op in zip(axes, ops):
+        names = [c for c in CASES if c in latest and latest[c]["op"] == op]
+        tps = [float(dict(kv.split("=", 1) for kv in latest[c]["extra"].split(";"))
+                     ["tokens_per_s"]) for c in names]
+        mem = [float(latest[c]["peak_mb"] or 0) for c in names]
+        for ax, ys, label in ((row_axes[0], tps, f"{op}: tokens/s (higher is better)"),
+                              (row_axes[1], mem, f"{op}: peak RSS, MB (lower is better)")):
+            ax.barh(names, ys, color="tab:blue")
+            ax.set_xlabel(label, fontsize=8)
+            ax.invert_yaxis()
+            for y, v in enumerate(ys):
+                ax.text(v, y, f" {v:.0f}", va="center", fontsize=8)
+    fig.suptitle(f"GRPO with TRL and prefix-rft, {shape}, 1 thread, {rows[-1]['device']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
@@ -324,6 +355,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=2, help="timed steps per case (after warm-up)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 step, nothing written")
     ap.add_argument("--out", default=os.path.join(RESULTS, "trl.csv"), help="CSV; '-' = none")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the top ops of TRL's generate and the hf engine's; nothing else")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="with --profile: config.use_cache=False, as the update cases' model")
     ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -334,6 +369,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = "smoke" if args.smoke else "cpu"
     if args.smoke:
         args.sequences, args.prompt, args.completion, args.micro, args.repeats = 16, 8, 8, 8, 1
+    if args.profile:
+        import torch
+
+        from benchmarks.trl_e2e import profile
+
+        torch.set_num_threads(1)
+        model = build_model(shape, use_cache=not args.no_cache)
+        profile(model, args.sequences, args.prompt, args.completion)
+        return []
     if args.sequences % 8 or args.sequences % args.micro:
         raise SystemExit("--sequences must be a multiple of 8 and of --micro")
     from benchmarks.results_io import make_row
@@ -347,8 +391,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     args.repeats)
         extra = (f"tokens_per_s={r['tokens_per_s']:.1f};rss_peak_mb={r['rss_peak_mb']:.0f};"
                  f"repeats={args.repeats};{r['versions']}")
-        rows.append(make_row("grpo_update", case, "fwd+bwd+adamw", label, r["times_ms"],
-                             r["peak_mb"], extra))
+        op, mode = op_of(case, args.completion)
+        rows.append(make_row(op, case, mode, label, r["times_ms"], r["peak_mb"], extra))
         print(f"{case:24s} {r['tokens_per_s']:8.1f} tok/s  step peak {r['peak_mb']:7.0f} MB  "
               f"process peak {r['rss_peak_mb']:7.0f} MB", flush=True)
     if not args.smoke and args.out != "-":
