@@ -145,11 +145,11 @@ def prefix_rft_e2e(model, sequences, prompt, completion, micro, repeats, tmp) ->
 
 
 # ---------------------------------------------------------------------------- generation
-def prompt_batch(sequences: int, prompt: int):
+def prompt_batch(tokenizer, sequences: int, prompt: int):
     import torch
 
-    ids = torch.tensor(benchmark_tokenizer()(prompt_text(benchmark_tokenizer(), prompt),
-                                             add_special_tokens=False)["input_ids"])
+    ids = torch.tensor(tokenizer(prompt_text(tokenizer, prompt),
+                                 add_special_tokens=False)["input_ids"])
     return ids.unsqueeze(0).repeat(sequences, 1)
 
 
@@ -157,12 +157,12 @@ def generate_fn(case: str, model, sequences: int, prompt: int, completion: int):
     """A no-argument callable that generates ``completion`` tokens for every sequence."""
     import torch
 
-    prompts = prompt_batch(sequences, prompt)
+    tok = benchmark_tokenizer()
+    prompts = prompt_batch(tok, sequences, prompt)
     model.eval()
     if case == "gen_trl":
         from transformers import GenerationConfig
 
-        tok = benchmark_tokenizer()
         # TRL 1.16's GenerationConfig for a transformers (non-vLLM) rollout, as it builds it
         config = GenerationConfig(max_new_tokens=completion, do_sample=True,
                                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -178,7 +178,7 @@ def generate_fn(case: str, model, sequences: int, prompt: int, completion: int):
     from prefix_rft.rollout.base import RolloutRequest, SamplingSettings
     from prefix_rft.rollout.hf import HFEngine
 
-    engine = HFEngine(model, benchmark_tokenizer())
+    engine = HFEngine(model, tok)
     seeded = case == "gen_hf_engine"
     requests = [RolloutRequest(prompt_ids=prompts[0].tolist(), n=8, sampling=SamplingSettings(
         temperature=1.0, max_new_tokens=completion, seed=i if seeded else None))
