@@ -280,3 +280,62 @@ def test_benchmark_smoke_runs_hf_engine():
     extra = dict(item.split("=") for item in row["extra"].split(";"))
     assert float(extra["tokens_per_s"]) > 0
     assert float(extra["mismatch_max"]) < 1e-4
+
+
+# ---------------------------------------------------------------- inverse-CDF sampler
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def test_inverse_cdf_sampler_follows_the_distribution_chi_square():
+    """60,000 draws over a 7-token vocabulary with two masked tokens (fixed seed): the
+    chi-square statistic against softmax(processed) stays below the 0.1% critical value of
+    chi2(4 dof) = 18.47, masked tokens never appear, and a sampler biased by one token's
+    probability times 1.1 would fail the same check (the check can fail)."""
+    from prefix_rft.rollout.hf import sample_inverse_cdf
+
+    processed = torch.tensor([[0.3, -1.2, float("-inf"), 2.0, 0.0, float("-inf"), -0.4]])
+    probs = processed[0].double().softmax(-1)
+    draws = 60_000
+    uniforms = torch.rand(draws, generator=torch.Generator().manual_seed(11))
+    tokens, logprobs = sample_inverse_cdf(processed.expand(draws, -1).contiguous(), uniforms)
+    counts = torch.bincount(tokens, minlength=7).double()
+    assert counts[2] == 0 and counts[5] == 0
+    assert _chi_square(counts, probs) < 18.47
+    biased = probs.clone()
+    biased[3] *= 1.1
+    assert _chi_square(counts, biased / biased.sum()) > 18.47
+    # log-probs exact: equal to log_softmax of the processed row at the drawn token
+    torch.testing.assert_close(logprobs.double(), probs.log()[tokens], atol=1e-6, rtol=0)
+
+
+def test_inverse_cdf_edge_uniforms_never_draw_a_masked_token():
+    from prefix_rft.rollout.hf import sample_inverse_cdf
+
+    processed = torch.tensor([[float("-inf"), 1.0, float("-inf"), 0.5, float("-inf")]] * 3)
+    almost_one = torch.tensor(1.0).nextafter(torch.tensor(0.0))
+    tokens, logprobs = sample_inverse_cdf(processed, torch.stack(
+        [torch.tensor(0.0), almost_one, torch.tensor(0.5)]))
+    assert tokens.tolist()[0] == 3 and tokens.tolist()[1] == 1
+    assert torch.isfinite(logprobs).all()
+
+
+def test_engine_logprobs_equal_log_softmax_for_every_setting():
+    """The engine's one-logsumexp log-probs equal ``log_softmax(filter(logits / T))`` at the
+    drawn token (greedy rows: of the raw logits), for mixed settings in one batch."""
+    from prefix_rft.rollout.hf import HFEngine
+
+    engine = HFEngine(tiny_qwen2(), eos_token_ids=(), seed=3)
+    torch.manual_seed(5)
+    logits = torch.randn(4, 128) * 3
+    temperature = torch.tensor([1.0, 0.7, 0.0, 1.3])
+    top_k = torch.tensor([0, 10, 0, 0])
+    top_p = torch.tensor([1.0, 1.0, 1.0, 0.8])
+    tokens, logprobs = engine._sample(logits, temperature, top_k, top_p, [None] * 4)
+    safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    processed = apply_top_k_top_p(logits / safe_t[:, None], top_k, top_p)
+    expected = processed.double().log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.double(), expected, atol=1e-5, rtol=0)
+    assert tokens[2] == logits[2].argmax()
