@@ -143,16 +143,21 @@ def score(rollouts: list[Rollout], questions: list[Question], tokenizer, cfg: Co
         r.reward, r.advantage = value, a
         r.prefix_advantage = pa if pa != a else None
     # pass rate: a question counts when an on-policy rollout solved it
-    solved = [0.0] * len(questions)
+    solved, sampled = [0.0] * len(questions), [False] * len(questions)
     for r in rollouts:
         if not r.is_prefixed:
             solved[r.group] = max(solved[r.group], r.reward)
+            sampled[r.group] = True
+    # groups whose on-policy rollouts all failed: where RFT's advantage is zero and only a
+    # prefix gives signal (the paper's regime)
+    all_fail = sum(1 for s, f in zip(sampled, solved) if s and f == 0.0)
     lengths = [len(r.response_ids) for r in rollouts]
     on, hyb = reward_t[~prefixed], reward_t[prefixed]
     m = {"reward_mean": reward_t.mean().item(),
          "reward_on_policy": on.mean().item() if on.numel() else float("nan"),
          "reward_hybrid": hyb.mean().item() if hyb.numel() else float("nan"),
          "pass_rate": sum(solved) / max(1, len(questions)),
+         "on_policy_all_fail_frac": all_fail / max(1, sum(sampled)),
          "response_len_mean": float(np.mean(lengths)), "response_len_max": float(max(lengths)),
          "truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
          "reward_no_answer_frac": stats.no_answer / max(1, stats.total),
