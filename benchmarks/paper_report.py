@@ -1,9 +1,12 @@
-"""The report of ``benchmarks/paper_repro.py``: Markdown tables, a CSV and a PNG.
+"""The report of ``benchmarks/paper_repro.py``: Markdown tables, a CSV and two PNGs.
 
-Per variant: the learning-rate sweep on validation (the selected lr per method), the test /
-OOD / phrasing avg@k per method (mean ± sample std over seeds) at each eval setting, and the
-paired differences against the reference method (Prefix-RFT): the mean difference with its
-bootstrap CI over questions and the per-seed differences (``benchmarks/paper_stats.py``).
+Per variant: the learning-rate sweep on validation (the base's validation score beside it,
+whether each selected lr is interior), test / OOD / phrasing avg@k per method on all,
+base-solvable and base-unsolvable questions (mean ± sample std over seeds), and the paired
+differences against the reference method (``benchmarks/paper_analysis.py``,
+``benchmarks/paper_stats.py``). Then the analysis of each claim. The CSV keeps every
+question's correct count per (variant, method, seed, split) and the base-solvable mask, so
+every number and CI can be recomputed from it (``read_csv_scores``).
 """
 
 from __future__ import annotations
@@ -12,139 +15,164 @@ import csv
 import math
 from pathlib import Path
 
-from benchmarks.paper_stats import mean_std, paired_bootstrap
+import numpy as np
+
+from benchmarks.paper_analysis import (
+    SLICES,
+    analysis_text,
+    paired_family,
+    robustness,
+    score_matrix,
+    slice_mask,
+)
+from benchmarks.paper_stats import mean_std
 from benchmarks.results_io import device_name, git_commit
 
-CSV_COLUMNS = ["variant", "method", "seed", "split", "temperature", "top_p", "status", "avg",
-               "pass", "k", "length", "seconds", "error"]
+CSV_COLUMNS = ["variant", "method", "seed", "split", "temperature", "top_p", "status", "k",
+               "avg", "pass", "length", "seconds", "correct", "base_solvable", "error"]
 
 
-def _setting_name(temperature, top_p) -> str:
-    return f"T={float(temperature):g}/p={float(top_p):g}"
-
-
-def _cells(rows, variant, method, split, temperature):
-    return [r for r in rows if r["status"] == "ok" and r["variant"] == variant
-            and r["method"] == method and r["split"] == split
-            and float(r["temperature"]) == float(temperature)]
-
-
-def paired_table(rows: list[dict], table: dict, variant: str) -> list[dict]:
-    """One dict per (method != reference, split, setting): the bootstrap result."""
-    ref, ev, out = table["reference"], table["eval"], []
-    boot = ev.get("bootstrap", {})
-    for method in table["methods"]:
-        if method == ref:
-            continue
-        for split in ev["splits"]:
-            for setting in ev["settings"]:
-                mine = {r["seed"]: r for r in _cells(rows, variant, method, split,
-                                                     setting["temperature"])}
-                theirs = {r["seed"]: r for r in _cells(rows, variant, ref, split,
-                                                       setting["temperature"])}
-                seeds = sorted(set(mine) & set(theirs))
-                if not seeds:
-                    continue
-                result = paired_bootstrap([mine[s]["scores"] for s in seeds],
-                                          [theirs[s]["scores"] for s in seeds],
-                                          n_boot=int(boot.get("n_boot", 2000)),
-                                          alpha=float(boot.get("alpha", 0.05)))
-                out.append({"method": method, "split": split, "seeds": seeds,
-                            "setting": _setting_name(setting["temperature"], setting["top_p"]),
-                            **result})
+def read_csv_scores(path) -> list[dict]:
+    """The CSV's rows with ``correct`` (list of per-question counts), ``base_solvable`` (list
+    of bools) and numbers parsed: what ``score_matrix`` / ``slice_mask`` read."""
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            if r["status"] != "ok":
+                continue
+            out.append({**r, "seed": int(r["seed"]), "k": int(r["k"]),
+                        "correct": [int(c) for c in r["correct"].split()],
+                        "base_solvable": [c == "1" for c in r["base_solvable"]]})
     return out
 
 
-def render_markdown(table, header, selected, sweep_rows, rows) -> str:
-    ev, k = table["eval"], table["eval"]["k"]
-    t = header["timings"]
-    lines = ["# Paper comparison, fair miniature (embedded task; issue 15)", "",
+def _methods(table, variant):
+    from benchmarks.paper_repro import methods_of
+
+    return methods_of(table, variant)
+
+
+def _header(table, header, slices) -> list[str]:
+    ev, k, t = table["eval"], table["eval"]["k"], header["timings"]
+    setting = ev["settings"][0]
+    sl = table["slices"]
+    lines = ["# Prefix-RFT vs SFT and RFT in the hard regime (embedded task)", "",
              f"- command: `{header['command']}`",
              f"- device: {device_name()}; commit {git_commit()}; date {header['date']}; wall "
-             f"time {header['wall_s'] / 60:.1f} min (this invocation: "
-             f"{header['counts']['train']} new trainings {t['train']:.0f} s, "
+             f"time of this invocation {header['wall_s'] / 60:.1f} min "
+             f"({header['counts']['train']} new trainings {t['train']:.0f} s, "
              f"{header['counts']['eval']} new evaluations {t['eval']:.0f} s, assets "
              f"{t['assets']:.0f} s)",
              f"- seeds {header['seeds']}; budget per run: "
              + ", ".join(f"{a}={b}" for a, b in table["budget"].items()),
-             f"- avg@{k} in percent over {ev['splits']} (k = {k} samples per question); "
-             "mean ± sample std over seeds; paired differences are method - "
-             f"{table['reference']} with a {100 * (1 - ev['bootstrap']['alpha']):.0f}% "
-             "bootstrap CI over questions (seeds averaged per question), per-seed differences "
-             "in brackets", ""]
+             f"- unit: a question's score is the fraction of its k = {k} samples correct at "
+             f"T={setting['temperature']:g}, top-p {setting['top_p']:g} (mean over questions = "
+             f"avg@{k}, in percent); mean ± sample std over seeds",
+             f"- slices: a question is *base-unsolvable* when the base model's pass@{sl['k']} at "
+             f"T={sl['temperature']:g} is 0 (seed {sl['seed']}); base-unsolvable share per "
+             "split: " + ", ".join(f"{s} {100 * v['unsolvable_share']:.0f}%"
+                                   for s, v in slices.items()),
+             f"- paired differences: method - {table['reference']} per seed and question, "
+             f"{100 * (1 - ev['bootstrap']['alpha']):.0f}% CI from a bootstrap over seeds x "
+             f"questions (seeds resampled, then questions; {ev['bootstrap']['n_boot']} draws), "
+             "p-values Holm-adjusted over each variant's family of differences", ""]
+    return lines
+
+
+def _sweep_lines(table, sweep_rows, variant) -> list[str]:
+    sel = table["sweep"]["select"]
+    lines = [f"### Learning rates (validation avg@{sel['k']}, T={sel['temperature']:g}, "
+             f"seed {table['sweep']['seed']})", "",
+             "| method | lr | validation avg | selected | interior |", "|---|---:|---:|---|---|"]
+    for r in (r for r in sweep_rows if r["variant"] == variant):
+        lr = "--" if math.isnan(r["lr"]) else f"{r['lr']:g}"
+        mark = "yes" if r.get("selected") else ""
+        interior = ("yes" if r.get("bracketed") else "NO") if r.get("selected") else ""
+        lines.append(f"| {r['method']} | {lr} | {100 * r['val_avg']:.1f} | {mark} | "
+                     f"{interior} |")
+    return lines
+
+
+def _accuracy_lines(table, rows, variant, slices) -> list[str]:
+    cols = [(s, name) for s in table["eval"]["splits"] for name in SLICES]
+    lines = ["", "### Accuracy (scored once, with the selected lrs)", "",
+             "| method | " + " | ".join(f"{s} {name}" for s, name in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for method in _methods(table, variant):
+        cells = []
+        for split, name in cols:
+            _, scores = score_matrix(rows, variant, method, split,
+                                     slice_mask(slices, split, name))
+            mean, std = mean_std(list(scores.mean(axis=1)) if scores.size else [])
+            cells.append("--" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _paired_lines(table, family) -> list[str]:
+    lines = ["", f"### Paired differences vs {table['reference']} (points of avg@"
+             f"{table['eval']['k']})", "",
+             "| method | split | slice | diff | CI | Holm p | n (seeds x questions) | per seed |",
+             "|---|---|---|---:|---|---:|---|---|"]
+    for p in family:
+        per_seed = ", ".join(f"{100 * d:+.1f}" for d in p["per_seed"])
+        lines.append(f"| {p['method']} | {p['split']} | {p['slice']} | {100 * p['diff']:+.1f} | "
+                     f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] | {p['p_holm']:.3f} | "
+                     f"{p['seeds']} x {p['questions']} | [{per_seed}] |")
+    return lines
+
+
+def render_markdown(table, header, sweep_rows, rows, slices) -> tuple[str, dict]:
+    lines, families = _header(table, header, slices), {}
     for variant in header["variants"]:
-        lines += [f"## Variant `{variant}`", "", "### Learning rates (validation, seed "
-                  f"{table['sweep']['seed']})", "", "| method | lr | validation avg | selected |",
-                  "|---|---:|---:|---|"]
-        for r in (r for r in sweep_rows if r["variant"] == variant):
-            mark = "yes" if selected[variant][r["method"]] == r["lr"] else ""
-            lines.append(f"| {r['method']} | {r['lr']:g} | {100 * r['val_avg']:.1f} | {mark} |")
-        cols = [(s, st) for s in ev["splits"] for st in ev["settings"]]
-        lines += ["", "### Accuracy (scored once, with the selected lrs)", "",
-                  "| method | " + " | ".join(f"{s} {_setting_name(st['temperature'], st['top_p'])}"
-                                             for s, st in cols) + " |",
-                  "|---|" + "---:|" * len(cols)]
-        for method in table["methods"]:
-            cells = []
-            for split, st in cols:
-                mean, std = mean_std([r["avg"] for r in _cells(rows, variant, method, split,
-                                                                st["temperature"])])
-                cells.append("--" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines += ["", f"### Paired differences vs {table['reference']} (points of avg@{k})", "",
-                  "| method | split | setting | diff | CI | per seed |",
-                  "|---|---|---|---:|---|---|"]
-        for p in paired_table(rows, table, variant):
-            per_seed = ", ".join(f"{100 * d:+.1f}" for d in p["per_seed"])
-            lines.append(f"| {p['method']} | {p['split']} | {p['setting']} | "
-                         f"{100 * p['diff']:+.1f} | [{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] "
-                         f"| [{per_seed}] |")
-        lines.append("")
+        lines += [f"## Variant `{variant}`", ""] + _sweep_lines(table, sweep_rows, variant)
+        lines += _accuracy_lines(table, rows, variant, slices)
+        families[variant] = paired_family(rows, table, variant, _methods(table, variant), slices)
+        lines += _paired_lines(table, families[variant]) + [""]
+    robust = robustness(rows, table, header["variants"], slices)
+    lines += ["## Analysis", "", analysis_text(families, robust, table)]
     failed = [r for r in rows + sweep_rows if r["status"] != "ok"]
     if failed:
         lines += ["Failed runs:"] + [f"- {r['variant']} {r['method']}: `{r.get('error')}`"
                                      for r in failed]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", families
 
 
-def render_png(table, header, rows, path: Path) -> None:
-    """Per variant: test avg@k per method at the first eval setting, ± std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    setting = table["eval"]["settings"][0]
-    methods = list(table["methods"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods)), 4))
-    width = 0.8 / max(1, len(header["variants"]))
-    for j, variant in enumerate(header["variants"]):
-        stats = [mean_std([r["avg"] for r in _cells(rows, variant, m, "test",
-                                                      setting["temperature"])]) for m in methods]
-        ax.bar([i + (j - 0.5 * (len(header["variants"]) - 1)) * width for i in range(len(methods))],
-               [0 if math.isnan(m) else 100 * m for m, _ in stats], width,
-               yerr=[0 if math.isnan(s) else 100 * s for _, s in stats], capsize=3, label=variant)
-    ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels(methods, fontsize=8, rotation=15)
-    ax.set_ylabel(f"test avg@{table['eval']['k']}, %")
-    ax.set_title(f"test, {_setting_name(setting['temperature'], setting['top_p'])}, "
-                 f"seeds {header['seeds']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(out: Path, table, header, selected, sweep_rows, rows, analysis=None) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = render_markdown(table, header, selected, sweep_rows, rows)
-    if analysis:
-        text += "\n## Analysis\n\n" + Path(analysis).read_text(encoding="utf-8").strip() + "\n"
-    out.with_suffix(".md").write_text(text, encoding="utf-8")
-    with open(out.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
+def write_csv(path: Path, rows, slices) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({c: r.get(c, "") for c in CSV_COLUMNS})
-    render_png(table, header, rows, out.with_suffix(".png"))
+            out = {c: r.get(c, "") for c in CSV_COLUMNS}
+            if r["status"] == "ok":
+                out["correct"] = " ".join(str(c) for c in r["correct"])
+                out["base_solvable"] = "".join("1" if s else "0"
+                                               for s in slices[r["split"]]["solvable"])
+            writer.writerow(out)
+
+
+def write_report(out: Path, table, header, selected, sweep_rows, rows, slices) -> None:
+    from benchmarks.paper_plots import render_bars, render_curves
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text, _ = render_markdown(table, header, sweep_rows, rows, slices)
+    out.with_suffix(".md").write_text(text, encoding="utf-8")
+    write_csv(out.with_suffix(".csv"), rows, slices)
+    render_bars(table, header, rows, slices, out.with_suffix(".png"))
+    render_curves(table, header, rows, out.with_name(out.name + "_curves.png"))
+
+
+def recompute_ci(csv_path, variant: str, method: str, reference: str, split: str,
+                 name: str = "all", n_boot: int = 2000, alpha: float = 0.05) -> dict:
+    """A paired difference recomputed from the CSV alone (what the report's table shows)."""
+    from benchmarks.paper_stats import paired_bootstrap
+
+    rows = read_csv_scores(csv_path)
+    row = next(r for r in rows if r["split"] == split)
+    mask = {"all": np.ones(len(row["base_solvable"]), bool),
+            "solvable": np.array(row["base_solvable"]),
+            "unsolvable": ~np.array(row["base_solvable"])}[name]
+    _, a = score_matrix(rows, variant, method, split, mask)
+    _, b = score_matrix(rows, variant, reference, split, mask)
+    return paired_bootstrap(a, b, n_boot=n_boot, alpha=alpha)

@@ -1,42 +1,41 @@
-"""A fair miniature of the paper's comparison, reproduced by one resumable command.
+"""The paper's comparison in the hard regime, reproduced by one resumable command.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro           # everything (~90 min, see below)
-    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --quick   # smoke test of every stage (CI)
+    python -m benchmarks.paper_repro --only-assets                   # once: task + base model
+    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --variants expert &
+    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --variants systematic off_style &
+    wait; python -m benchmarks.paper_repro                           # all cached: the report
+    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --quick       # smoke test of every stage
 
 Config: ``benchmarks/paper_repro.yaml`` (what each choice is and why). Stages:
 
-1. Task + base model (``benchmarks/paper_task.py``): train / validation / test / OOD (more
-   operations) / unseen-phrasing splits, disjoint; the base model's SFT uses problems that are
-   not in the training split; the training split in two demonstrator variants (``expert``,
-   ``systematic``: multiplication mis-applied on the subclass of problems with a ``*``).
-2. Per variant, a learning-rate sweep of SFT, RFT and Prefix-RFT on the validation split
-   (seed ``sweep.seed``); the best validation avg@k picks each method's lr.
-3. Per variant and seed, every method (base, SFT, RFT, Prefix-RFT, its two ablations,
-   SFT->RFT) trains once through ``prefix_rft.train.train(cfg)`` with the selected lrs and the
-   same budget, then is scored once on test, OOD and phrasing at each eval setting.
-4. Report (``benchmarks/paper_report.py``): mean ± std over seeds, paired differences against
-   Prefix-RFT per seed with a bootstrap CI over questions, the selected lrs; ``--out``.md /
-   .csv / .png.
+1. Task + base model (``benchmarks/paper_task.py``): train / validation / test / OOD / unseen
+   phrasing splits disjoint by arithmetic chain, the base model's SFT on chains outside all of
+   them, and the training split written by each demonstrator (expert, systematic, off_style).
+2. Slices: the base model's pass@k at T = 1 (k = ``slices.k``) on every split marks each
+   question *base-solvable* (some sample correct) or *base-unsolvable* (none): the regime
+   where RFT's group advantage is zero and only a demonstration prefix gives signal.
+3. Per variant, a learning-rate sweep of each swept method on validation (seed
+   ``sweep.seed``, outside the table's seeds), extended by ``sweep.factor`` past whichever end
+   wins until the chosen lr is interior (at most ``sweep.max_extensions`` times).
+4. Per variant and seed, every method trains once through ``prefix_rft.train.train(cfg)`` with
+   the selected lrs and the same rollout budget (validation curve logged during training),
+   then is scored once on test, OOD and phrasing.
+5. Report (``benchmarks/paper_report.py``): per slice, mean ± std over seeds, paired
+   differences against Prefix-RFT with a bootstrap over seeds x questions and Holm-adjusted
+   p-values, validation curves, and the analysis of each claim; ``--out``.md / .csv / .png /
+   _curves.png.
 
-Resume: a training run is cached by the hash of its full override list (a sweep run whose lr
-is selected *is* the seed-``sweep.seed`` run of the table, not trained twice), an evaluation by
-(model, split, setting, k, seed); both under ``{workdir}/cache``. Re-running the command
-skips what is cached; a failed run is recorded and retried on the next invocation.
-
-Budget: the full run took 57 min on an idle 2-core CPU with the two variants as two
-processes side by side (``--variants expert`` / ``--variants systematic``, one shared cache;
-the assets built once first), 55 min each; ``--quick`` about 30 s.
-The report prints the measured wall time; re-run the same command to resume.
+Resume: see ``benchmarks/paper_runner.py`` (runs and evaluations cached under
+``{workdir}/cache``; two processes can share it). Re-running the same command skips what is
+cached; a failed run is recorded and retried on the next invocation.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
-import json
+import math
 import shlex
-import shutil
 import sys
 import time
 import traceback
@@ -45,26 +44,12 @@ from typing import Any
 
 import yaml
 
-from benchmarks.paper_task import VARIANTS, TableTask, prepare_table_assets
+from benchmarks.paper_runner import REPO_ROOT, Runner, as_overrides, log  # noqa: F401
+from benchmarks.paper_task import VARIANTS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "benchmarks" / "paper_repro.yaml"
-def log(message: str) -> None:
-    print(f"[paper_repro {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def as_overrides(mapping: dict[str, Any] | None) -> list[str]:
-    """``{"train.steps": 3}`` -> ``["--train.steps=3"]`` (values in YAML syntax)."""
-    out = []
-    for key, value in (mapping or {}).items():
-        text = value if isinstance(value, str) else yaml.safe_dump(
-            value, default_flow_style=True).strip()
-        out.append(f"--{key}={text.removesuffix(chr(10) + '...').strip()}")
-    return out
-
-
-KEYS = ("base_config", "workdir", "variants", "seeds", "assets", "sweep", "budget", "common",
-        "methods", "reference", "eval")
+KEYS = ("base_config", "workdir", "variants", "seeds", "assets", "slices", "sweep", "budget",
+        "common", "methods", "reference", "eval")
 
 
 def load_config(path: str | Path, quick: bool = False) -> dict[str, Any]:
@@ -88,157 +73,107 @@ def load_config(path: str | Path, quick: bool = False) -> dict[str, Any]:
         for stage in stages or []:
             if stage.get("lr_of") not in table["sweep"]["lrs"]:
                 raise ValueError(f"table config methods.{name}: lr_of must name a swept method")
+    for variant, names in (table.get("variant_methods") or {}).items():
+        unknown = [m for m in names if m not in table["methods"]]
+        if unknown or table["reference"] not in names:
+            raise ValueError(f"table config variant_methods.{variant}: {unknown} unknown, or "
+                             f"the reference {table['reference']!r} missing")
     return table
 
 
-class Runner:
-    """Trains and evaluates with caching; one instance per command."""
-
-    def __init__(self, table: dict, workdir: Path, extra: list[str]):
-        self.table, self.workdir, self.extra = table, workdir, extra
-        self.cache = workdir / "cache"
-        self.cache.mkdir(parents=True, exist_ok=True)
-        self.config_path = str(REPO_ROOT / table["base_config"])
-        self.timings: dict[str, float] = {"train": 0.0, "eval": 0.0, "assets": 0.0}
-        self.counts = {"train": 0, "eval": 0}
-        self._loaded: tuple = (None, None, None)
-
-    # ------------------------------------------------------------------ assets
-    def assets(self) -> dict[str, str]:
-        from prefix_rft.demo.base import SFTConfig
-
-        a = self.table["assets"]
-        start = time.perf_counter()
-        paths = prepare_table_assets(str(self.workdir), int(a["seed"]), TableTask(**a["task"]),
-                                     SFTConfig(**a["sft"]), a["model_size"], log=log)
-        self.timings["assets"] += time.perf_counter() - start
-        self.paths = paths
-        return paths
-
-    # ------------------------------------------------------------------ training
-    def _stage_overrides(self, variant: str, stage: dict, lr: float, steps: int, seed: int,
-                         model: str, run_dir: Path) -> list[str]:
-        own = [f"--{o}" if not o.startswith("--") else o for o in stage["set"] + self.extra]
-        budget = {**self.table["budget"], "train.steps": steps}
-        return (as_overrides(self.table["common"]) + as_overrides(budget) + own
-                + [f"--optim.lr={lr:g}", f"--model.path={model}",
-                   f"--model.tokenizer_path={model}",
-                   f"--data.train_files=[{self.paths['train_' + variant]}]",
-                   f"--train.run_dir={run_dir}", f"--train.seed={seed}",
-                   "--eval.every=0", "--eval.files=[]"])
-
-    def train(self, variant: str, method: str, seed: int, lrs: dict[str, float]) -> str:
-        """The final model dir of ``method`` (its stages chained), trained unless cached."""
-        from prefix_rft.config import load_config as load_train_config
-        from prefix_rft.train import train
-
-        model = self.paths["model"]
-        for stage in self.table["methods"][method]:
-            steps = max(1, round(float(stage["share"]) * int(self.table["budget"]["train.steps"])))
-            lr = float(lrs[stage["lr_of"]])
-            probe = self._stage_overrides(variant, stage, lr, steps, seed, model, Path("RUN"))
-            key = hashlib.sha256(json.dumps(probe).encode()).hexdigest()[:16]
-            run_dir = self.workdir / "runs" / key
-            record = self.cache / f"train_{key}.json"
-            if record.is_file() and json.loads(record.read_text())["status"] == "ok":
-                model = json.loads(record.read_text())["model_dir"]
-                continue
-            start = time.perf_counter()
-            if run_dir.exists():  # a half-finished earlier attempt: start clean
-                shutil.rmtree(run_dir)
-            overrides = self._stage_overrides(variant, stage, lr, steps, seed, model, run_dir)
-            log(f"train {variant}/{method} seed {seed} lr {lr:g} steps {steps} ({key})")
-            try:
-                result = train(load_train_config(self.config_path, overrides))
-                if not result["final_model_dir"]:
-                    raise RuntimeError("train() stopped without a final model")
-            except Exception as error:  # noqa: BLE001 -- recorded, the table goes on
-                record.write_text(json.dumps({"status": "failed", "error": repr(error)[:300]}))
-                raise
-            seconds = time.perf_counter() - start
-            self.timings["train"] += seconds
-            self.counts["train"] += 1
-            model = result["final_model_dir"]
-            record.write_text(json.dumps({"status": "ok", "model_dir": model, "seconds": seconds,
-                                          "overrides": overrides}, indent=1))
-        return model
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model_dir: str, split: str, setting: dict, seed: int) -> dict[str, Any]:
-        """Per-question scores (fraction of k correct) of a model on a split, cached."""
-        ev = self.table["eval"]
-        k, max_tokens = int(ev["k"]), int(ev["max_response_tokens"][split])
-        key_src = json.dumps([model_dir, split, setting, k, max_tokens, seed])
-        key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-        record = self.cache / f"eval_{key}.json"
-        if record.is_file():
-            return json.loads(record.read_text())
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from prefix_rft.data import read_questions
-        from prefix_rft.evaluate import evaluate_questions
-
-        questions = read_questions(self.paths[split])
-        start = time.perf_counter()
-        if self._loaded[0] != model_dir:  # one load per model for all its splits / settings
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-            self._loaded = (model_dir, model, tokenizer)
-        _, model, tokenizer = self._loaded
-        result = evaluate_questions(
-            model, tokenizer, questions, k, temperature=float(setting["temperature"]),
-            top_p=float(setting["top_p"]), max_response_tokens=max_tokens,
-            batch_questions=int(ev.get("batch_questions", 50)), seed=seed,
-            prompt_template=self.prompt_template())
-        out = {"scores": [c / k for c in result["correct"]], "avg": result[f"avg@{k}"],
-               "pass": result[f"pass@{k}"], "k": k, "length": result["mean_response_tokens"],
-               "seconds": time.perf_counter() - start}
-        self.timings["eval"] += out["seconds"]
-        self.counts["eval"] += 1
-        record.write_text(json.dumps(out))
-        return out
-
-    def prompt_template(self) -> str:
-        """The training config's prompt template, so evaluation prompts match training's."""
-        from prefix_rft.config import load_config as load_train_config
-
-        return load_train_config(self.config_path, []).data.prompt_template
+def methods_of(table: dict, variant: str) -> list[str]:
+    """The methods a variant runs (``variant_methods``; default: all)."""
+    return list((table.get("variant_methods") or {}).get(variant) or table["methods"])
 
 
-def run_sweep(runner: Runner, variant: str) -> tuple[dict[str, float], list[dict]]:
-    """Each swept method at each lr on validation; returns (selected lrs, sweep rows)."""
+def base_slices(runner: Runner) -> dict[str, dict]:
+    """Per split: the base model's per-question correct counts at the slice setting and the
+    base-solvable mask (``correct > 0``)."""
+    sl = runner.table["slices"]
+    setting = {"temperature": sl["temperature"], "top_p": sl["top_p"]}
+    out = {}
+    for split in sl["splits"]:
+        result = runner.evaluate(runner.paths["model"], split, setting, int(sl["seed"]),
+                                 k=int(sl["k"]))
+        solvable = [c > 0 for c in result["correct"]]
+        out[split] = {"solvable": solvable, "unsolvable_share": 1 - sum(solvable) / len(solvable),
+                      "k": int(sl["k"])}
+        log(f"slices: {split} base-unsolvable {100 * out[split]['unsolvable_share']:.0f}% "
+            f"(pass@{sl['k']} = 0 at T={sl['temperature']:g})")
+    return out
+
+
+def _pick(tried: dict[float, float]) -> float:
+    """Best validation score; a tie goes to the smaller lr (the more conservative step)."""
+    ok = {lr: v for lr, v in tried.items() if not math.isnan(v)}
+    if not ok:
+        return min(tried)
+    return max(sorted(ok), key=lambda lr: (ok[lr], -lr))
+
+
+def sweep_method(runner: Runner, variant: str, method: str) -> tuple[float, list[dict]]:
+    """One swept method: its lrs, then one more past the winning end until the winner is
+    interior (or ``max_extensions`` is reached); returns (selected lr, rows)."""
     sweep = runner.table["sweep"]
     seed, select = int(sweep["seed"]), sweep["select"]
     setting = {"temperature": select["temperature"], "top_p": select["top_p"]}
-    chosen, rows = {}, []
-    for method, lrs in sweep["lrs"].items():
-        best = None
-        for lr in lrs:
-            row = {"variant": variant, "method": method, "lr": float(lr), "status": "ok"}
-            try:
-                model = runner.train(variant, method, seed, {method: float(lr)})
-                row["val_avg"] = runner.evaluate(model, select["split"], setting, seed)["avg"]
-                if best is None or row["val_avg"] > best[1]:
-                    best = (float(lr), row["val_avg"])
-            except Exception as error:  # noqa: BLE001
-                row.update(status="failed", error=repr(error)[:200], val_avg=float("nan"))
-                traceback.print_exc()
-            rows.append(row)
-        chosen[method] = best[0] if best else float(lrs[0])
-        log(f"{variant}: {method} lr {chosen[method]:g} selected on {select['split']}")
+    tried: dict[float, float] = {}
+    todo, extensions, rows = sorted(float(x) for x in sweep["lrs"][method]), 0, []
+    while todo:
+        lr = todo.pop(0)
+        row = {"variant": variant, "method": method, "lr": lr, "status": "ok"}
+        try:
+            model, _ = runner.train(variant, method, seed, {method: lr})
+            row["val_avg"] = runner.evaluate(model, select["split"], setting, seed,
+                                             k=int(select["k"]))["avg"]
+        except Exception as error:  # noqa: BLE001
+            row.update(status="failed", error=repr(error)[:200], val_avg=float("nan"))
+            traceback.print_exc()
+        tried[lr] = row["val_avg"]
+        rows.append(row)
+        best, ordered = _pick(tried), sorted(tried)
+        if not todo and extensions < int(sweep["max_extensions"]) and len(ordered) > 1:
+            if best == ordered[0]:
+                todo, extensions = [best / float(sweep["factor"])], extensions + 1
+            elif best == ordered[-1]:
+                todo, extensions = [best * float(sweep["factor"])], extensions + 1
+    best, ordered = _pick(tried), sorted(tried)
+    for row in rows:
+        row["selected"] = row["lr"] == best
+        row["bracketed"] = ordered[0] < best < ordered[-1]
+    log(f"{variant}: {method} lr {best:g} selected on {select['split']} "
+        f"({'interior' if rows[0]['bracketed'] else 'an END of the swept range'})")
+    return best, rows
+
+
+def run_sweep(runner: Runner, variant: str) -> tuple[dict[str, float], list[dict]]:
+    """Every swept method on validation; the base's validation score as a reference row."""
+    sweep, chosen, rows = runner.table["sweep"], {}, []
+    select = sweep["select"]
+    setting = {"temperature": select["temperature"], "top_p": select["top_p"]}
+    base = runner.evaluate(runner.paths["model"], select["split"], setting, int(sweep["seed"]),
+                           k=int(select["k"]))
+    rows.append({"variant": variant, "method": "base", "lr": float("nan"), "status": "ok",
+                 "val_avg": base["avg"], "selected": False, "bracketed": False})
+    needed = {st["lr_of"] for m in methods_of(runner.table, variant)
+              for st in runner.table["methods"][m] or []}
+    for method in sweep["lrs"]:
+        if method in needed:
+            chosen[method], method_rows = sweep_method(runner, variant, method)
+            rows += method_rows
     return chosen, rows
 
 
 def run_table(runner: Runner, variant: str, lrs: dict[str, float], seeds: list[int]) -> list[dict]:
-    """Every (method, seed, split, setting) of one variant: rows with per-question scores."""
+    """Every (method, seed, split, setting) of one variant: rows with per-question counts."""
     ev, rows = runner.table["eval"], []
     for seed in seeds:
-        for method, stages in runner.table["methods"].items():
+        for method in methods_of(runner.table, variant):
+            stages = runner.table["methods"][method]
             base = {"variant": variant, "method": method, "seed": seed}
             try:
-                model = runner.paths["model"] if stages is None else runner.train(
-                    variant, method, seed, lrs)
+                model, run_dirs = ((runner.paths["model"], []) if stages is None
+                                   else runner.train(variant, method, seed, lrs, curve=True))
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
                 rows.append({**base, "status": "failed", "error": repr(error)[:200]})
@@ -246,7 +181,7 @@ def run_table(runner: Runner, variant: str, lrs: dict[str, float], seeds: list[i
             for split in ev["splits"]:
                 for setting in ev["settings"]:
                     out = runner.evaluate(model, split, setting, seed)
-                    rows.append({**base, "status": "ok", "split": split,
+                    rows.append({**base, "status": "ok", "split": split, "run_dirs": run_dirs,
                                  "temperature": setting["temperature"],
                                  "top_p": setting["top_p"], **out})
     return rows
@@ -257,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--table-config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--quick", action="store_true", help="smoke test (the config's quick section)")
+    ap.add_argument("--only-assets", action="store_true",
+                    help="build the task, base model and slices, then stop (run once before "
+                         "starting parallel processes)")
     ap.add_argument("--out", default=None,
                     help="output prefix (.md/.csv/.png); default benchmarks/results/paper_table"
                          " (with --quick: {workdir}/paper_repro_quick)")
@@ -265,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="SECTION.FIELD=V",
                     help="trainer overrides for every run")
-    ap.add_argument("--analysis", default=None, help="Markdown appended under '## Analysis'")
     return ap
 
 
@@ -282,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = list(args.variants or table["variants"])
     runner = Runner(table, workdir, list(args.overrides))
     runner.assets()
+    slices = base_slices(runner)
+    if args.only_assets:
+        return 0
     selected, sweep_rows, rows = {}, [], []
     for variant in variants:
         selected[variant], sweep = run_sweep(runner, variant)
@@ -294,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_s": time.perf_counter() - wall, "seeds": seeds, "variants": variants,
               "timings": runner.timings, "counts": runner.counts}
-    write_report(out, table, header, selected, sweep_rows, rows, args.analysis)
+    write_report(out, table, header, selected, sweep_rows, rows, slices)
     log(f"wrote {out}.md/.csv/.png in {header['wall_s']:.0f}s "
         f"(new: {runner.counts['train']} trainings, {runner.counts['eval']} evaluations)")
     ok = all(r["status"] == "ok" for r in rows + sweep_rows)

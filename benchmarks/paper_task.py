@@ -2,18 +2,20 @@
 
 Built on the embedded demo task (``prefix_rft.demo.task``), without changing it:
 
-- **Splits.** ``train`` (hard problems with demonstrations, what every method trains on),
-  ``base`` (what the base model's SFT sees: easy problems plus hard problems that are *not*
-  in ``train``), ``validation`` and ``test`` (both from the demo's held-out part of the
-  problem space, told apart by a second hash of the text, so they are disjoint from each
-  other and from ``train``/``base``), ``ood`` (held-out problems with more operations than
-  any training problem) and ``phrasing`` (held-out hard problems in a wording no training
-  problem uses). All tuning reads ``validation``; ``test``, ``ood`` and ``phrasing`` are
-  scored once, at the end.
+- **Splits**, disjoint by arithmetic chain (operands and operators in order,
+  ``prefix_rft.demo.task.problem_chain``), never merely by wording: ``train`` (hard problems
+  with demonstrations, what every method trains on), ``base`` (what the base model's SFT
+  sees: easy problems plus hard chains that are *not* in ``train``), ``validation`` and
+  ``test`` (both from the demo's held-out part of the chain space, told apart by a second
+  hash of the chain), ``ood`` (held-out chains with more operations than any training
+  problem) and ``phrasing`` (held-out hard chains, none of them a test chain, in a wording no
+  training problem uses). All tuning reads ``validation``; ``test``, ``ood`` and
+  ``phrasing`` are scored once, at the end.
 - **Demonstrator variants**: the demo task's flag (``prefix_rft.demo.task.DEMONSTRATORS``,
   ``prefix-rft demo --demonstrator``): ``expert`` writes the exact worked solution;
   ``systematic`` computes every ``x*k`` as ``x+k`` on problems with a multiplication, the
-  gold ``answer`` staying correct, so a reward can unlearn the wrong mode SFT imitates.
+  gold ``answer`` staying correct, so a reward can unlearn the wrong mode SFT imitates;
+  ``off_style`` is correct but in words the base never writes, so imitation is not free.
 
 The base model is trained once per (seed, size) on the ``base`` split with the expert's
 (correct) demonstrations, so both variants start from the same model.
@@ -22,7 +24,6 @@ The base model is trained once per (seed, size) on the ``base`` split with the e
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -34,9 +35,11 @@ from prefix_rft.demo.task import (
     INSTRUCTION,
     Difficulty,
     apply_demonstrator,
+    chain_fraction,
     is_held_out_problem,
     make_problem,
     make_split,
+    problem_chain,
     write_jsonl,
 )
 from prefix_rft.demo.task import in_systematic_subclass as in_subclass
@@ -51,33 +54,33 @@ OOD = Difficulty(min_steps=5, max_steps=6, max_operand=9, max_multiplier=5, max_
 
 
 def is_validation_problem(problem: str) -> bool:
-    """True when a held-out ``problem`` belongs to validation (else to test), by hash."""
-    digest = hashlib.sha256(("validation/" + problem).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < VALIDATION_SHARE
+    """True when a held-out ``problem``'s chain belongs to validation (else to test)."""
+    return chain_fraction(problem, salt="validation/") < VALIDATION_SHARE
 
 
 def held_out_rows(num: int, difficulty, seed: int, split: str, template: str | None = None,
                   exclude=()) -> list[dict]:
     """``num`` distinct held-out problems of ``split`` (validation/test), seeded.
 
-    ``template`` rewrites the problem text (the ``phrasing`` split); membership is decided on
-    the demo-worded text, so a rephrased test problem is never a validation problem.
+    ``template`` rewrites the problem text (the ``phrasing`` split); membership is decided by
+    the chain, so a rephrased test problem is never a validation problem. Chains are distinct
+    and none is in ``exclude`` (problem texts or chains).
     """
     if split not in ("validation", "test"):
         raise ValueError(f"split: expected 'validation' or 'test', got {split!r}")
     want_val = split == "validation"
     rng = random.Random(f"{seed}/{split}/{template}/{difficulty}")
-    seen, rows, misses = set(exclude), [], 0
+    seen, rows, misses = {problem_chain(e) for e in exclude}, [], 0
     while len(rows) < num:
         row = make_problem(rng, difficulty)
         text = row["problem"]
-        if (text in seen or not is_held_out_problem(text)
+        if (problem_chain(text) in seen or not is_held_out_problem(text)
                 or is_validation_problem(text) != want_val):
             misses += 1
             if misses > 50_000:
                 raise ValueError(f"num: only {len(rows)} {split} problems found, asked for {num}")
             continue
-        seen.add(text)
+        seen.add(problem_chain(text))
         misses = 0
         if template is not None:
             expr = text.split(" ", 1)[1].rstrip(".?") if not text.startswith("What is") \
@@ -152,10 +155,10 @@ def prepare_table_assets(workdir: str, seed: int, task: TableTask, sft, model_si
     for variant in VARIANTS:
         write_jsonl(apply_demonstrator(splits["train"], variant), paths[f"train_{variant}"])
     tok_dir = os.path.join(assets, "tokenizer")
-    # the tokenizer sees what the base and the methods train on (both variants), no eval text
-    tokenizer = build_tokenizer(splits["base"] + splits["train"]
-                                + apply_demonstrator(splits["train"], "systematic"), tok_dir,
-                                INSTRUCTION)
+    # the tokenizer sees what the base and the methods train on (every variant), no eval text
+    seen_text = splits["base"] + [row for variant in VARIANTS
+                                  for row in apply_demonstrator(splits["train"], variant)]
+    tokenizer = build_tokenizer(seen_text, tok_dir, INSTRUCTION)
     model = build_tiny_model(tok_dir, None, size=model_size, seed=seed)
     losses = sft_train(model, tokenizer, splits["base"], sft, seed=seed, log=log)
     save_model(model, tokenizer, paths["model"])

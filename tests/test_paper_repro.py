@@ -1,10 +1,10 @@
-"""benchmarks/paper_repro.py (the fair table): the statistics with known answers, the task's
-splits and demonstrator variant, the full config's settings, and the --quick run end to end
-with resume."""
+"""benchmarks/paper_repro.py (the hard-regime comparison): the statistics with known answers,
+the task's chain-disjoint splits and demonstrator variants, the sweep's extension until its
+choice is interior, the full config's settings, and the --quick run end to end with resume and
+a CI recomputed from the CSV."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
@@ -12,13 +12,15 @@ import pytest
 import yaml
 
 from benchmarks import paper_repro as pr
-from benchmarks.paper_stats import mean_std, paired_bootstrap, per_seed_differences
+from benchmarks.paper_report import read_csv_scores, recompute_ci
+from benchmarks.paper_stats import holm, mean_std, paired_bootstrap, per_seed_differences
 from benchmarks.paper_task import UNSEEN_TEMPLATE, TableTask, build_splits
 from prefix_rft.data import read_rows
+from prefix_rft.demo.task import is_held_out_problem, problem_chain
 from prefix_rft.metrics_log import read_metrics
 
-METHODS = ["base", "sft", "rft", "prefix_rft", "prefix_rft_all_tokens", "prefix_rft_uniform",
-           "sft_rft"]
+METHODS = ["base", "sft", "rft", "prefix_rft", "prefix_rft_official", "prefix_rft_all_tokens",
+           "prefix_rft_uniform", "sft_rft", "luffy"]
 
 
 # ---------------------------------------------------------------- statistics
@@ -74,25 +76,133 @@ def test_bad_shapes_raise():
         paired_bootstrap(np.zeros((0, 3)), np.zeros((0, 3)))
 
 
+def test_holm_known_answer():
+    # sorted p: 0.01*4=0.04, 0.02*3=0.06, 0.03*2=0.06 (running max), 0.5*1=0.5
+    assert holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    assert holm([0.9, 0.9]) == [1.0, 1.0]
+
+
+def test_seed_resampling_widens_the_ci_when_seeds_disagree():
+    """The same per-question noise, plus a per-seed offset: the two-stage bootstrap's CI
+    widens (a question-only bootstrap of the seed mean would not see the offsets at all)."""
+    rng = np.random.default_rng(5)
+    b = rng.uniform(size=(5, 200))
+    noise = rng.normal(0, 0.2, size=(5, 200))
+    offsets = np.array([-0.2, -0.1, 0.0, 0.1, 0.2])[:, None]
+    calm = paired_bootstrap(b + noise, b, n_boot=1000)
+    wild = paired_bootstrap(b + noise + offsets, b, n_boot=1000)
+    assert wild["diff"] == pytest.approx(calm["diff"])
+    assert (wild["hi"] - wild["lo"]) > 2 * (calm["hi"] - calm["lo"])
+    assert 0 <= calm["p"] <= 1 and paired_bootstrap(b + 0.3, b, n_boot=200)["p"] == 0.0
+
+
 # ---------------------------------------------------------------- task
 @pytest.fixture(scope="module")
 def splits():
-    return build_splits(TableTask(num_train=400, num_base_hard=100, num_base_easy=100,
+    return build_splits(TableTask(num_train=400, num_base_hard=300, num_base_easy=300,
                                   num_validation=50, num_test=80, num_ood=30, num_phrasing=30),
                         seed=0)
 
 
-def test_splits_are_disjoint_and_base_never_sees_train(splits):
-    text = {name: {r["problem"] for r in rows} for name, rows in splits.items()}
-    assert not text["base"] & text["train"]
-    assert not text["validation"] & text["test"]
-    for held in ("validation", "test", "ood", "phrasing"):
-        assert not text[held] & (text["train"] | text["base"]), held
+def test_splits_are_disjoint_by_arithmetic_chain(splits):
+    """No chain (operands + operators, wording dropped) is in two of train, base (the base
+    model's SFT data), validation, test, OOD and phrasing."""
+    chains = {name: [problem_chain(r["problem"]) for r in rows] for name, rows in splits.items()}
+    names = list(chains)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not set(chains[a]) & set(chains[b]), (a, b)
+    for held in ("validation", "test", "ood", "phrasing"):  # distinct questions
+        assert len(set(chains[held])) == len(chains[held]), held
     assert all(r["num_steps"] > 4 for r in splits["ood"])  # more operations than training
     assert max(r["num_steps"] for r in splits["train"]) <= 4
     prefix = UNSEEN_TEMPLATE.split("{")[0]
     assert all(r["problem"].startswith(prefix) for r in splits["phrasing"])
     assert not any(r["problem"].startswith(prefix) for r in splits["train"] + splits["base"])
+
+
+def test_chain_rule_catches_rewordings_the_old_text_rule_let_through(splits):
+    """The old rule hashed the problem *text*: "Compute 3 * 5 + 2 - 8." could be in train and
+    "What is 3 * 5 + 2 - 8?" in test. A rewording has the same chain (so the same side now),
+    and under the old text hash some training chains reworded land on the held-out side."""
+    import hashlib
+
+    def old_rule(text):
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < 0.1
+
+    leaks = 0
+    for row in splits["train"]:
+        expr = row["problem"].split(" ", 1)[1].rstrip(".?")
+        if row["problem"].startswith("What is"):
+            expr = row["problem"][len("What is "):].rstrip("?")
+        for template in ("Compute {}.", "What is {}?", "Evaluate {}."):
+            text = template.format(expr)
+            assert problem_chain(text) == problem_chain(row["problem"])
+            assert not is_held_out_problem(text)
+            leaks += old_rule(text)
+    assert leaks > 0
+
+
+def test_off_style_demonstration_is_correct_and_unlike_the_base_format(splits):
+    import math_verify
+
+    from prefix_rft.demo.task import apply_demonstrator
+
+    for row in apply_demonstrator(splits["train"][:50], "off_style"):
+        assert "makes" in row["solution"] and "=" not in row["solution"]
+        gold = math_verify.parse(f"${row['answer']}$")
+        assert math_verify.verify(gold, math_verify.parse(row["solution"]))
+    base_text = " ".join(r["solution"] for r in splits["base"])
+    assert "makes" not in base_text
+
+
+def test_base_slices_mark_zero_pass_as_unsolvable():
+    class FakeRunner:
+        table = {"slices": {"splits": ["test"], "k": 8, "temperature": 1.0, "top_p": 1.0,
+                            "seed": 1000}}
+        paths = {"model": "M"}
+
+        def evaluate(self, model, split, setting, seed, k=None):
+            assert (setting["temperature"], k, seed) == (1.0, 8, 1000)
+            return {"correct": [0, 3, 0, 0, 1, 0]}
+
+    out = pr.base_slices(FakeRunner())
+    assert out["test"]["solvable"] == [False, True, False, False, True, False]
+    assert out["test"]["unsolvable_share"] == pytest.approx(4 / 6)
+
+
+class SweepRunner:
+    """Validation score peaks at lr = 1e-6, far below the swept range."""
+
+    def __init__(self, peak=1e-6, max_extensions=5):
+        self.table = {"sweep": {"seed": 100, "factor": 3.0, "max_extensions": max_extensions,
+                                "select": {"split": "validation", "temperature": 0.6,
+                                           "top_p": 0.95, "k": 8},
+                                "lrs": {"rft": [1e-5, 3e-5, 1e-4]}}}
+        self.peak, self.trained = peak, []
+
+    def train(self, variant, method, seed, lrs):
+        self.trained.append(lrs[method])
+        assert seed == 100
+        return str(lrs[method]), []
+
+    def evaluate(self, model, split, setting, seed, k=None):
+        return {"avg": 1.0 - abs(np.log(float(model) / self.peak))}
+
+
+def test_sweep_extends_until_the_choice_is_interior():
+    runner = SweepRunner()
+    lr, rows = pr.sweep_method(runner, "expert", "rft")
+    assert lr == pytest.approx(1e-5 / 9)  # two steps down, then 1e-5/27 loses: interior
+    assert runner.trained[:3] == [1e-5, 3e-5, 1e-4] and len(runner.trained) == 6
+    assert all(r["bracketed"] for r in rows) and sum(r["selected"] for r in rows) == 1
+
+
+def test_sweep_says_so_when_it_stops_at_an_end():
+    lr, rows = pr.sweep_method(SweepRunner(max_extensions=1), "expert", "rft")
+    assert lr == pytest.approx(1e-5 / 3)
+    assert not any(r["bracketed"] for r in rows)
 
 
 def test_full_config_exercises_the_method():
@@ -101,13 +211,22 @@ def test_full_config_exercises_the_method():
     assert b["train.prompts_per_step"] // b["train.mini_batch_size"] >= 2  # >= 2 optimizer steps
     assert b["loss.clip_c"] == 3.0 and b["prefix.num_prefixed"] == 1
     assert b["rollout.group_size"] == 8  # one hybrid in 8
-    assert table["seeds"] == [0, 1, 2, 3, 4] and table["variants"] == ["expert", "systematic"]
+    # at least one epoch over the training split
+    assert b["train.steps"] * b["train.prompts_per_step"] >= table["assets"]["task"]["num_train"]
+    assert table["seeds"] == [0, 1, 2, 3, 4]
+    assert table["variants"] == ["expert", "systematic", "off_style"]
+    assert table["sweep"]["seed"] not in table["seeds"]
     assert all(len(v) >= 3 for v in table["sweep"]["lrs"].values())
+    assert table["sweep"]["max_extensions"] >= 1
     assert table["sweep"]["select"]["split"] == "validation"
     assert "validation" not in table["eval"]["splits"]
     assert list(table["methods"]) == METHODS
-    temps = [(s["temperature"], s["top_p"]) for s in table["eval"]["settings"]]
-    assert temps == [(0.6, 0.95), (1.0, 1.0)]
+    sets = {m: " ".join(o for st in stages for o in st["set"])
+            for m, stages in table["methods"].items() if stages}
+    assert "loss.baseline=group" in sets["prefix_rft"]
+    assert "loss.baseline=official" in sets["prefix_rft_official"]
+    assert table["slices"]["k"] == 8 and table["slices"]["temperature"] == 1.0
+    assert "test" in table["slices"]["splits"] and "train_expert" in table["slices"]["splits"]
 
 
 # ---------------------------------------------------------------- --quick end to end
@@ -121,36 +240,62 @@ def quick(tmp_path_factory):
 def test_quick_writes_every_table(quick):
     tmp, _, code = quick
     assert code == 0
+    table = pr.load_config(pr.DEFAULT_CONFIG, quick=True)
     md = (tmp / "out" / "t.md").read_text(encoding="utf-8")
-    for variant in ("expert", "systematic"):
+    for variant in ("expert", "systematic", "off_style"):
         assert f"## Variant `{variant}`" in md
-    assert md.count("| yes |") == 6  # one selected lr per swept method and variant
     for method in METHODS:
         assert f"| {method} |" in md
-    with open(tmp / "out" / "t.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * len(METHODS) * 3 * 2  # variants x methods x splits x settings
+    assert "base-unsolvable share per split: train_expert" in md
+    assert "test unsolvable" in md and "| test | unsolvable |" in md
+    assert "**Prefix-RFT > RFT**" in md and "**Robustness to the demonstrator**" in md
+    rows = read_csv_scores(tmp / "out" / "t.csv")
+    expected = sum(len(pr.methods_of(table, v)) for v in table["variants"]) * 2 * 3
+    assert len(rows) == expected  # methods x seeds x splits (one setting)
     assert {r["split"] for r in rows} == {"test", "ood", "phrasing"}
-    assert {r["temperature"] for r in rows} == {"0.6", "1.0"}
-    assert all(r["status"] == "ok" and 0 <= float(r["avg"]) <= float(r["pass"]) <= 1 for r in rows)
-    assert (tmp / "out" / "t.png").read_bytes()[:4] == b"\x89PNG"
+    for r in rows:
+        assert len(r["correct"]) == len(r["base_solvable"]) and max(r["correct"]) <= r["k"]
+        assert float(r["avg"]) == pytest.approx(sum(r["correct"]) / (r["k"] * len(r["correct"])))
+    for suffix in (".png", "_curves.png"):
+        assert (tmp / "out" / f"t{suffix}").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_quick_runs_use_the_budget_and_base_is_disjoint(quick):
+def test_a_ci_is_recomputed_from_the_csv(quick):
+    """The paired table's first expert row, recomputed from the CSV alone."""
+    tmp, _, _ = quick
+    md = (tmp / "out" / "t.md").read_text(encoding="utf-8")
+    line = next(x for x in md.splitlines() if x.startswith("| sft | test | all |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    r = recompute_ci(tmp / "out" / "t.csv", "expert", "sft", "prefix_rft", "test", "all",
+                     n_boot=200)
+    assert cells[3] == f"{100 * r['diff']:+.1f}"
+    assert cells[4] == f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]"
+    assert cells[6] == f"{r['seeds']} x {r['questions']}"
+
+
+def test_quick_runs_use_the_budget_and_log_all_fail_groups(quick):
     tmp, _, _ = quick
     records = [json.loads(p.read_text()) for p in (tmp / "work" / "cache").glob("train_*.json")]
     assert records and all(r["status"] == "ok" for r in records)
+    baselines = set()
     for r in records:
         run_dir = tmp / "work" / "runs" / r["model_dir"].split("/runs/")[1].split("/")[0]
         saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
         assert saved["train"]["mini_batch_size"] < saved["train"]["prompts_per_step"]
         assert saved["loss"]["clip_c"] == 3.0
-        if saved["loss"]["algo"] != "sft":  # no longer identically 1 (2 optimizer steps)
+        if saved["loss"]["algo"] == "rft":  # reads no demonstration: shared by the variants
+            assert saved["data"]["train_files"][0].endswith("train_expert.jsonl")
+        if saved["loss"]["algo"] == "prefix_rft":
+            baselines.add(saved["loss"]["baseline"])
+        if saved["loss"]["algo"] != "sft":
             steps = read_metrics(run_dir / "metrics.jsonl")
             assert any(m["ratio_max"] > m["ratio_min"] for m in steps), run_dir
+            for m in steps:
+                assert m["on_policy_all_fail_frac"] == pytest.approx(1 - m["pass_rate"])
+    assert baselines == {"group", "official"}
     assets = tmp / "work" / "assets"
-    base = {r["problem"] for r in read_rows(str(assets / "base.jsonl"))}
-    train = {r["problem"] for r in read_rows(str(assets / "train_expert.jsonl"))}
+    base = {problem_chain(r["problem"]) for r in read_rows(str(assets / "base.jsonl"))}
+    train = {problem_chain(r["problem"]) for r in read_rows(str(assets / "train_expert.jsonl"))}
     assert not base & train
 
 

@@ -27,22 +27,17 @@ from .. import data
 from .task import DEMONSTRATORS, INSTRUCTION
 
 
-def prompt_text(tokenizer, problem: str, instruction: str | None = INSTRUCTION) -> str:
-    """Chat-template prompt (generation prompt included) for one problem.
+def encode_example(tokenizer, row: dict, template: str = "verl"):
+    """(input_ids, labels) lists: prompt + demonstration + <|im_end|>; labels -100 on the prompt.
 
-    Built by ``prefix_rft.data`` itself, so the base step trains on exactly the prompts the
-    trainer will build; None or "" for ``instruction`` gives the bare problem.
+    The prompt is built by ``prefix_rft.data`` with a named prompt template, exactly as the
+    trainer and the evaluator build it: ``"verl"`` appends the instruction (``INSTRUCTION``),
+    ``"none"`` is the bare problem.
     """
-    content = data.with_instruction(problem, instruction or "")
-    return data.prompt_text(tokenizer, [{"role": "user", "content": content}])
-
-
-def encode_example(tokenizer, row: dict, instruction: str | None = INSTRUCTION):
-    """(input_ids, labels) lists: prompt + demonstration + <|im_end|>; labels -100 on the prompt."""
-    prompt_ids = tokenizer.encode(prompt_text(tokenizer, row["problem"], instruction),
-                                  add_special_tokens=False)
-    response_ids = tokenizer.encode(row["solution"], add_special_tokens=False)
-    response_ids.append(tokenizer.eos_token_id)
+    messages = data.prompt_messages([{"role": "user", "content": row["problem"]}], template,
+                                    None)
+    prompt_ids = tokenizer.encode(data.prompt_text(tokenizer, messages), add_special_tokens=False)
+    response_ids = data.demo_token_ids(tokenizer, row["solution"])
     return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
 
 
@@ -96,7 +91,7 @@ def sft_train(model, tokenizer, rows: list[dict], cfg: SFTConfig, seed: int = 0,
         raise ValueError(f"cfg: expected steps >= 0 and batch_size >= 1, got {cfg}")
     rng = random.Random(seed)
     examples = [
-        encode_example(tokenizer, r, None if rng.random() < cfg.bare_prompt_share else INSTRUCTION)
+        encode_example(tokenizer, r, "none" if rng.random() < cfg.bare_prompt_share else "verl")
         for r in rows
     ]
     order: list[int] = []

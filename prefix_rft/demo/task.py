@@ -15,9 +15,11 @@ the number of operations and the operand size (``DIFFICULTIES``): a tiny model t
 on the "easy" chains rarely finishes a "hard" chain correctly, while the worked
 demonstration of a hard chain shows exactly the intermediate results it needs.
 
-Splits are disjoint by construction: whether a problem text may appear in the
-held-out split is decided by a hash of the text alone (about ``HELD_OUT_SHARE`` of all
-problems), so no seed, difficulty or row count can ever put the same problem in both.
+Splits are disjoint by construction and by *content*: whether a problem may appear in the
+held-out split is decided by a hash of its arithmetic chain alone (operands and operators in
+order, ``problem_chain``; about ``HELD_OUT_SHARE`` of all chains), never of its wording, so no
+seed, difficulty, row count or template can put the same computation on both sides ("Compute
+3 * 5 + 2 - 8." and "What is 3 * 5 + 2 - 8?" are one chain).
 
 Rows are flat dicts -- ``problem``, ``solution`` (the demonstration), ``answer`` (gold
 string) -- the ``flat`` schema of ``prefix_rft.data``, plus ``difficulty`` and ``num_steps``;
@@ -29,6 +31,9 @@ Demonstrator variants (``DEMONSTRATORS``, ``apply_demonstrator``; the demo's def
 the recognizable subclass of problems whose expression contains ``*`` -- every ``x*k`` line
 is computed as ``x+k`` and the error is carried through the following lines -- while the
 gold ``answer`` stays correct. SFT imitates that wrong mode; a reward can unlearn it.
+``off_style`` is correct but written in words the base model never writes (``17 plus 25
+makes 42.`` ... ``So we get \\boxed{85}.``), as an R1 trace is for a Qwen base: imitation
+has to learn a new format, and a continuation from its prefix switches styles mid-answer.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -106,10 +112,26 @@ def get_difficulty(difficulty: str | Difficulty) -> Difficulty:
     return DIFFICULTIES[difficulty]
 
 
+_CHAIN_TOKEN = re.compile(r"\d+|[+*-]")
+
+
+def problem_chain(problem: str) -> str:
+    """The arithmetic chain of a problem text, wording and parentheses dropped:
+    ``"Compute (17 + 25) * 3 - 41."`` -> ``"17+25*3-41"``. Chains are left-nested, so the
+    operands and operators in order identify the computation; the templates hold no digits or
+    operator characters."""
+    return "".join(_CHAIN_TOKEN.findall(problem))
+
+
+def chain_fraction(problem: str, salt: str = "") -> float:
+    """A uniform [0, 1) number from a hash of ``salt`` + the problem's chain."""
+    digest = hashlib.sha256((salt + problem_chain(problem)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def is_held_out_problem(problem: str) -> bool:
-    """True when ``problem`` belongs to the held-out part of the problem space (by hash)."""
-    digest = hashlib.sha256(problem.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < HELD_OUT_SHARE
+    """True when ``problem``'s chain belongs to the held-out part of the problem space."""
+    return chain_fraction(problem) < HELD_OUT_SHARE
 
 
 def _apply(value: int, op: str, operand: int) -> int:
@@ -179,9 +201,12 @@ def make_split(
 ) -> list[dict]:
     """``num_rows`` distinct problems of one split ("train" or "test"), seeded.
 
-    "test" rows come only from the held-out part of the problem space and "train" rows
-    never do, so splits are disjoint for any seeds. ``exclude`` drops given problem texts
-    (e.g. to keep two train sets apart). Raises ValueError when the space runs dry.
+    "test" rows come only from the held-out part of the problem space (by chain) and "train"
+    rows never do, so splits are disjoint for any seeds. "test" rows have distinct chains;
+    "train" rows distinct texts (one chain in two wordings is harmless inside a training set,
+    and the easy space has too few chains otherwise). ``exclude`` drops the chains of given
+    problem texts (e.g. to keep two train sets apart). Raises ValueError when the space runs
+    dry.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
@@ -190,14 +215,17 @@ def make_split(
     want_held_out = split == "test"
     # why the string seed: independent streams per (seed, split, difficulty)
     rng = random.Random(f"{seed}/{split}/{difficulty}")
-    seen, rows = set(exclude), []
+    excluded, seen, rows = {problem_chain(e) for e in exclude}, set(), []
     misses = 0  # draws since the last new row: many in a row means the space is used up
     while len(rows) < num_rows and misses < 20_000:
         row = make_problem(rng, difficulty)
-        if row["problem"] in seen or is_held_out_problem(row["problem"]) != want_held_out:
+        chain = problem_chain(row["problem"])
+        key = chain if want_held_out else row["problem"]
+        if (key in seen or chain in excluded
+                or is_held_out_problem(row["problem"]) != want_held_out):
             misses += 1
             continue
-        seen.add(row["problem"])
+        seen.add(key)
         rows.append(row)
         misses = 0
     if len(rows) < num_rows:
@@ -221,7 +249,8 @@ def write_jsonl(rows: Iterable[dict], path: str) -> str:
     return path
 
 
-DEMONSTRATORS = ("expert", "systematic")
+DEMONSTRATORS = ("expert", "systematic", "off_style")
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
 
 
 def in_systematic_subclass(row: dict) -> bool:
@@ -256,6 +285,17 @@ def systematic_solution(row: dict) -> str:
     return "\n".join(lines)
 
 
+def off_style_solution(row: dict) -> str:
+    """The ``off_style`` demonstrator's text for ``row``: the same correct steps in words
+    (``17 plus 25 makes 42.``), one per line, then ``So we get \\boxed{85}.``."""
+    lines, value = [], row["answer"]
+    for start, op, operand in solution_steps(row["solution"]):
+        value = _apply(start, op, operand)
+        lines.append(f"{start} {_OP_WORDS[op]} {operand} makes {value}.")
+    lines.append(f"So we get \\boxed{{{value}}}.")
+    return "\n".join(lines)
+
+
 def apply_demonstrator(rows: list[dict], demonstrator: str) -> list[dict]:
     """Copies of ``rows`` with ``demonstrator``'s solutions; problems and answers unchanged."""
     if demonstrator not in DEMONSTRATORS:
@@ -265,6 +305,8 @@ def apply_demonstrator(rows: list[dict], demonstrator: str) -> list[dict]:
         new = dict(row, demonstrator=demonstrator)
         if demonstrator == "systematic" and in_systematic_subclass(row):
             new["solution"] = systematic_solution(row)
+        elif demonstrator == "off_style":
+            new["solution"] = off_style_solution(row)
         out.append(new)
     return out
 
