@@ -66,9 +66,14 @@ def test_splits_are_disjoint_and_rows_distinct():
     other_seed_test = make_split("test", 200, "hard", seed=1)
     train_problems = {r["problem"] for r in train}
     assert len(train_problems) == len(train)
-    assert len({r["problem"] for r in test}) == len(test)
-    assert not train_problems & {r["problem"] for r in test + other_seed_test}
+    assert len({task.problem_chain(r["problem"]) for r in test}) == len(test)
+    # disjoint by chain (operands + operators), not only by wording
+    train_chains = {task.problem_chain(p) for p in train_problems}
+    assert not train_chains & {task.problem_chain(r["problem"]) for r in test + other_seed_test}
     assert all(task.is_held_out_problem(r["problem"]) for r in test)
+    assert task.problem_chain("Compute (17 + 25) * 3 - 41.") == "17+25*3-41"
+    assert task.is_held_out_problem("Compute 3 * 5 + 2.") == task.is_held_out_problem(
+        "What is 3 * 5 + 2?")
 
 
 @pytest.mark.parametrize("difficulty", sorted(DIFFICULTIES))
@@ -217,6 +222,26 @@ def test_response_nll_matches_full_logits_cross_entropy(demo_dirs):
     assert torch.allclose(got.double(), reference, rtol=1e-5, atol=1e-6)
     n_response = sum(len(tok.encode(r["solution"], add_special_tokens=False)) + 1 for r in rows)
     assert int((labels != -100).sum()) == n_response
+
+
+def test_base_step_prompts_are_the_trainers(demo_dirs):
+    """The base step's prompts are built by prefix_rft.data exactly as the evaluator builds
+    them, with the instruction (template verl) or bare (template none)."""
+    from prefix_rft.data import Question
+    from prefix_rft.demo.base import encode_example
+    from prefix_rft.demo.tokenizer import load_tokenizer
+    from prefix_rft.evaluate import _prompt_ids
+
+    tok = load_tokenizer(str(demo_dirs / "tok"))
+    row = make_split("train", 1, "hard", 0)[0]
+    question = Question(problem=row["problem"], answer=row["answer"],
+                        messages=[{"role": "user", "content": row["problem"]}])
+    for template in ("none", "verl"):
+        ids, labels = encode_example(tok, row, template)
+        prompt = _prompt_ids(tok, [question], template, None)[0]
+        assert ids[:len(prompt)] == prompt and labels[len(prompt)] != -100
+        assert labels[len(prompt) - 1] == -100
+    assert INSTRUCTION in tok.decode(encode_example(tok, row, "verl")[0])
 
 
 def test_base_step_lowers_the_loss_and_evaluator_runs(demo_dirs):
