@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"smoke run: micro model, tiny data, {QUICK_STEPS} steps, "
                          "small eval (< 90 s)")
     ap.add_argument("--demonstrator", choices=DEMONSTRATORS, default="expert",
-                    help="who wrote the training demonstrations: expert (exact, the default) or "
+                    help="who wrote the training demonstrations: expert (exact, the default), "
                          "systematic (every x*k computed as x+k on problems with a '*'; gold "
-                         "answers stay correct)")
+                         "answers stay correct) or off_style (correct, in words the base model "
+                         "never writes)")
     ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                     help="rollout engine for training (evaluation always uses the HF engine)")
     ap.add_argument("--threads", type=int, default=None,
