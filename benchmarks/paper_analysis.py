@@ -15,6 +15,11 @@ from benchmarks.paper_stats import holm, paired_bootstrap
 SLICES = ("all", "solvable", "unsolvable")
 
 
+def methods_of(table: dict, variant: str) -> list[str]:
+    """The methods a variant runs (``variant_methods``; default: all)."""
+    return list((table.get("variant_methods") or {}).get(variant) or table["methods"])
+
+
 def slice_mask(slices: dict, split: str, name: str) -> np.ndarray:
     """[Q] bool: the questions of ``split`` in slice ``name`` (base-solvable or not)."""
     solvable = np.asarray(slices[split]["solvable"], dtype=bool)
@@ -130,7 +135,9 @@ def analysis_text(families: dict[str, list[dict]], robust: list[dict], table: di
                 if p is None:
                     continue
                 found = True
-                flipped = {**p, "diff": -p["diff"], "lo": -p["hi"], "hi": -p["lo"]}
+                # + 0.0: no "-0.0" in the text
+                flipped = {**p, "diff": -p["diff"] + 0.0, "lo": -p["hi"] + 0.0,
+                           "hi": -p["lo"] + 0.0}
                 lines.append(f"- {variant}, {name} questions: {verdict(p, sign, alpha)} "
                              f"(Prefix-RFT - {method}: {_fmt(flipped)})")
         if not found:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.paper_analysis import score_matrix, slice_mask
+from benchmarks.paper_analysis import methods_of, score_matrix, slice_mask
 from prefix_rft.metrics_log import read_metrics
 
 
@@ -24,8 +24,6 @@ def _pyplot():
 def render_bars(table, header, rows, slices, path: Path) -> None:
     """Per variant (one panel each): test avg@k per method on all and base-unsolvable
     questions, ± std over seeds."""
-    from benchmarks.paper_repro import methods_of
-
     plt = _pyplot()
     variants = header["variants"]
     fig, axes = plt.subplots(1, len(variants), figsize=(6.5 * len(variants), 4), squeeze=False)
@@ -68,8 +66,6 @@ def method_curve(run_dirs: list[str], key: str) -> tuple[list[int], list[float]]
 def render_curves(table, header, rows, path: Path) -> None:
     """Per variant: validation avg@k (logged during training) vs step for every trained method,
     the mean over seeds as a line and the min-max over seeds as a band."""
-    from benchmarks.paper_repro import methods_of
-
     plt = _pyplot()
     curve = table["eval"].get("curve") or {}
     key = f"eval/validation/avg@{curve.get('k', 1)}"

@@ -20,6 +20,7 @@ import numpy as np
 from benchmarks.paper_analysis import (
     SLICES,
     analysis_text,
+    methods_of,
     paired_family,
     robustness,
     score_matrix,
@@ -44,12 +45,6 @@ def read_csv_scores(path) -> list[dict]:
                         "correct": [int(c) for c in r["correct"].split()],
                         "base_solvable": [c == "1" for c in r["base_solvable"]]})
     return out
-
-
-def _methods(table, variant):
-    from benchmarks.paper_repro import methods_of
-
-    return methods_of(table, variant)
 
 
 def _header(table, header, slices) -> list[str]:
@@ -84,7 +79,10 @@ def _sweep_lines(table, sweep_rows, variant) -> list[str]:
     lines = [f"### Learning rates (validation avg@{sel['k']}, T={sel['temperature']:g}, "
              f"seed {table['sweep']['seed']})", "",
              "| method | lr | validation avg | selected | interior |", "|---|---:|---:|---|---|"]
-    for r in (r for r in sweep_rows if r["variant"] == variant):
+    mine = [r for r in sweep_rows if r["variant"] == variant]
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in mine))}
+    for r in sorted(mine, key=lambda r: (order[r["method"]], -1 if math.isnan(r["lr"])
+                                         else r["lr"])):
         lr = "--" if math.isnan(r["lr"]) else f"{r['lr']:g}"
         mark = "yes" if r.get("selected") else ""
         interior = ("yes" if r.get("bracketed") else "NO") if r.get("selected") else ""
@@ -98,7 +96,7 @@ def _accuracy_lines(table, rows, variant, slices) -> list[str]:
     lines = ["", "### Accuracy (scored once, with the selected lrs)", "",
              "| method | " + " | ".join(f"{s} {name}" for s, name in cols) + " |",
              "|---|" + "---:|" * len(cols)]
-    for method in _methods(table, variant):
+    for method in methods_of(table, variant):
         cells = []
         for split, name in cols:
             _, scores = score_matrix(rows, variant, method, split,
@@ -127,7 +125,7 @@ def render_markdown(table, header, sweep_rows, rows, slices) -> tuple[str, dict]
     for variant in header["variants"]:
         lines += [f"## Variant `{variant}`", ""] + _sweep_lines(table, sweep_rows, variant)
         lines += _accuracy_lines(table, rows, variant, slices)
-        families[variant] = paired_family(rows, table, variant, _methods(table, variant), slices)
+        families[variant] = paired_family(rows, table, variant, methods_of(table, variant), slices)
         lines += _paired_lines(table, families[variant]) + [""]
     robust = robustness(rows, table, header["variants"], slices)
     lines += ["## Analysis", "", analysis_text(families, robust, table)]

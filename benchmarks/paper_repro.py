@@ -28,6 +28,15 @@ Config: ``benchmarks/paper_repro.yaml`` (what each choice is and why). Stages:
 Resume: see ``benchmarks/paper_runner.py`` (runs and evaluations cached under
 ``{workdir}/cache``; two processes can share it). Re-running the same command skips what is
 cached; a failed run is recorded and retried on the next invocation.
+
+Budget (projected, not yet run in full): one 150-step training with its validation curve cost
+57 s of CPU time (224 s wall at load ~8 on the 2 cores), one test / OOD / phrasing evaluation
+2-3 s. The expert process has 56-60 trainings (8 methods x 5 seeds, 12-20 sweep runs), the
+other 74-80 (5 methods x 5 seeds x 2 variants, 24-30 sweep runs; RFT is shared), so at ~65 s
+per training on an idle core the longer process needs about 1.5 h, 1 h 40 min if every sweep
+extends twice; the assets and slices take ~2 min first. The two ablations run for the expert
+only: with them in the other variants the second process would need about 2 h 10 min. The
+report prints the measured wall time; ``--quick`` takes about a minute of CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks.paper_analysis import methods_of
 from benchmarks.paper_runner import REPO_ROOT, Runner, as_overrides, log  # noqa: F401
 from benchmarks.paper_task import VARIANTS
 
@@ -79,11 +89,6 @@ def load_config(path: str | Path, quick: bool = False) -> dict[str, Any]:
             raise ValueError(f"table config variant_methods.{variant}: {unknown} unknown, or "
                              f"the reference {table['reference']!r} missing")
     return table
-
-
-def methods_of(table: dict, variant: str) -> list[str]:
-    """The methods a variant runs (``variant_methods``; default: all)."""
-    return list((table.get("variant_methods") or {}).get(variant) or table["methods"])
 
 
 def base_slices(runner: Runner) -> dict[str, dict]:
