@@ -202,13 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
                          "starting parallel processes)")
     ap.add_argument("--out", default=None,
                     help="output prefix (.md/.csv/.png); default benchmarks/results/paper_table"
-                         " (with --quick: {workdir}/paper_repro_quick)")
+                         " (with --quick: {workdir}/paper_repro_quick; with a subset of the "
+                         "variants: {workdir}/paper_repro_<variants>)")
     ap.add_argument("--workdir", default=None, help="default: the config's workdir")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="SECTION.FIELD=V",
                     help="trainer overrides for every run")
     return ap
+
+
+def default_out(args, workdir: Path, variants: list[str], table: dict) -> Path:
+    """benchmarks/results/paper_table for the whole comparison; a process that runs a subset
+    of the variants (one of two in parallel) writes its partial report under the workdir, so
+    it never overwrites the committed results with half of them."""
+    if args.quick:
+        return workdir / "paper_repro_quick"
+    if set(variants) != set(table["variants"]):
+        return workdir / ("paper_repro_" + "_".join(variants))
+    return REPO_ROOT / "benchmarks" / "results" / "paper_table"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_rows += sweep
     for variant in variants:  # test/OOD/phrasing only once every lr is fixed
         rows += run_table(runner, variant, selected[variant], seeds)
-    out = Path(args.out or (workdir / "paper_repro_quick" if args.quick
-                            else REPO_ROOT / "benchmarks" / "results" / "paper_table"))
+    out = Path(args.out or default_out(args, workdir, variants, table))
     header = {"command": "python -m benchmarks.paper_repro " + " ".join(map(shlex.quote, argv)),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_s": time.perf_counter() - wall, "seeds": seeds, "variants": variants,

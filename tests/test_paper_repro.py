@@ -311,3 +311,12 @@ def test_bad_table_config(tmp_path):
     bad.write_text("seeds: [0]\n", encoding="utf-8")
     with pytest.raises(ValueError, match="missing fields"):
         pr.load_config(bad)
+
+
+def test_a_process_with_part_of_the_variants_never_writes_the_committed_results(tmp_path):
+    table = pr.load_config(pr.DEFAULT_CONFIG)
+    args = pr.build_parser().parse_args(["--variants", "expert"])
+    assert pr.default_out(args, tmp_path, ["expert"], table) == tmp_path / "paper_repro_expert"
+    args = pr.build_parser().parse_args([])
+    out = pr.default_out(args, tmp_path, list(table["variants"]), table)
+    assert out == pr.REPO_ROOT / "benchmarks" / "results" / "paper_table"
