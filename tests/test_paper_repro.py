@@ -320,3 +320,19 @@ def test_a_process_with_part_of_the_variants_never_writes_the_committed_results(
     args = pr.build_parser().parse_args([])
     out = pr.default_out(args, tmp_path, list(table["variants"]), table)
     assert out == pr.REPO_ROOT / "benchmarks" / "results" / "paper_table"
+
+
+def test_verdicts_follow_the_ci_and_holm():
+    from benchmarks.paper_analysis import analysis_text, verdict
+
+    ahead = {"diff": 0.05, "lo": 0.02, "hi": 0.08, "p_holm": 0.01, "p": 0.01, "seeds": 5,
+             "questions": 200}
+    assert verdict(ahead, +1, 0.05) == "holds" and verdict(ahead, -1, 0.05) == "reversed"
+    assert verdict({**ahead, "p_holm": 0.2}, +1, 0.05) == "not shown"
+    assert verdict({**ahead, "lo": -0.01}, +1, 0.05) == "not shown"
+    table = {"eval": {"k": 4, "bootstrap": {"alpha": 0.05}}}
+    family = [{**ahead, "method": "rft", "split": "test", "slice": "unsolvable"}]
+    text = analysis_text({"expert": family}, [], table)
+    # rft - prefix_rft = +5: "Prefix-RFT > RFT" is reversed, shown as prefix_rft - rft = -5
+    assert ("expert, unsolvable questions: reversed (prefix_rft - rft: -5.0 [-8.0, -2.0]"
+            in text)
