@@ -57,7 +57,10 @@ def _header(table, header, slices) -> list[str]:
              f"time of this invocation {header['wall_s'] / 60:.1f} min "
              f"({header['counts']['train']} new trainings {t['train']:.0f} s, "
              f"{header['counts']['eval']} new evaluations {t['eval']:.0f} s, assets "
-             f"{t['assets']:.0f} s)",
+             f"{t['assets']:.0f} s); the whole cache (all invocations and processes): "
+             f"{header['cache']['trainings']} trainings {header['cache']['train_s'] / 60:.0f} "
+             f"min, {header['cache']['evaluations']} evaluations "
+             f"{header['cache']['eval_s'] / 60:.0f} min of process time",
              f"- seeds {header['seeds']}; budget per run: "
              + ", ".join(f"{a}={b}" for a, b in table["budget"].items()),
              f"- unit: a question's score is the fraction of its k = {k} samples correct at "

@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     header = {"command": "python -m benchmarks.paper_repro " + " ".join(map(shlex.quote, argv)),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_s": time.perf_counter() - wall, "seeds": seeds, "variants": variants,
-              "timings": runner.timings, "counts": runner.counts}
+              "timings": runner.timings, "counts": runner.counts,
+              "cache": runner.cache_totals()}
     write_report(out, table, header, selected, sweep_rows, rows, slices)
     log(f"wrote {out}.md/.csv/.png in {header['wall_s']:.0f}s "
         f"(new: {runner.counts['train']} trainings, {runner.counts['eval']} evaluations)")

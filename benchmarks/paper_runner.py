@@ -174,6 +174,19 @@ class Runner:
         write_json(record, out)
         return out
 
+    def cache_totals(self) -> dict[str, float]:
+        """Runs and seconds recorded in the whole cache (every invocation and process), so the
+        report of a final all-cached invocation still states what the comparison cost."""
+        out = {"trainings": 0, "train_s": 0.0, "evaluations": 0, "eval_s": 0.0}
+        for kind, count, seconds in (("train", "trainings", "train_s"),
+                                     ("eval", "evaluations", "eval_s")):
+            for path in self.cache.glob(f"{kind}_*.json"):
+                record = json.loads(path.read_text())
+                if record.get("status", "ok") == "ok":
+                    out[count] += 1
+                    out[seconds] += float(record.get("seconds", 0.0))
+        return out
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model_dir: str, split: str, setting: dict, seed: int,
                  k: int | None = None) -> dict[str, Any]:

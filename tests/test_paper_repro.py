@@ -247,6 +247,7 @@ def test_quick_writes_every_table(quick):
     for method in METHODS:
         assert f"| {method} |" in md
     assert "base-unsolvable share per split: train_expert" in md
+    assert "the whole cache (all invocations and processes): " in md
     assert "test unsolvable" in md and "| test | unsolvable |" in md
     assert "**Prefix-RFT > RFT**" in md and "**Robustness to the demonstrator**" in md
     rows = read_csv_scores(tmp / "out" / "t.csv")
