@@ -146,6 +146,9 @@ class Runner:
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             try:
+                # the other process may have finished it between the check and the lock
+                if record.is_file() and json.loads(record.read_text())["status"] == "ok":
+                    return json.loads(record.read_text())
                 return self._run_stage(key, run_dir, label, overrides_for, record)
             finally:
                 lock.unlink(missing_ok=True)

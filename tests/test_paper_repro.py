@@ -337,3 +337,31 @@ def test_verdicts_follow_the_ci_and_holm():
     # rft - prefix_rft = +5: "Prefix-RFT > RFT" is reversed, shown as prefix_rft - rft = -5
     assert ("expert, unsolvable questions: reversed (prefix_rft - rft: -5.0 [-8.0, -2.0]"
             in text)
+
+
+def test_a_run_locked_by_a_live_process_is_waited_for_not_trained(tmp_path, monkeypatch):
+    """Two processes share one cache: while the other holds the lock, this one waits and then
+    returns the other's record; a lock left by a dead process is taken over."""
+    import os
+
+    from benchmarks import paper_runner
+
+    runner = paper_runner.Runner({"base_config": "configs/demo.yaml"}, tmp_path, [])
+    record, lock = runner.cache / "train_k.json", runner.cache / "train_k.lock"
+    lock.write_text(str(os.getppid()))  # a live process that is not this one
+    polls = []
+
+    def finish_elsewhere(_):
+        polls.append(1)
+        record.write_text(json.dumps({"status": "ok", "model_dir": "OTHER"}))
+
+    monkeypatch.setattr(paper_runner.time, "sleep", finish_elsewhere)
+    trained = []
+    monkeypatch.setattr(runner, "_run_stage", lambda *a: trained.append(1) or {"model_dir": "X"})
+    assert runner._train_stage("k", tmp_path / "run", "label", None)["model_dir"] == "OTHER"
+    assert polls and not trained
+    record.unlink()
+    lock.write_text("999999999")  # no such process: stale
+    monkeypatch.setattr(paper_runner.time, "sleep", lambda _: None)
+    assert runner._train_stage("k", tmp_path / "run", "label", None)["model_dir"] == "X"
+    assert trained == [1] and not lock.exists()
