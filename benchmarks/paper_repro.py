@@ -1,8 +1,9 @@
 """The paper's comparison in the hard regime, reproduced by one resumable command.
 
-    python -m benchmarks.paper_repro --only-assets                   # once: task + base model
-    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --variants expert &
-    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --variants systematic off_style &
+    export OMP_NUM_THREADS=1   # one thread per process (also fixes the base model's numerics)
+    python -m benchmarks.paper_repro --only-assets                   # once: task, base, slices
+    python -m benchmarks.paper_repro --variants expert &             # one process per core
+    python -m benchmarks.paper_repro --variants systematic off_style &
     wait; python -m benchmarks.paper_repro                           # all cached: the report
     OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --quick       # smoke test of every stage
 
