@@ -1,11 +1,12 @@
 """The paper's comparison in the hard regime, reproduced by one resumable command.
 
-    export OMP_NUM_THREADS=1   # one thread per process (also fixes the base model's numerics)
-    python -m benchmarks.paper_repro --only-assets                   # once: task, base, slices
-    python -m benchmarks.paper_repro --variants expert &             # one process per core
-    python -m benchmarks.paper_repro --variants systematic off_style &
-    wait; python -m benchmarks.paper_repro                           # all cached: the report
+    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --parallel 2  # everything, resumable
     OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --quick       # smoke test of every stage
+
+``--parallel 2`` builds the task, base model and slices, then runs the variants in two
+single-thread child processes sharing the cache (``--variants expert`` and ``--variants
+systematic off_style``: the same as starting those two by hand after ``--only-assets``), then
+writes the report from the cache. Re-run the same command to resume.
 
 Config: ``benchmarks/paper_repro.yaml`` (what each choice is and why). Stages:
 
@@ -210,17 +211,46 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="SECTION.FIELD=V",
                     help="trainer overrides for every run")
+    ap.add_argument("--parallel", type=int, default=1, metavar="N",
+                    help="run the variants in N single-thread child processes sharing the cache "
+                         "(the first variant alone, the rest split among the others), then "
+                         "write the report here; one per core")
     return ap
+
+
+def run_children(args, argv: list[str], variants: list[str]) -> bool:
+    """``--parallel N``: the variants in N child processes of this command (one thread each),
+    sharing the cache; True when every child exited 0. The first variant (the expert, with
+    the ablations) is the largest share, so it runs alone."""
+    import os
+    import subprocess
+
+    n = max(1, min(args.parallel, len(variants)))
+    groups = [[variants[0]]] + [variants[1:][i::n - 1] for i in range(n - 1)] if n > 1 \
+        else [variants]
+    passthrough, skip = [], False
+    for a in argv:  # everything but --parallel / --variants / --out and their values
+        if skip and not a.startswith("--"):
+            continue
+        skip = a in ("--parallel", "--variants", "--out")
+        if not skip:
+            passthrough.append(a)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    children = [subprocess.Popen([sys.executable, "-m", "benchmarks.paper_repro", *passthrough,
+                                  "--variants", *group], cwd=REPO_ROOT, env=env)
+                for group in groups if group]
+    log(f"--parallel: {len(children)} processes: {[g for g in groups if g]}")
+    return all(child.wait() == 0 for child in children)
 
 
 def default_out(args, workdir: Path, variants: list[str], table: dict) -> Path:
     """benchmarks/results/paper_table for the whole comparison; a process that runs a subset
     of the variants (one of two in parallel) writes its partial report under the workdir, so
     it never overwrites the committed results with half of them."""
-    if args.quick:
-        return workdir / "paper_repro_quick"
     if set(variants) != set(table["variants"]):
         return workdir / ("paper_repro_" + "_".join(variants))
+    if args.quick:
+        return workdir / "paper_repro_quick"
     return REPO_ROOT / "benchmarks" / "results" / "paper_table"
 
 
@@ -240,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     slices = base_slices(runner)
     if args.only_assets:
         return 0
+    if args.parallel > 1:  # the children train and evaluate; this process then reports
+        run_children(args, argv, variants)
     selected, sweep_rows, rows = {}, [], []
     for variant in variants:
         selected[variant], sweep = run_sweep(runner, variant)

@@ -307,6 +307,17 @@ def test_quick_resumes_without_new_work(quick, capsys):
     assert "(new: 0 trainings, 0 evaluations)" in capsys.readouterr().out
 
 
+def test_parallel_children_share_the_cache(quick, capfd):
+    """--parallel 2 on a finished workdir: two child processes (expert | the others) find
+    every run cached, and this process writes the report with no new work either."""
+    tmp, argv, _ = quick
+    capfd.readouterr()
+    assert pr.main(argv + ["--parallel", "2"]) == 0
+    out = capfd.readouterr().out
+    assert "--parallel: 2 processes: [['expert'], ['systematic', 'off_style']]" in out
+    assert out.count("(new: 0 trainings, 0 evaluations)") == 3  # two children + this one
+
+
 def test_bad_table_config(tmp_path):
     bad = tmp_path / "t.yaml"
     bad.write_text("seeds: [0]\n", encoding="utf-8")
