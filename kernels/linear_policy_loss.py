@@ -89,7 +89,7 @@ def _check_options(loss_type, clip_low, clip_high, clip_c, chunk_bytes):
         raise ValueError(f"clip_high must be a number >= 0, got {clip_high!r}")
     if clip_c is not None and (not isinstance(clip_c, (int, float)) or clip_c <= 1.0):
         raise ValueError(f"clip_c must be None or a number > 1, got {clip_c!r}")
-    if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+    if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes < 1):
         raise ValueError(f"chunk_bytes must be a positive int (bytes), got {chunk_bytes!r}")
 
 
@@ -112,7 +112,7 @@ def linear_policy_loss(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO-clip (or NLL) loss + entropy bonus from hidden states, 6NHV, no ``[N, V]``.
 
@@ -144,8 +144,8 @@ def linear_policy_loss(
         clip_low, clip_high, clip_c: PPO clip range and dual-clip constant (None = off).
         temperature: logits are divided by it. ``loss_type``: ``"ppo"`` or ``"nll"``.
         impl: ``"auto"`` (Triton pass on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
-        chunk_bytes: memory budget of the per-chunk ``[C, V]`` fp32 buffers (token rows per
-            chunk follow from it).
+        chunk_bytes: memory budget of a token chunk's ``[C, V]`` fp32 logit buffer (the rows
+            per chunk follow from it); None = 128 MiB on CPU, 1 GiB on CUDA.
 
     Returns:
         ``(loss fp32 scalar, logprob [N] fp32, entropy [N] fp32)``: the loss is differentiable
@@ -163,6 +163,8 @@ def linear_policy_loss(
     _check_options(loss_type, clip_low, clip_high, clip_c, chunk_bytes)
     impl = resolve_impl(impl, hidden.device)
     n, dev = hidden.shape[0], hidden.device
+    if chunk_bytes is None:
+        chunk_bytes = DEFAULT_CHUNK_BYTES["cuda" if dev.type == "cuda" else "cpu"]
     nll = loss_type == "nll"
     adv = None if nll else _per_token("advantages", advantages, n, dev, optional=False)
     if keep is not None and adv is not None:

@@ -5,17 +5,19 @@ three GEMMs and no recompute (6NHV FLOPs in all, against 8NHV for the generic
 log-prob/entropy autograd path, whose backward recomputes the logits)::
 
     z      = x_c @ W.T (+ b), / T                  # [C, V] fp32, GEMM 1 (2 C H V)
-    logp   = log_softmax(z);  p = exp(logp)
-    lp     = logp[y];  H = -sum(p * logp)
-    g_lp, g_H = d loss / d lp, d loss / d H         # per row, :func:`policy_token_terms`
-    dz     = (g_lp (onehot_y - p) - g_H p (logp + H)) / T
+    logp   = log_softmax(z)                         # in place
+    lp     = logp[y];  g_lp, g_H = d loss/d lp, d loss/d H   # :func:`policy_token_terms`
+    per block of rows (cache-sized): p = exp(logp);  H = -sum(p * logp)
+        dz = (g_lp (onehot_y - p) - g_H p (logp + H)) / T     # in logp's place
     dX_c   = dz @ W                                 # GEMM 2
     dW    += dz.T @ x_c;  db += dz.sum(0)           # GEMM 3
 
-Working memory: two ``[C, V]`` fp32 buffers (``logp`` and ``p``, ``dz`` built in ``p``'s),
-plus the fp32 ``dW`` (``[V, H]``) the autograd.Function keeps until its backward.
-:func:`policy_token_terms` is the per-token loss and its derivatives; the Triton pass
-(``linear_policy_loss_triton.py``) computes the same quantities in its kernel.
+The PPO/NLL derivative ``g_lp`` needs ``lp`` only and ``g_H`` is the given entropy weight, so
+both are known before ``H``. Working memory: one ``[C, V]`` fp32 buffer (``chunk_bytes``)
+and a ``[rows, V]`` block of ``p`` (:data:`BLOCK_BYTES`), plus the fp32 ``dW`` (``[V, H]``)
+the autograd.Function keeps until its backward. :func:`policy_token_terms` is the per-token
+loss and its derivatives; the Triton pass (``linear_policy_loss_triton.py``) computes the same
+quantities in its kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from typing import NamedTuple
 import torch
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps the log-ratio to +-20 before exp (as prefix_rft.loss does)
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # all [C, V] working buffers of one chunk together
+# the [C, V] fp32 logit buffer of one token chunk: CPU keeps it small (peak RSS; the W stream
+# per chunk is cheap next to CPU GEMMs); a GPU needs C >~ 1k rows to keep the GEMMs compute-bound
+DEFAULT_CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
+BLOCK_BYTES = 4 * 2**20  # the [rows, V] softmax block of the elementwise pass (cache-sized)
 
 
 class TokenInputs(NamedTuple):
@@ -46,7 +51,7 @@ class LossOptions(NamedTuple):
     nll: bool  # True: token loss -lp (SFT), PPO options unused
 
 
-def chunk_rows(vocab: int, chunk_bytes: int, *, buffers: int = 2, elem_bytes: int = 4,
+def chunk_rows(vocab: int, chunk_bytes: int, *, buffers: int = 1, elem_bytes: int = 4,
                multiple: int = 1) -> int:
     """Token rows per chunk so ``buffers`` ``[C, vocab]`` tensors fit in ``chunk_bytes``
     (at least ``multiple``, rounded down to a multiple of it)."""
@@ -62,12 +67,13 @@ def _tie_split(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, other: torch.T
 
 
 @torch.no_grad()
-def policy_token_terms(lp: torch.Tensor, ent: torch.Tensor, tok: TokenInputs, opts: LossOptions
+def policy_token_terms(lp: torch.Tensor, tok: TokenInputs, opts: LossOptions
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(contribution, g_lp, g_H)`` per token row, fp32 ``[C]``.
 
-    ``contribution = loss_weight·iw·ℓ − entropy_weight·H`` (the token's share of the loss);
-    ``g_lp``/``g_H`` its derivatives w.r.t. ``lp``/``H``, exactly as autograd differentiates
+    ``contribution = loss_weight·iw·ℓ`` (the token's policy loss; the caller adds
+    ``−entropy_weight·H``); ``g_lp``/``g_H`` the derivatives of the token's whole share
+    w.r.t. ``lp``/``H`` (``g_H = −entropy_weight``), exactly as autograd differentiates
     :func:`prefix_rft.loss.prefix_rft_loss` (ties of max/min/clamp included). ``ℓ = −lp`` with
     ``opts.nll``; else ``ℓ = max(−Aρ, −A·clip(ρ))``, capped at ``−A·clip_c`` for ``A < 0``.
     """
@@ -95,45 +101,51 @@ def policy_token_terms(lp: torch.Tensor, ent: torch.Tensor, tok: TokenInputs, op
         d_lp = d_ratio * ratio * in_clamp
     if tok.importance_weights is not None:
         token_loss, d_lp = token_loss * tok.importance_weights, d_lp * tok.importance_weights
-    contribution, g_lp, g_h = w * token_loss, w * d_lp, None
-    if tok.entropy_weight is not None:
-        contribution = contribution - tok.entropy_weight * ent
-        g_h = -tok.entropy_weight
-    return contribution, g_lp, g_h
+    g_h = None if tok.entropy_weight is None else -tok.entropy_weight
+    return w * token_loss, w * d_lp, g_h
 
 
 def take_rows(tok: TokenInputs, idx: torch.Tensor) -> TokenInputs:
     return TokenInputs(*(None if t is None else t[idx] for t in tok))
 
 
-def _chunk_logsoftmax(x, w32, b_scaled, inv_t, logp, p):
-    """``logp = log_softmax((x @ W.T + b) / T)`` into ``logp``, ``p = exp(logp)`` into ``p``."""
+def _chunk_logsoftmax(x, w32, b_scaled, inv_t, buf):
+    """``log_softmax((x @ W.T + b) / T)`` computed in ``buf``."""
     xs = x * inv_t if inv_t != 1.0 else x
     if b_scaled is None:
-        torch.mm(xs, w32.T, out=p)
+        torch.mm(xs, w32.T, out=buf)
     else:
-        torch.addmm(b_scaled, xs, w32.T, out=p)
-    torch.log_softmax(p, 1, out=logp)
-    torch.exp(logp, out=p)
+        torch.addmm(b_scaled, xs, w32.T, out=buf)
+    return torch.log_softmax(buf, 1, out=buf)
 
 
-def _chunk_dz(logp, p, ent, g_lp, g_h, labels, inv_t):
-    """``dz`` of the chunk, built in ``p``'s buffer (``logp`` is overwritten when g_H is set)."""
-    g_lp = g_lp * inv_t
-    if g_h is None:
-        dz = p.mul_(-g_lp[:, None])
-    else:
-        t = logp.add_(ent[:, None]).mul_(-(g_h * inv_t)[:, None]).sub_(g_lp[:, None])
-        dz = p.mul_(t)
-    rows = torch.arange(labels.numel(), device=labels.device)
-    dz[rows, labels] += g_lp
-    return dz
+def _entropy_and_dz(logp, g_lp, g_h, labels, inv_t, block_rows, want_dz):
+    """Per block of rows: ``p = exp(logp)``, ``H = -sum(p logp)``, then (``want_dz``) ``dz``
+    written over ``logp``. Returns ``H [C]``; ``logp`` holds ``dz`` afterwards if wanted."""
+    c = logp.shape[0]
+    ent = torch.empty(c, dtype=logp.dtype, device=logp.device)
+    g_lp_t = g_lp * inv_t
+    g_h_t = None if g_h is None else g_h * inv_t
+    for r0 in range(0, c, block_rows):
+        r1 = min(r0 + block_rows, c)
+        lb = logp[r0:r1]
+        p = torch.exp(lb)
+        ent[r0:r1] = h = -torch.linalg.vecdot(p, lb)
+        if not want_dz:
+            continue
+        if g_h_t is None:  # dz = -g_lp p (+ g_lp at the label)
+            torch.mul(p, -g_lp_t[r0:r1, None], out=lb)
+        else:  # dz = p (-g_lp - g_H (logp + H))
+            lb.add_(h[:, None]).mul_(-g_h_t[r0:r1, None]).sub_(g_lp_t[r0:r1, None]).mul_(p)
+    if want_dz:
+        logp[torch.arange(c, device=logp.device), labels] += g_lp_t
+    return ent
 
 
 @torch.no_grad()
 def torch_policy_loss_fwd(hidden, weight, bias, labels, tok: TokenInputs, opts: LossOptions,
                           ignore_index: int, needs: tuple[bool, bool, bool],
-                          chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                          chunk_bytes: int = DEFAULT_CHUNK_BYTES["cpu"]):
     """Loss, per-token ``lp``/``H`` and the gradients, in one chunked pass.
 
     Returns ``(loss fp32 scalar, logprob [N] fp32, entropy [N] fp32, dX, dW, db)``; the
@@ -152,22 +164,23 @@ def torch_policy_loss_fwd(hidden, weight, bias, labels, tok: TokenInputs, opts: 
     w32 = weight if weight.dtype == f32 else weight.float()
     b_scaled = None if bias is None else bias.float() * inv_t
     valid_idx = (labels != ignore_index).nonzero().squeeze(-1)
-    rows = chunk_rows(vocab, chunk_bytes)
-    logp_buf = torch.empty(min(rows, valid_idx.numel()), vocab, dtype=f32, device=dev)
-    p_buf = torch.empty_like(logp_buf)
+    rows, block_rows = chunk_rows(vocab, chunk_bytes), chunk_rows(vocab, BLOCK_BYTES)
+    buf = torch.empty(min(rows, valid_idx.numel()), vocab, dtype=f32, device=dev)
     for c0 in range(0, valid_idx.numel(), rows):
         idx = valid_idx[c0:c0 + rows]
         c, x, y = idx.numel(), hidden[idx].float(), labels[idx]
-        logp, p = logp_buf[:c], p_buf[:c]
-        _chunk_logsoftmax(x, w32, b_scaled, inv_t, logp, p)
-        ent = -torch.linalg.vecdot(p, logp)
+        logp = _chunk_logsoftmax(x, w32, b_scaled, inv_t, buf[:c])
         lp = logp[torch.arange(c, device=dev), y]
-        contribution, g_lp, g_h = policy_token_terms(lp, ent, take_rows(tok, idx), opts)
+        tok_c = take_rows(tok, idx)
+        contribution, g_lp, g_h = policy_token_terms(lp, tok_c, opts)
+        ent = _entropy_and_dz(logp, g_lp, g_h, y, inv_t, block_rows, any_grad)
         lp_out[idx], ent_out[idx] = lp, ent
+        if tok_c.entropy_weight is not None:
+            contribution = contribution - tok_c.entropy_weight * ent
         total += contribution.double().sum()
         if not any_grad:
             continue
-        dz = _chunk_dz(logp, p, ent, g_lp, g_h, y, inv_t)
+        dz = logp
         if dx is not None:
             dx[idx] = (dz @ w32).to(hidden.dtype)
         if dw is not None:
