@@ -60,17 +60,18 @@ def build_step(case, hidden, weight, labels, adv, old):
     n, v = hidden.shape[0], weight.shape[0]
     scale = 1.0 / n
     if case == "gemm6_bare":
-        from prefix_rft.kernels.linear_policy_loss_triton import _addmm_fp32, _dz_view, _mm
+        from prefix_rft.kernels.linear_policy_loss_triton import _addmm_fp32, _mm, dz_buffer
 
         rows = chunk_rows(v, DEFAULT_CHUNK_BYTES["cuda"], multiple=16)
         buf = torch.empty(min(rows, n), v, dtype=torch.float32, device=hidden.device)
+        dz_buf = dz_buffer(buf, hidden.dtype)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
 
         def step():
             for c0 in range(0, n, rows):
                 x = hidden[c0:c0 + rows]
-                z = _mm(x, weight.T, out=buf[:x.shape[0]])
-                dz = _dz_view(z, hidden.dtype, v)
+                _mm(x, weight.T, out=buf[:x.shape[0]])
+                dz = dz_buf[:x.shape[0]]
                 _ = _mm(dz, weight) if dz.is_cuda else dz.float() @ weight.float()
                 _addmm_fp32(dw, dz.T, x)
         return step

@@ -15,9 +15,12 @@ Per chunk of ``C`` valid token rows::
     dX_c  = dz @ W;  dW += dz.T @ x_c      # two library GEMMs (fp32 dW accumulation)
 
 6NHV FLOPs in all (the three bare lm_head GEMMs); the elementwise pass reads ``C·V`` fp32
-twice and writes ``C·V`` input-dtype values. ``dz`` is written over ``z``'s own buffer (row
-``r``'s 16-bit ``dz`` lands in the first half of row ``r``'s fp32 bytes, behind the reads),
-so a chunk costs one ``[C, V]`` fp32 buffer.
+twice and writes ``C·V`` input-dtype values. Working memory: the ``[C, V]`` fp32 logit buffer
+and, for 16-bit inputs, a ``[C, V]`` 16-bit dz buffer; fp32 inputs write dz over the logits
+(each block is read, then a CTA barrier, then written: the same addresses, never a later
+block's). Writing 16-bit dz into the fp32 rows' own bytes would save that buffer, but the warps
+of one program are not in lockstep, so a warp's store could land on logits another warp has
+not read yet.
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def _linear_policy_loss_fwd_kernel(
     lp_ptr, ent_ptr, contrib_ptr,
     V, stride_z, stride_dz, inv_temp, clip_lo, clip_hi, clip_c,
     HAS_BIAS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_IW: tl.constexpr, HAS_EW: tl.constexpr,
-    HAS_CLIP_C: tl.constexpr, NLL: tl.constexpr, WANT_DZ: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_CLIP_C: tl.constexpr, NLL: tl.constexpr, WANT_DZ: tl.constexpr, IN_PLACE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Program = one token row of the chunk: statistics, lp, H, the loss terms, then dz."""
     row = tl.program_id(0).to(tl.int64)
@@ -132,10 +136,12 @@ def _linear_policy_loss_fwd_kernel(
     tl.store(contrib_ptr + row, contrib)
     if WANT_DZ:
         dz_row = dz_ptr + row * stride_dz
-        for v0 in range(0, V, BLOCK_V):  # dz over z: block v0's writes sit behind its reads
+        for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             mask = cols < V
             z = _load_logits(z_row, b_ptr, cols, mask, inv_temp, HAS_BIAS)
+            if IN_PLACE:  # dz over z: every warp has read this block before any writes it
+                tl.debug_barrier()
             p = tl.exp(z - lse)
             dz = -p * (g_lp + g_h * (z - lse + ent))
             dz += tl.where(cols == label, g_lp, 0.0)
@@ -175,9 +181,9 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             acc.add_(a @ b)
 
 
-def _dz_view(buf: torch.Tensor, dtype: torch.dtype, vocab: int) -> torch.Tensor:
-    """The chunk's dz ``[C, V]`` in ``dtype`` over fp32 ``buf``'s memory (row stride kept)."""
-    return buf if dtype == buf.dtype else buf.view(dtype)[:, :vocab]
+def dz_buffer(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where the chunk's dz goes: fp32 ``buf`` itself (in place) or a ``dtype`` buffer."""
+    return buf if dtype == buf.dtype else torch.empty(buf.shape, dtype=dtype, device=buf.device)
 
 
 def _launch(z, dz, bias, labels, tok: TokenInputs, opts, want_dz):
@@ -198,6 +204,7 @@ def _launch(z, dz, bias, labels, tok: TokenInputs, opts, want_dz):
         HAS_BIAS=bias is not None, HAS_OLD=tok.old_logprob is not None,
         HAS_IW=tok.importance_weights is not None, HAS_EW=tok.entropy_weight is not None,
         HAS_CLIP_C=opts.clip_c is not None, NLL=opts.nll, WANT_DZ=want_dz,
+        IN_PLACE=dz.dtype == z.dtype,  # fp32: dz_buffer hands back the logit buffer itself
         BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"])
     return lp, ent, contrib
 
@@ -217,11 +224,12 @@ def triton_policy_loss_fwd(hidden, weight, bias, labels, tok: TokenInputs, opts,
     valid_idx = (labels != ignore_index).nonzero().squeeze(-1)
     rows = chunk_rows(vocab, chunk_bytes, multiple=16 if valid_idx.numel() >= 16 else 1)
     buf = torch.empty(min(rows, valid_idx.numel()), vocab, dtype=f32, device=dev)
+    dz_buf = dz_buffer(buf, hidden.dtype)
     for c0 in range(0, valid_idx.numel(), rows):
         idx = valid_idx[c0:c0 + rows]
         x = hidden[idx]
         z = _mm(x, weight.T, out=buf[:idx.numel()])
-        dz = _dz_view(z, hidden.dtype, vocab)
+        dz = dz_buf[:idx.numel()]
         lp, ent, contrib = _launch(z, dz, bias, labels[idx], take_rows(tok, idx), opts, want)
         lp_out[idx], ent_out[idx] = lp, ent
         total += contrib.double().sum()

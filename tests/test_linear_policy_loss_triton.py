@@ -23,8 +23,8 @@ def test_triton_pass_matches_fp64(option):
     check_three_way(hidden, weight, bias, labels, impl="triton", chunk_bytes=11 * 301 * 4, **kw)
 
 
-def test_triton_pass_fp16_dz_in_place():
-    """16-bit inputs: dz written in fp16 over the fp32 logit buffer (row stride 2V)."""
+def test_triton_pass_fp16_dz():
+    """16-bit inputs: dz written in fp16 to its own buffer, gradients from the fp16 dz."""
     hidden, weight, labels, bias = make_problem(23, 33, 257, dtype=torch.float16, with_bias=True)
     kw = build_kwargs(OPTIONS["temperature"], hidden.float(), weight.float(), labels)
     check_three_way(hidden, weight, bias, labels, impl="triton", chunk_bytes=5 * 257 * 4,
