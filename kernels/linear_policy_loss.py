@@ -46,21 +46,23 @@ class LinearPolicyLossFunction(torch.autograd.Function):
             from .linear_policy_loss_triton import triton_policy_loss_fwd as fwd
         loss, lp, ent, dx, dw, db = fwd(hidden, weight, bias, labels, tok, opts, ignore_index,
                                         needs, chunk_bytes)
-        ctx.save_for_backward(dx, dw, db)
+        # Kept as an attribute, not saved tensors: the backward hands them over and drops its
+        # reference, so autograd can take dW as weight.grad without a copy.
+        ctx.grads = (dx, dw, db)
         ctx.mark_non_differentiable(lp, ent)
         return loss, lp, ent
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lp, _grad_ent):
-        dx, dw, db = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_policy_loss: backward ran twice through the same call "
+                               "(its gradients were computed once, in the forward)")
+        grads, ctx.grads = ctx.grads, None
         if grad_loss is None:
             return (None,) * 10
-
-        def scale(g):  # the common case loss.backward() has grad 1: no copy
-            if g is None:
-                return None
-            return g if bool(grad_loss == 1) else g * grad_loss.to(g.dtype)
-        return scale(dx), scale(dw), scale(db), None, None, None, None, None, None, None
+        # in place (these tensors are ours): no copy, and no host sync to test for grad 1
+        scaled = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        return (*scaled, None, None, None, None, None, None, None)
 
 
 def _per_token(name: str, value, n: int, device, *, optional: bool = True):
