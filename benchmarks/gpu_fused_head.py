@@ -64,7 +64,7 @@ def build_step(case, hidden, weight, labels, adv, old):
 
         rows = chunk_rows(v, DEFAULT_CHUNK_BYTES["cuda"], multiple=16)
         buf = torch.empty(min(rows, n), v, dtype=torch.float32, device=hidden.device)
-        dz_buf = dz_buffer(buf, hidden.dtype)
+        dz_buf = dz_buffer(buf, hidden.dtype).zero_()
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
 
         def step():
@@ -96,18 +96,21 @@ def build_step(case, hidden, weight, labels, adv, old):
 
 
 def timed(step, cuda):
+    """``(ms, peak MiB allocated during the call)``; CUDA events on a GPU, wall clock on CPU."""
     import torch
 
     if not cuda:
         t0 = time.perf_counter()
         step()
-        return (time.perf_counter() - t0) * 1e3
+        return (time.perf_counter() - t0) * 1e3, None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     step()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end)
+    return start.elapsed_time(end), torch.cuda.max_memory_allocated() / 2**20
 
 
 def fp64_reference(hidden, weight, labels, adv, old, chunk):
@@ -173,20 +176,20 @@ def main(argv=None) -> int:
         old = linear_logprob_entropy(hidden, weight, labels)[0] + 0.1
     steps = {c: build_step(c, hidden, weight, labels, adv, old) for c in CASES}
     shape = f"N={n},H={h},V={v}"
-    samples = {c: [] for c in CASES}
+    samples, peaks = {c: [] for c in CASES}, {c: None for c in CASES}
     for r in range(iters + 1):  # round 0 warms up (compiles the kernels)
         for case, step in steps.items():
-            ms = timed(step, cuda)
+            ms, peak = timed(step, cuda)
             if r:
                 samples[case].append(ms)
+                peaks[case] = peak if peaks[case] is None else max(peaks[case], peak)
     csv_path = os.path.join(args.out_dir, "kernels.csv")
     floor = sorted(samples["gemm6_bare"])[len(samples["gemm6_bare"]) // 2]
     for case in CASES:
         p50 = sorted(samples[case])[len(samples[case]) // 2]
-        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
         extra = f"vs_gemm6={p50 / floor:.3f};dtype={str(dtype).split('.')[-1]};iters={iters}"
         append_rows(csv_path, [make_row("fused_head_loss", case, "fwd+bwd", shape,
-                                        samples[case], peak, extra)])
+                                        samples[case], peaks[case], extra)])
         print(f"{case:14s} p50 {p50:9.3f} ms  x{p50 / floor:.3f} of gemm6_bare", flush=True)
     ok = check(args.out_dir, hidden, weight, labels, adv, old, steps["fused6_triton"])
     return 0 if ok else 1

@@ -26,6 +26,7 @@ not read yet.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -164,6 +165,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> to
         try:
             return torch.mm(a, b, out_dtype=out.dtype, out=out)
         except (TypeError, RuntimeError, NotImplementedError):
+            warnings.warn("torch.mm(..., out_dtype=float32) is unavailable: the fused head's "
+                          "logit GEMM falls back to an fp32 upcast (slow)", stacklevel=2)
             return out.copy_(torch.mm(a.float(), b.float()))
     return torch.mm(a.float(), b.float(), out=out)
 

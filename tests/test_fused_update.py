@@ -202,3 +202,25 @@ def test_trainer_update_fused_equals_autograd(tmp_path, algo, packing, scope, fr
     assert metrics[0]["head_path_fused"] == 1.0 and metrics[1]["head_path_fused"] == 0.0
     if algo != "sft":
         assert metrics[0]["kept_prefix_frac"] == metrics[1]["kept_prefix_frac"] > 0
+
+
+def test_fused_adapter_triton_pass_equals_current_path():
+    """``impl="triton"`` (interpreter on CPU): the adapter's Triton pass, packed, per-token
+    advantages, dual clip, entropy bonus, micro-batch entropy mask."""
+    case, d = CASES["official_per_token_adv"], make_batch(seed=3)
+    outs = []
+    for impl in ("triton", "torch"):
+        loss_fn = PrefixRFTLoss(max_response_tokens=L_MAX, impl=impl, **case["opts"])
+        p, old, kw = call_args(d, case, True, None)
+        h = p["hidden"].clone().requires_grad_()
+        w = d["weight"].clone().requires_grad_()
+        if impl == "triton":
+            loss, m, _ = fused_prefix_rft_loss(loss_fn, h, w, p["ids"], old, p["adv"],
+                                               p["rmask"], p["pmask"], **kw)
+        else:
+            loss, m = loss_fn(h, w, p["ids"], old, p["adv"], p["rmask"], p["pmask"], **kw)
+        loss.backward()
+        outs.append((loss.detach(), h.grad, w.grad, m))
+    for a, b in zip(outs[0][:3], outs[1][:3]):
+        assert rel(a, b) < 2e-5
+    assert outs[0][3]["num_kept_prefix_tokens"] == outs[1][3]["num_kept_prefix_tokens"]
