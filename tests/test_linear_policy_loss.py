@@ -142,3 +142,10 @@ def test_bad_input_names_argument(kwargs, match):
     hidden, weight, labels, _ = make_problem(5, 8, 11)
     with pytest.raises(ValueError, match=match):
         linear_policy_loss(hidden, weight, labels, **kwargs)
+
+
+def test_qwen_vocab_with_default_budget():
+    """V = 151,936 with the default chunk budget and softmax blocks (several blocks per chunk)."""
+    hidden, weight, labels, _ = make_problem(19, 8, 151936, ignore_frac=0.2)
+    kw = build_kwargs(OPTIONS["temperature"], hidden, weight, labels)
+    check_three_way(hidden, weight, None, labels, chunk_bytes=None, **kw)
