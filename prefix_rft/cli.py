@@ -40,6 +40,7 @@ BENCHMARKS = {
     "train_step": "benchmarks.train_step",  # one policy update: fused vs full-logits path
     "packing": "benchmarks.packing",  # policy update: padded vs packed micro-batches
     "memory": "benchmarks.memory",  # update-step peak memory per optimizer/LoRA vs the planner
+    "fused_head": "benchmarks.cpu_fused_head",  # CPU: fused head+loss (6NHV) vs GEMMs vs 8NHV
 }
 
 
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench", help="benchmarks: kernels (default, CPU), gpu_kernels, rollout, train_step, "
-                      "memory, packing",
+                      "memory, packing, fused_head",
         description="Run a benchmark from the source tree's benchmarks/ folder; further "
                     "arguments go to it (e.g. `prefix-rft bench kernels --help`).")
     bench.add_argument("name", nargs="?", default=None, metavar="{" + ",".join(BENCHMARKS) + "}",

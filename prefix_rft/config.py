@@ -31,6 +31,7 @@ from typing import Any, Literal
 from .advantage import Baseline
 from .checks import choices, is_choice_type
 from .entropy_mask import EntropyMaskScope
+from .fused_update import HeadPath
 from .loss import EntropyNorm, KernelImpl
 from .precision import ComputeDtype, ExportDtype, WeightsDtype
 from .prefix import Schedule
@@ -155,6 +156,12 @@ class TrainConfig:
     mini_batch_size: int = 0  # questions per optimizer step, global; 0 = prompts_per_step
     micro_batch_tokens: int = 16384  # token budget of one forward/backward per rank
     packing: bool = True  # one packed row per micro-batch, no padding; false: padded rows
+    # lm_head + loss of the update: fused_loss = the loss's gradient computed in the head's
+    # forward (6NHV, prefix_rft/fused_update.py); autograd = per-token log-probs/entropies with
+    # a recomputing backward (8NHV); auto = fused_loss wherever it applies (every update today)
+    head_path: HeadPath = "auto"  # auto | fused_loss | autograd
+    head_chunk_mb: int = 0  # fused_loss: a token chunk's [C, V] fp32 logit buffer, MiB;
+    #   0 = 128 on CPU, 1024 on CUDA
     ppo_epochs: int = 1  # passes over each step's rollouts
     seed: int = 0  # global seed (model init, sampling, data order)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (cuda when available) | cpu | cuda

@@ -132,6 +132,7 @@ def check_config(cfg: Config) -> None:
     check_number("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
+    check_int("train.head_chunk_mb", t.head_chunk_mb, 0)
     if t.mini_batch_size and t.prompts_per_step % t.mini_batch_size:
         raise ValueError(f"train.mini_batch_size must divide train.prompts_per_step "
                          f"({t.prompts_per_step}), got {t.mini_batch_size}")

@@ -220,7 +220,8 @@ class MetricAverager:
                "clip_frac_dual": "num_tokens", "ratio_mean": "num_tokens",
                "prefix_token_frac": "num_tokens", "kept_prefix_token_frac": "num_tokens",
                "kept_prefix_frac": "num_prefix_tokens", "entropy_prefix": "num_prefix_tokens",
-               "entropy_continuation": "num_continuation_tokens", "nll_per_token": "num_tokens"}
+               "entropy_continuation": "num_continuation_tokens", "nll_per_token": "num_tokens",
+               "head_path_fused": "num_tokens"}  # share of tokens through the fused head+loss
 
     def __init__(self):
         self.sums, self.weights, self.loss, self.n_mini = {}, {}, 0.0, 0

@@ -54,6 +54,7 @@ from .config import Config, resolve_config, validate_config
 from .data import Question
 from .entropy_mask import mini_batch_keep_masks, needs_mini_batch_pass
 from .finite import zero_non_finite
+from .fused_update import fused_prefix_rft_loss, fused_sft_loss, use_fused_head
 from .loss import prefix_rft_loss, sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
 from .prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
@@ -289,21 +290,38 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
     return out
 
 
+def _head_path(result, fused: bool):
+    """``(loss, metrics)`` with ``head_path_fused`` (1: the fused head-and-loss ran)."""
+    loss, metrics = result
+    metrics["head_path_fused"] = float(fused)
+    return loss, metrics
+
+
+def _chunk_bytes(cfg: Config) -> int | None:
+    return cfg.train.head_chunk_mb * 2**20 or None  # None: the kernel's per-device default
+
+
 def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """The Prefix-RFT / RFT update over the scored rollouts."""
     cfg, loss_fn = run.cfg, run.loss_fn
     if is_exactly_on_policy(cfg):
         return on_policy_update(run, rollouts)
 
+    fused = use_fused_head(cfg.train.head_path)
+
     def micro_loss(batch, num_sequences, keep, entropy_tokens):
         old = batch.gather([r.old_logprob for r in rollouts])
 
         def head(hidden, weight, bias):
-            return loss_fn(hidden, weight, batch.response_ids, old, batch.advantages,
-                           batch.response_mask, batch.prefix_mask, bias,
-                           num_sequences=num_sequences, loss_scale=float(run.world),
-                           keep_prefix_mask=keep, seq_index=batch.seq_index,
-                           num_entropy_tokens=entropy_tokens)
+            args = (hidden, weight, batch.response_ids, old, batch.advantages,
+                    batch.response_mask, batch.prefix_mask, bias)
+            kw = dict(num_sequences=num_sequences, loss_scale=float(run.world),
+                      keep_prefix_mask=keep, seq_index=batch.seq_index,
+                      num_entropy_tokens=entropy_tokens)
+            if fused:  # the fused head-and-loss (6NHV)
+                return _head_path(fused_prefix_rft_loss(loss_fn, *args, **kw,
+                                                        chunk_bytes=_chunk_bytes(cfg))[:2], True)
+            return _head_path(loss_fn(*args, **kw), False)
         return run_head(run.model, batch, head)
 
     def current_entropy(batch, first_update):
@@ -340,21 +358,31 @@ def is_exactly_on_policy(cfg: Config) -> bool:
 def on_policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
     """:func:`policy_update` without old log-probs; adds the mismatch metrics."""
     loss_fn, seen = run.loss_fn, {}
+    fused = use_fused_head(run.cfg.train.head_path)
 
     def micro_loss(batch, num_sequences, keep, entropy_tokens):
         def head(hidden, weight, bias):
+            if fused:  # the fused head-and-loss (6NHV), on-policy: old_logprob None
+                loss, m, lp = fused_prefix_rft_loss(
+                    loss_fn, hidden, weight, batch.response_ids, None, batch.advantages,
+                    batch.response_mask, batch.prefix_mask, bias, num_sequences=num_sequences,
+                    loss_scale=float(run.world), seq_index=batch.seq_index,
+                    num_entropy_tokens=entropy_tokens, chunk_bytes=_chunk_bytes(run.cfg))
+                for i, lp_i in zip(batch.rows, batch.per_rollout(lp)):
+                    seen[i] = lp_i.float().cpu()
+                return _head_path((loss, m), True)
             lp, ent = loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
                                                     batch.response_mask, bias)
             for i, lp_i in zip(batch.rows, batch.per_rollout(lp.detach())):
                 seen[i] = lp_i.float().cpu()
-            return prefix_rft_loss(
+            return _head_path(prefix_rft_loss(
                 lp, None, batch.advantages, batch.response_mask, batch.prefix_mask, ent,
                 max_response_tokens=loss_fn.max_response_tokens, clip_low=loss_fn.clip_low,
                 clip_high=loss_fn.clip_high, clip_c=loss_fn.clip_c,
                 entropy_top_fraction=loss_fn.entropy_top_fraction,
                 entropy_coef=loss_fn.entropy_coef, loss_scale=float(run.world),
                 num_sequences=num_sequences, seq_index=batch.seq_index,
-                entropy_norm=loss_fn.entropy_norm, num_entropy_tokens=entropy_tokens)
+                entropy_norm=loss_fn.entropy_norm, num_entropy_tokens=entropy_tokens), False)
         return run_head(run.model, batch, head)
 
     out = optimize(run, rollouts, per_question=run.cfg.rollout.group_size, micro_loss=micro_loss,
@@ -365,15 +393,24 @@ def on_policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
 
 def sft_update(run: Run, demos: list[Rollout]) -> dict[str, float]:
     """The SFT baseline's update: token NLL on the demonstrations (one per question)."""
+    fused = use_fused_head(run.cfg.train.head_path)
+
     def micro_loss(batch, num_sequences, keep, entropy_tokens):
         def head(hidden, weight, bias):
+            if fused:  # the fused head-and-loss (6NHV), loss_type nll
+                return _head_path(fused_sft_loss(
+                    run.loss_fn, hidden, weight, batch.response_ids, batch.response_mask, bias,
+                    max_response_tokens=run.cfg.rollout.max_response_tokens,
+                    num_sequences=num_sequences, loss_scale=float(run.world),
+                    chunk_bytes=_chunk_bytes(run.cfg)), True)
             lp, _ = run.loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
                                                       batch.response_mask, bias)
             mask = batch.response_mask  # packed [R]: one row for sft_loss's [B, T]
             lp, mask = (lp[None], mask[None]) if lp.dim() == 1 else (lp, mask)
-            return sft_loss(lp, mask,
-                            max_response_tokens=run.cfg.rollout.max_response_tokens,
-                            num_sequences=num_sequences, loss_scale=float(run.world))
+            return _head_path(sft_loss(lp, mask,
+                                       max_response_tokens=run.cfg.rollout.max_response_tokens,
+                                       num_sequences=num_sequences, loss_scale=float(run.world)),
+                              False)
         return run_head(run.model, batch, head)
 
     return optimize(run, demos, per_question=1, micro_loss=micro_loss)

@@ -86,8 +86,14 @@ def _rollouts(g: torch.Generator) -> list[Rollout]:
     return rollouts
 
 
-def test_update_never_builds_token_by_vocab_tensors():
+@pytest.mark.parametrize("head_path", ["autograd", "fused_loss"])
+def test_update_never_builds_token_by_vocab_tensors(head_path):
+    """autograd: only [V, H]-shaped tensors span the vocabulary. fused_loss (the gradient in
+    the head's forward): also [C, V] rows of one token chunk, C bounded by the chunk budget
+    (1 MiB here: 13 rows) -- never all of a micro-batch's tokens."""
     cfg, model = _config(), _model()
+    cfg.train.head_path, cfg.train.head_chunk_mb = head_path, 1
+    chunk = 2**20 // (4 * VOCAB)
     rollouts = _rollouts(torch.Generator().manual_seed(1))
     n_response = sum(len(r.response_ids) for r in rollouts)
     loss_fn = PrefixRFTLoss(max_response_tokens=40, impl="torch", entropy_top_fraction=0.2)
@@ -107,7 +113,13 @@ def test_update_never_builds_token_by_vocab_tensors():
         metrics = policy_update(run, rollouts)
     # Only the lm_head weight itself (its grad, Adam moments, update temporaries) spans the
     # vocabulary; the kernel works on [token chunk, vocab chunk <= 8192] tiles.
-    assert set(tracker.vocab_shapes) == {(VOCAB, HIDDEN)}, tracker.vocab_shapes
+    chunks = {s for s in tracker.vocab_shapes if s not in ((VOCAB, HIDDEN), (HIDDEN, VOCAB))}
+    if head_path == "autograd":
+        assert set(tracker.vocab_shapes) == {(VOCAB, HIDDEN)}, tracker.vocab_shapes
+    else:  # chunk rows [c, V] and their transposed views [V, c]
+        assert chunks and all(len(s) == 2 and sorted(s)[0] <= chunk for s in chunks), \
+            tracker.vocab_shapes
+    assert metrics["head_path_fused"] == float(head_path == "fused_loss")
     assert any("silu_backward" in op for op in tracker.ops)  # the backward pass was watched too
     assert tracker.numel < n_response * VOCAB, (tracker.shape, tracker.op)
     # the update did happen, through the lm_head weight too
