@@ -28,8 +28,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .memory_model import (
@@ -45,6 +47,12 @@ CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspaces per process
 SLACK = 0.08  # caching-allocator fragmentation, fraction of the peak
 VLLM_ASLEEP_GIB = 0.5  # what a sleeping vLLM engine keeps on the GPU (CUDA graph pool, buffers)
 VLLM_OVERHEAD_GIB = 1.5  # vLLM's activation profile + CUDA graphs inside its budget
+# Terms no CPU run can measure; `plan` says so until benchmarks/gpu_check.sh's train-step row
+# has measured them on a GPU and the figure here cites it (term -> "GPU, date, error").
+GPU_MEASURED: dict[str, str] = {}
+GPU_ONLY_TERMS = ("activations (bf16 under autocast)", "compute copies", "CUDA context",
+                  "allocator slack")
+VLLM_TERMS = ("vLLM asleep", "vLLM overhead")
 
 
 @dataclass
@@ -255,13 +263,44 @@ def format_plan(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, est: dict
     return "\n".join(lines)
 
 
+def shipped_model_config(cfg, config_path: str | None) -> str | None:
+    """A shipped ``model_configs/<name>.json`` for ``model.path`` when that directory has no
+    config.json (a fresh clone, weights not downloaded): ``<name>`` is the path's last part,
+    lower-cased, looked up beside the run config and in this checkout's ``configs/``."""
+    if (Path(cfg.model.path) / "config.json").is_file():
+        return None
+    name = Path(str(cfg.model.path).rstrip("/")).name.lower() + ".json"
+    roots = ([Path(config_path).resolve().parent] if config_path else []) + [
+        Path(__file__).resolve().parent.parent / "configs"]
+    for root in roots:
+        candidate = root / "model_configs" / name
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def gpu_terms_line(inp: PlanInputs, eng: EngineInputs) -> str:
+    """Which figures only a GPU can measure and none has yet (empty once all have)."""
+    if inp.device != "cuda":
+        return ""
+    terms = GPU_ONLY_TERMS + (VLLM_TERMS if eng.engine == "vllm" else ())
+    left = [t for t in terms if t not in GPU_MEASURED]
+    if not left:
+        return ""
+    return ("not yet measured on a GPU (CPU-validated model; benchmarks/gpu_check.sh measures "
+            "them): " + ", ".join(left))
+
+
 def plan_config(cfg, gpu_bytes: float, gpus: int = 1, model_config: str | None = None
                 ) -> tuple[str, dict]:
     """The plan's text and figures for a resolved run config."""
     shape, inp, eng = inputs_from_config(cfg, gpus, model_config)
     est = estimate(shape, inp, eng, gpu_bytes)
     sugg = [] if est["fits"] else suggestions(shape, inp, eng, gpu_bytes, gpus)
-    return format_plan(shape, inp, eng, est, sugg, gpus), est
+    text = format_plan(shape, inp, eng, est, sugg, gpus)
+    note = gpu_terms_line(inp, eng)
+    est["gpu_unmeasured"] = note
+    return text + (f"\n{note}" if note else ""), est
 
 
 def _default_gpu_bytes() -> float:
@@ -294,9 +333,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         cfg = load_config(args.config, _split_overrides(extra))
         gpu_bytes = parse_memory(args.gpu_memory) if args.gpu_memory else _default_gpu_bytes()
-        text, est = plan_config(copy.deepcopy(cfg), gpu_bytes, args.gpus, args.model_config)
+        model_config = args.model_config or shipped_model_config(cfg, args.config)
+        text, est = plan_config(copy.deepcopy(cfg), gpu_bytes, args.gpus, model_config)
     except ValueError as err:  # a config / argument mistake: one clean line
         raise SystemExit(f"prefix-rft plan: {err}") from None
+    if model_config and not args.model_config:
+        est["model_config"] = model_config
+        rel = os.path.relpath(model_config)
+        text = (f"model.path {cfg.model.path!r} has no config.json: using the shipped "
+                f"{model_config if rel.startswith('..') else rel} (same architecture; pass --model-config "
+                f"to choose another)\n" + text)
     print(json.dumps(est, indent=1) if args.json else text)
     return est
 

@@ -162,3 +162,19 @@ def test_packed_micro_batches_hold_no_attention_mask():
     seq = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
     rows = max(1, cfg.train.micro_batch_tokens // seq)
     assert padded.attention_mask_bytes == rows * min(seq, cfg.train.micro_batch_tokens) ** 2
+
+
+def test_plan_of_a_shipped_preset_falls_back_to_its_shipped_model_config(capsys, monkeypatch):
+    """A fresh clone has no /models/...: plan reads configs/model_configs/<name>.json and says
+    so; the figures equal an explicit --model-config; GPU-only terms are named as unmeasured."""
+    monkeypatch.chdir(ROOT)
+    est = plan_main(["--config", "configs/qwen2.5-math-1.5b-24gb.yaml", "--gpu-memory", "24GiB"])
+    out = capsys.readouterr().out
+    assert "has no config.json: using the shipped configs/model_configs/qwen2.5-math-1.5b.json" \
+        in out
+    assert "not yet measured on a GPU" in out and "CUDA context" in out and "vLLM asleep" in out
+    explicit = plan_main(["--config", "configs/qwen2.5-math-1.5b-24gb.yaml", "--gpu-memory",
+                          "24GiB", "--model-config", str(MODEL_CONFIGS / "qwen2.5-math-1.5b.json")])
+    assert est["peak"] == explicit["peak"] and "has no config.json" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="model.path must be a directory with a config.json"):
+        plan_main(["--config", "configs/qwen2.5-math-1.5b.yaml", "--model.path=/nowhere/Foo-1B"])
