@@ -340,8 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if model_config and not args.model_config:
         est["model_config"] = model_config
         rel = os.path.relpath(model_config)
+        shown = model_config if rel.startswith("..") else rel
         text = (f"model.path {cfg.model.path!r} has no config.json: using the shipped "
-                f"{model_config if rel.startswith('..') else rel} (same architecture; pass --model-config "
+                f"{shown} (same architecture; pass --model-config "
                 f"to choose another)\n" + text)
     print(json.dumps(est, indent=1) if args.json else text)
     return est
