@@ -83,7 +83,7 @@ stage env 20 "$PY" "$B/gpu_env.py" "$OUT" $DRYFLAG
 
 stage floor 100 "$PY" "$B/gpu_floor.py" --out-dir "$OUT" $DRYFLAG
 stage correctness 60 "$PY" "$B/gpu_correctness.py" --out-dir "$OUT" $DRYFLAG
-stage dz_sweep 35 "$PY" "$B/gpu_dz_sweep.py" --out-dir "$OUT" $DRYFLAG
+stage dz_sweep 45 "$PY" "$B/gpu_dz_sweep.py" --out-dir "$OUT" $DRYFLAG
 if [ -f "$B/gpu_fused_head.py" ]; then
     stage fused_head 30 "$PY" "$B/gpu_fused_head.py" --out-dir "$OUT" $DRYFLAG
 fi

@@ -72,7 +72,9 @@ def packed_batch(vocab: int, tokens: int, device: str, sequences: int = 8):
     return pack(rollouts, range(sequences), device=device)
 
 
-def step_fn(model, optimizer, batch, autocast: bool):
+def step_parts(model, optimizer, batch):
+    """``(forward() -> loss, backward(loss), step())`` of one update on a packed batch: the
+    trainer's packed forward and fused head (log-prob + entropy), a policy-gradient loss."""
     from prefix_rft.kernels import linear_logprob_entropy
     from prefix_rft.packing import run_packed_head
 
@@ -82,14 +84,25 @@ def step_fn(model, optimizer, batch, autocast: bool):
     def head(hidden, weight, bias):
         return linear_logprob_entropy(hidden, weight, batch.response_ids, bias=bias)
 
+    def forward():
+        lp, ent = run_packed_head(model, batch, head)
+        return -(lp * adv).mean() - 1e-3 * ent.mean()
+
     def step():
-        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-            lp, ent = run_packed_head(model, batch, head)
-            loss = -(lp * adv).mean() - 1e-3 * ent.mean()
-        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return step
+    return forward, lambda loss: loss.backward(), step
+
+
+def step_fn(model, optimizer, batch, autocast: bool):
+    forward, backward, step = step_parts(model, optimizer, batch)
+
+    def run():
+        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = forward()
+        backward(loss)
+        step()
+    return run
 
 
 def planned(preset: str, tokens: int, model_json: str, dry_run: bool, gpu_bytes: float) -> dict:
@@ -180,7 +193,8 @@ def main(argv=None) -> int:
             r = row_for(preset, tokens, est, measure(raw, est, tokens, repeats, device))
         except Exception as err:  # noqa: BLE001 -- record it, go on with the next preset
             reason = f"{type(err).__name__}: {err}".splitlines()[0].replace(";", ",")[:160]
-            kind = "skipped" if isinstance(err, ImportError) else "failed"
+            absent = isinstance(err, ImportError) or "need torchao" in str(err)
+            kind = "skipped" if absent else "failed"
             failed += kind == "failed"
             r = make_row("train_step", preset.removesuffix(".yaml"), "fwd+bwd+optim",
                          f"packed {tokens} tokens, ckpt", None, None, f"{kind}: {reason}")
