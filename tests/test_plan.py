@@ -97,17 +97,33 @@ def test_make_optimizer_rejects_bad_input():
             make_optimizer("adamw_bf16_sr", [p], lr=1e-3)
 
 
+# benchmarks/memory.py shapes whose measurements fitted SAVED_* / RECOMPUTE (memory_model.py),
+# and the held-out shapes checked here, which were not used to fit anything.
+FIT_SHAPES = ("act-8L-256", "act-12L-320")
+HELD_OUT = (("act-8L-448", True), ("act-10L-384", False))
+
+
 @pytest.mark.slow
-def test_planner_matches_measured_peak_rss_on_three_shapes():
-    """Fresh process per shape: predicted update-phase peak vs measured peak RSS within 15 %."""
+@pytest.mark.parametrize("shape,checkpointing", HELD_OUT)
+def test_activation_model_matches_measured_peak_rss_on_held_out_shapes(shape, checkpointing):
+    """Fresh process, 4,096 packed tokens: each phase's predicted rise (forward, backward,
+    gradients, optimizer step) vs the measured rise of peak RSS over what stays between
+    steps -- nothing computed on the measured side -- within 15 %, on a shape where the
+    activations are >= 30 % of the whole peak."""
     psutil = pytest.importorskip("psutil")
-    if psutil.virtual_memory().available < 6 * GiB:
-        pytest.skip("needs ~4 GiB of free RAM for the hidden-896 case")
+    if psutil.virtual_memory().available < 4 * GiB:
+        pytest.skip("needs ~3 GiB of free RAM")
     from benchmarks.memory import measure
 
-    for shape in ("validate-256", "validate-512", "validate-896"):
-        r = measure(shape, "adamw_fp32", 1, 256)
-        assert abs(r["rel_error"]) < 0.15, (shape, r)
+    assert shape not in FIT_SHAPES
+    r = measure(shape, "adamw_fp32", 4096, "cpu", checkpointing)
+    # activations share of the step's peak (weights + optimizer state, from element counts,
+    # plus the measured rise; the RSS after warm-up also holds ~0.5 GiB of imports)
+    activations = r["backward"] - r["grads"]  # measured: the backward's rise less the grads
+    assert activations >= 0.3 * (r["predicted"]["resident"] + r["peak_bytes"]), r
+    for phase in ("forward", "backward", "grads", "step"):
+        assert abs(r[f"err_{phase}"]) < 0.15, (phase, r)
+    assert abs(r["rel_error"]) < 0.15, r
 
 
 def test_parse_memory():
@@ -178,3 +194,4 @@ def test_plan_of_a_shipped_preset_falls_back_to_its_shipped_model_config(capsys,
     assert est["peak"] == explicit["peak"] and "has no config.json" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="model.path must be a directory with a config.json"):
         plan_main(["--config", "configs/qwen2.5-math-1.5b.yaml", "--model.path=/nowhere/Foo-1B"])
+
