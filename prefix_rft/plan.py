@@ -10,7 +10,8 @@ predicts, per rank, the two phases of a step that compete for the card:
   ``optim.name``), bf16 compute copies, activations under gradient checkpointing at
   ``train.micro_batch_tokens``, the fused head's workspace, optimizer-step temporaries
   (``prefix_rft.memory_model``), plus what the rollout engine keeps while the update runs
-  (vLLM asleep: ~``VLLM_ASLEEP_GIB``; ``rollout.sleep_level: 0``: its whole budget);
+  (each engine reports its own terms, ``RolloutEngine.memory_terms``: vLLM asleep keeps
+  ``VLLMEngine.ASLEEP_GIB``, with ``rollout.sleep_level: 0`` its whole budget);
 * **rollout**: params + optimizer state (they stay), plus the engine: vLLM's
   ``gpu_memory_utilization x GPU memory`` (its weights, KV cache, CUDA graphs), or the HF
   engine's KV cache and logits for ``hf_batch_size`` sequences.
@@ -40,13 +41,10 @@ from .memory_model import (
     ModelShape,
     PlanInputs,
     component_bytes,
-    kv_bytes_per_token,
 )
 
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspaces per process
 SLACK = 0.08  # caching-allocator fragmentation, fraction of the peak
-VLLM_ASLEEP_GIB = 0.5  # what a sleeping vLLM engine keeps on the GPU (CUDA graph pool, buffers)
-VLLM_OVERHEAD_GIB = 1.5  # vLLM's activation profile + CUDA graphs inside its budget
 # Terms no CPU run can measure; `plan` says so until benchmarks/gpu_check.sh's train-step row
 # has measured them on a GPU and the figure here cites it (term -> "GPU, date, error").
 GPU_MEASURED: dict[str, str] = {}
@@ -114,22 +112,10 @@ def inputs_from_config(cfg, gpus: int = 1, model_config: str | None = None
 
 
 def _engine(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, gpu_bytes: float) -> dict:
-    c = 2 if inp.compute_bf16 else 4
-    if eng.engine == "vllm":
-        budget = eng.gpu_memory_utilization * gpu_bytes
-        weights = shape.total_params() * c  # one engine per rank holds the whole model
-        kv = max(0.0, budget - weights - VLLM_OVERHEAD_GIB * GiB)
-        awake_during_update = eng.sleep_level == 0 or inp.device == "cpu"
-        asleep = VLLM_ASLEEP_GIB * GiB
-        return {"rollout": budget, "update": budget if awake_during_update else asleep,
-                "weights": weights, "kv_cache": kv,
-                "kv_tokens": kv / kv_bytes_per_token(shape, c)}
-    kv = eng.rows * eng.seq_tokens * kv_bytes_per_token(shape, c)
-    logits = eng.rows * shape.vocab * 4 * 2
-    # generation under FSDP2 gathers the whole model; under autocast bf16 weight copies
-    copies = shape.total_params() * c if (inp.fsdp or (inp.compute_bf16 and not inp.lora_r)) else 0
-    return {"rollout": kv + logits + copies, "update": 0.0, "weights": 0.0, "kv_cache": kv,
-            "kv_tokens": eng.rows * eng.seq_tokens}
+    """The rollout engine's own memory terms (``RolloutEngine.memory_terms``)."""
+    from .rollout import engine_class
+
+    return engine_class(eng.engine).memory_terms(shape, inp, eng, gpu_bytes)
 
 
 def estimate(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, gpu_bytes: float) -> dict:

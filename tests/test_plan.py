@@ -195,3 +195,28 @@ def test_plan_of_a_shipped_preset_falls_back_to_its_shipped_model_config(capsys,
     with pytest.raises(SystemExit, match="model.path must be a directory with a config.json"):
         plan_main(["--config", "configs/qwen2.5-math-1.5b.yaml", "--model.path=/nowhere/Foo-1B"])
 
+
+def test_engines_report_their_own_memory_terms(monkeypatch):
+    """plan asks the engine class (RolloutEngine.memory_terms), not a branch per engine name."""
+    from prefix_rft import rollout
+    from prefix_rft.plan import EngineInputs, estimate
+    from prefix_rft.rollout.hf import HFEngine
+    from prefix_rft.rollout.vllm import VLLMEngine
+
+    class Fat(HFEngine):
+        @classmethod
+        def memory_terms(cls, shape, inp, eng, gpu_bytes):
+            return {"rollout": 7 * GiB, "update": 3 * GiB, "weights": 0.0, "kv_cache": 0.0,
+                    "kv_tokens": 1.0}
+
+    monkeypatch.setitem(rollout.ENGINES, "fat", Fat)
+    shape = ModelShape.from_dict(json.loads((MODEL_CONFIGS / "qwen2.5-math-1.5b.json")
+                                            .read_text()))
+    inp = PlanInputs(micro_batch_tokens=8192, compute_bf16=True)
+    fat = estimate(shape, inp, EngineInputs(engine="fat"), 80 * GiB)
+    assert fat["engine_during_update"] == 3 * GiB and fat["engine_rollout"] == 7 * GiB
+    vllm = estimate(shape, inp, EngineInputs(engine="vllm", gpu_memory_utilization=0.3),
+                    80 * GiB)
+    assert vllm["engine_during_update"] == VLLMEngine.ASLEEP_GIB * GiB
+    assert vllm["engine_rollout"] == pytest.approx(0.3 * 80 * GiB)
+    assert estimate(shape, inp, EngineInputs(engine="hf"), 80 * GiB)["engine_during_update"] == 0
