@@ -79,7 +79,9 @@ def env_lines(dry_run: bool) -> list[str]:
                      f"MiB, capability: {props.major}.{props.minor}")
         blas = getattr(torch._C, "_cuda_getCompiledVersion", lambda: "?")()
         pref = getattr(torch.backends.cuda, "preferred_blas_library", lambda: "?")()
-        lines.append(f"cublas: {pref}, torch built for CUDA {blas}")
+        wheels = ", ".join(f"{d} {_version(d)}" for d in ("nvidia-cublas", "nvidia-cublas-cu12")
+                           if _version(d) != "absent") or "no cuBLAS wheel (system library)"
+        lines.append(f"cublas: {wheels}; preferred {pref}; torch built for CUDA {blas}")
         lines.append(_nvidia_smi())
     try:
         lines.append("dX path: " + dx_path("cuda" if torch.cuda.is_available() else "cpu"))

@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        device, dtype, shape, warmup, reps = torch.device("cpu"), torch.float32, DRY_SHAPE, 0, 2
+        device, dtype, shape, warmup, reps = torch.device("cpu"), torch.float32, DRY_SHAPE, 0, 1
     else:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_floor.py: needs CUDA (or --dry-run)")

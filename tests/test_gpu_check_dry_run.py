@@ -39,7 +39,7 @@ def test_gpu_check_dry_run_runs_every_stage_from_a_copy_without_git(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "TRITON_INTERPRET", "PREFIX_RFT_COMMIT")}
     done = subprocess.run(["bash", os.path.join(repo, "benchmarks", "gpu_check.sh"), str(out),
-                           "--dry-run"], env=env, capture_output=True, text=True, timeout=1200,
+                           "--dry-run"], env=env, capture_output=True, text=True, timeout=1500,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(out / "stages.tsv") as f:
