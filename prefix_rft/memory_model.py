@@ -202,6 +202,20 @@ def _activation_terms(shape: ModelShape, inp: PlanInputs, c: int, w: int
     return saved, ckpt_one, layer_bwd, fixed
 
 
+def _head_workspace(shape: ModelShape, inp: PlanInputs, c: int, head_trains: bool
+                    ) -> tuple[float, float]:
+    """The fused head's (forward tiles, backward workspace) in bytes: the torch path's logit
+    tiles on CPU, the Triton split backward's dz buffer on CUDA; plus the fp32 dX and, when
+    the lm_head trains on a non-fp32 or gathered weight, the fp32 dW accumulator."""
+    T, H, V = inp.micro_batch_tokens, shape.hidden, shape.vocab
+    rows, cols = min(T, HEAD_TOKEN_CHUNK), min(V, HEAD_VOCAB_CHUNK)
+    tiles, tiles_bwd = rows * cols * 4 * HEAD_TILES, rows * cols * 4 * HEAD_TILES_BWD
+    if inp.device == "cuda":  # Triton: no forward tiles; the split backward's dz buffer
+        tiles, tiles_bwd = 0.0, T * cols * c
+    dw_extra = V * H * 4 if head_trains and (c != 4 or inp.fsdp) else 0.0
+    return tiles, T * H * 4 + tiles_bwd + dw_extra
+
+
 def component_bytes(shape: ModelShape, inp: PlanInputs) -> dict[str, float]:
     """Bytes per rank of each component of the update phase, plus the phase peaks.
 
@@ -249,14 +263,7 @@ def component_bytes(shape: ModelShape, inp: PlanInputs) -> dict[str, float]:
         copy_fwd = shape.layer_params() * L * 2 + V * H * 2
         copy_bwd = V * H * 2  # the head's bf16 weight, saved for its backward
     _, ckpt_one, layer_bwd, fixed_act = _activation_terms(shape, inp, c, w)
-    # fused head workspace
-    rows = min(T, HEAD_TOKEN_CHUNK)
-    cols = min(V, HEAD_VOCAB_CHUNK)
-    tiles, tiles_bwd = rows * cols * 4 * HEAD_TILES, rows * cols * 4 * HEAD_TILES_BWD
-    if inp.device == "cuda":  # Triton: no forward tiles; the split backward's dz buffer
-        tiles, tiles_bwd = 0.0, T * cols * c
-    dw_extra = V * H * 4 if head_trains and (c != 4 or inp.fsdp) else 0.0
-    head_ws = T * H * 4 + tiles_bwd + dw_extra
+    tiles, head_ws = _head_workspace(shape, inp, c, head_trains)
     head_grad = (V * H * w / N) if head_trains and not shape.tied else 0.0
     # backward: max over layers of grads so far + checkpoints left + one layer's recompute
     layer_grad = (p_train - (heads * shape.embed_params() if head_trains else 0)) / max(1, L)
