@@ -17,6 +17,7 @@ on sm_80), wgmma in every 16-bit sm_90 kernel.
     python benchmarks/compile_check.py                    # everything, a Markdown table
     python benchmarks/compile_check.py --family sm90 --dtype bf16 --jobs 2
     python benchmarks/compile_check.py --config 'sm90/dz=BLOCK_N=128,BLOCK_V=256' # try a tile
+    python benchmarks/compile_check.py --candidates        # every sm90 autotune candidate
 
 Exit status 1 when a check fails (tests/test_compile_check.py runs it in CI).
 """
@@ -180,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--config", default=None, help="try one config instead of the shipped ones")
+    p.add_argument("--candidates", action="store_true",
+                   help="compile every AUTOTUNE_CANDIDATES entry (sm90, bf16) instead")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -187,7 +190,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; silences a warning
     # A fresh cache: a cache hit would skip ptxas and with it the resource log.
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_check_")
-    if args.config:
+    if args.candidates:
+        from prefix_rft.kernels.triton_configs import AUTOTUNE_CANDIDATES
+
+        specs = [("sm90", k, "bf16", cand) for k, cands in AUTOTUNE_CANDIDATES.items()
+                 if k in args.kernel for cand in cands]
+    elif args.config:
         family, kernel, over = _parse_override(args.config)
         specs = [(family, k, d, over) for k in args.kernel if k.split("+")[0] == kernel
                  for d in args.dtype]

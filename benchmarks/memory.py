@@ -1,28 +1,30 @@
-"""Peak memory of one policy-update step per memory mode, measured beside the planner's figure.
+"""Peak memory of one policy-update step, phase by phase, measured beside the planner's figure.
 
     nice python -m benchmarks.memory                       # Qwen2 ~0.5B shape, 4 cases, CPU
-    python -m benchmarks.memory --cases adamw --shape validate-256 --out -   # one case, no files
+    python -m benchmarks.memory --shape act-8L-448 --cases adamw_fp32 --tokens 4096 --out -
+    python -m benchmarks.memory --shape act-8L-448 --tokens 4096 --no-checkpointing --out -
     prefix-rft bench memory
 
-Model: a Qwen2-shaped decoder built locally with random init (``qwen2-0.5b``: hidden 896,
-24 layers, 14 heads / 2 KV heads, intermediate 4864, V = 151,936, tied embeddings -- the
-Qwen2.5-0.5B shape). Cases (``CASES``): full AdamW with fp32 weights, torchao AdamW 8-bit,
-bf16-stored weights with stochastic-rounding AdamW, LoRA r = 16 on every linear of the
-decoder (fp32 frozen base on CPU). Each case runs in a **fresh process**, sequentially:
-build model + optimizer + inputs, one warm-up step (allocates optimizer state; torchao
-compiles its step), then the Linux peak-RSS counter is reset (``/proc/self/clear_refs``) and
-one measured step runs (the trainer's fused path: ``model.model`` -> ``PrefixRFTLoss`` on the
-hidden states -> backward -> optimizer step). Measured training-side peak = peak RSS of
-that step - process overhead (RSS after the warm-up step minus the bytes of the weights and
-the optimizer state: imports, lazily imported modeling code, torchao's compiled steps).
+Model: a Qwen2-shaped decoder built locally with random init (``SHAPES``: ``qwen2-0.5b`` is
+the Qwen2.5-0.5B shape; the ``act-*`` shapes, 8-12 layers and a small vocabulary, are where
+activations dominate at 4,096 tokens). Cases (``CASES``): full AdamW with fp32 weights,
+torchao AdamW 8-bit, bf16-stored weights with stochastic-rounding AdamW, LoRA r = 16. Each
+case runs in a **fresh process**, sequentially: build model + optimizer, one packed
+micro-batch (4 sequences; the trainer's ``packing.pack`` / ``run_packed_head`` path, fused
+head), one warm-up step (allocates optimizer state; torchao compiles its step), then one
+step measured phase by phase: the Linux peak-RSS counter is reset
+(``/proc/self/clear_refs``) before the forward, the backward and the optimizer step, and each
+phase's figure is its peak RSS minus the RSS after the warm-up step (weights, optimizer
+state, imports: what stays between steps). Nothing computed is added to the measured side.
 glibc is told to ``mmap`` every allocation >= 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so RSS
 follows live tensors instead of heap pages the allocator keeps. The prediction is
-``prefix_rft.memory_model`` for the same shape and settings on ``device=cpu`` (no CUDA
-context, allocator slack or rollout engine).
+``prefix_rft.memory_model``'s ``phase_forward`` / ``phase_backward`` / ``grads`` /
+``phase_step`` for the same shape and settings on ``device=cpu`` (each above its
+``resident``: no CUDA context, allocator slack or rollout engine).
 
 Rows go to ``benchmarks/results/memory.csv`` (+ ``.md`` with measured vs predicted and the
-relative error, ``.png``) through ``benchmarks/results_io``. On CUDA (``--gpu``) the same
-cases run with ``torch.cuda.max_memory_allocated`` as the measure.
+relative error per phase, ``.png``) through ``benchmarks/results_io``. On CUDA (``--gpu``) the
+same phases are measured with ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ SHAPES = {
     "validate-896": (896, 2, 14, 2, 4864, 151936, True),
     "validate-256-untied": (256, 2, 4, 2, 768, 151936, False),
     "smoke": (64, 2, 2, 1, 128, 5003, True),
+    # activations dominate (small vocabulary, 8+ layers; run at 4096 packed tokens). The
+    # first fits the activation constants; the other two are held out (Qwen's I/H ~ 5.5).
+    "act-8L-256": (256, 8, 4, 2, 768, 8192, False),
+    "act-12L-320": (320, 12, 5, 1, 1728, 8192, False),
+    "act-8L-448": (448, 8, 7, 1, 2432, 16384, True),
+    "act-10L-384": (384, 10, 6, 2, 2048, 8192, False),
 }
 # case -> (optim.name, weights dtype, LoRA rank)
 CASES = {
@@ -59,8 +67,9 @@ def _rss_kib(field: str = "VmRSS") -> int:
     return int(re.search(rf"{field}:\s+(\d+)", text).group(1))
 
 
-def predict(shape: str, case: str, tokens: int, device: str = "cpu") -> dict:
-    """The planner's update-phase figure (bytes) for one case; no CUDA context/slack."""
+def predict(shape: str, case: str, tokens: int, device: str = "cpu",
+            checkpointing: bool = True) -> dict:
+    """The planner's figures (bytes) for one case; no CUDA context/slack."""
     from prefix_rft.memory_model import ModelShape, PlanInputs, component_bytes
 
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[shape]
@@ -70,95 +79,136 @@ def predict(shape: str, case: str, tokens: int, device: str = "cpu") -> dict:
     optim, dtype, r = CASES[case]
     inp = PlanInputs(micro_batch_tokens=tokens, device=device, optim=optim, lora_r=r,
                      weight_bytes=2 if dtype == "bf16" else 4,
-                     compute_bf16=dtype == "bf16" or device == "cuda")
+                     compute_bf16=dtype == "bf16" or device == "cuda",
+                     gradient_checkpointing=checkpointing)
     return component_bytes(ms, inp)
 
 
-def build(shape: str, case: str, device: str):
+def build(shape: str, case: str, device: str, checkpointing: bool = True):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from prefix_rft.lora import apply_lora
     from prefix_rft.optim import make_optimizer
+    from prefix_rft.varlen_attention import enable_packed_attention
 
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[shape]
     optim, dtype, r = CASES[case]
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      max_position_embeddings=4096, tie_word_embeddings=tied, use_cache=False,
+                      max_position_embeddings=8192, tie_word_embeddings=tied, use_cache=False,
                       attn_implementation="sdpa")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).to(device=device,
                                      dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     if r:
         apply_lora(model, r=r, alpha=2 * r, dropout=0.0)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_packed_attention(model)
     model.train()
     opt = make_optimizer(optim, model.parameters(), lr=1e-5)
     return model, opt
 
 
-def run_case(shape: str, case: str, batch: int, seq: int, device: str) -> dict:
-    """Warm-up step, reset the peak counter, one measured step; the worker's JSON result."""
+class PeakMeter:
+    """Rise of the peak over a base, per phase: peak RSS (``/proc/self/clear_refs`` resets
+    VmHWM) on CPU, ``max_memory_allocated`` on CUDA. Nothing computed is added."""
+
+    def __init__(self, cuda: bool):
+        import gc
+
+        import torch
+
+        self.cuda, self.torch = cuda, torch
+        gc.collect()
+        self.base = self.now()
+
+    def now(self) -> int:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            return self.torch.cuda.memory_allocated()
+        return _rss_kib() * 1024
+
+    def reset(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := current RSS
+
+    def peak_rise(self) -> int:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            return self.torch.cuda.max_memory_allocated() - self.base
+        return _rss_kib("VmHWM") * 1024 - self.base
+
+
+def run_case(shape: str, case: str, tokens: int, device: str, checkpointing: bool = True) -> dict:
+    """Warm-up step, then one step measured phase by phase against the RSS after warm-up
+    (weights, optimizer state, imports: what stays between steps); the worker's JSON."""
     import contextlib
-    import gc
 
     import torch
 
-    from benchmarks.train_step import loss_of, make_inputs
-    from prefix_rft.optim import state_bytes
+    from benchmarks.gpu_train_step import packed_batch, step_parts
+
     cuda = device == "cuda"
-    rss0 = 0
-    model, opt = build(shape, case, device)
-    x, P, T = make_inputs(SHAPES[shape][5], batch, seq, device)
+    model, opt = build(shape, case, device, checkpointing)
+    batch = packed_batch(SHAPES[shape][5], tokens, device, sequences=4)
+    forward, backward, step = step_parts(model, opt, batch)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and CASES[case][1] == "fp32"
                 else contextlib.nullcontext())
-    times = []
-    for i in range(2):
-        gc.collect()
-        if i == 1:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset VmHWM (peak RSS) to the current RSS
-                # process overhead = RSS now minus the tensors the trainer holds between steps
-                # (weights + optimizer state): imports, lazily imported modeling code, torchao's
-                # compiled step functions -- not training memory, and absent from GPU memory
-                tensors = [*model.parameters(), *model.buffers()]
-                held = sum(t.numel() * t.element_size() for t in tensors) + state_bytes(opt)
-                rss0 = _rss_kib() * 1024 - held
-        t0 = time.perf_counter()
-        with autocast:
-            loss = loss_of(model, "fused", x, P, T, "triton" if cuda else "torch")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024 - rss0)
-    return {"case": case, "shape": shape, "tokens": batch * seq, "peak_bytes": peak,
-            "rss0_bytes": rss0, "step_s": times[1], "tokens_per_s": batch * seq / times[1],
-            "first_step_s": times[0], "loss": float(loss.detach())}
+    with autocast:
+        loss = forward()
+    backward(loss)
+    step()
+    del loss
+    meter = PeakMeter(cuda)
+    t0 = time.perf_counter()
+    meter.reset()
+    with autocast:
+        loss = forward()
+    fwd = meter.peak_rise()
+    meter.reset()
+    backward(loss)
+    del loss
+    bwd, grads = meter.peak_rise(), meter.now() - meter.base
+    meter.reset()
+    step()
+    stp = meter.peak_rise()
+    secs = time.perf_counter() - t0
+    return {"case": case, "shape": shape, "tokens": tokens, "checkpointing": checkpointing,
+            "forward": fwd, "backward": bwd, "grads": grads, "step": stp,
+            "peak_bytes": max(fwd, bwd, stp), "resident_rss": meter.base, "step_s": secs,
+            "tokens_per_s": tokens / secs}
 
 
-def measure(shape: str, case: str, batch: int, seq: int, device: str = "cpu") -> dict:
-    """One case in a fresh subprocess (so its peak is its own); adds the prediction."""
+def measure(shape: str, case: str, tokens: int, device: str = "cpu",
+            checkpointing: bool = True) -> dict:
+    """One case in a fresh subprocess (so its peak is its own); adds the prediction and the
+    error of each phase (``err_<phase>`` = predicted / measured - 1)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "benchmarks.memory", "--worker", shape, case, str(batch),
-           str(seq), device]
+    cmd = [sys.executable, "-m", "benchmarks.memory", "--worker", shape, case, str(tokens),
+           device, "1" if checkpointing else "0"]
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory benchmark worker failed ({case}, {shape}):\n"
                            f"{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    pred = predict(shape, case, batch * seq, device)
-    result["predicted_bytes"] = pred["update_peak"]
-    result["rel_error"] = pred["update_peak"] / result["peak_bytes"] - 1.0
+    pred = predict(shape, case, tokens, device, checkpointing)
+    result["predicted"] = {"forward": pred["phase_forward"], "backward": pred["phase_backward"],
+                           "grads": pred["grads"], "step": pred["phase_step"],
+                           "activations": pred["activations"], "resident": pred["resident"]}
+    result["predicted_bytes"] = max(pred["phase_forward"], pred["phase_backward"],
+                                    pred["phase_step"])
+    result["rel_error"] = result["predicted_bytes"] / result["peak_bytes"] - 1.0
+    for k in ("forward", "backward", "grads", "step"):
+        result[f"err_{k}"] = result["predicted"][k] / max(result[k], 1) - 1.0
     return result
 
 
@@ -167,9 +217,14 @@ def write_results(results: list[dict], csv_path: str, device_note: str) -> None:
 
     rows = []
     for r in results:
-        extra = (f"predicted_mb={r['predicted_bytes'] / 2**20:.1f};rel_error={r['rel_error']:+.3f};"
-                 f"tokens_per_s={r['tokens_per_s']:.1f};rss0_mb={r['rss0_bytes'] / 2**20:.1f};"
-                 f"first_step_s={r['first_step_s']:.1f}")
+        mb = lambda v: f"{v / 2**20:.1f}"  # noqa: E731
+        phases = ";".join(f"{k}_mb={mb(r[k])};{k}_pred_mb={mb(r['predicted'][k])};"
+                          f"{k}_err={r[f'err_{k}']:+.3f}"
+                          for k in ("forward", "backward", "grads", "step"))
+        extra = (f"predicted_mb={mb(r['predicted_bytes'])};rel_error={r['rel_error']:+.3f};"
+                 f"checkpointing={int(r['checkpointing'])};{phases};"
+                 f"activations_pred_mb={mb(r['predicted']['activations'])};"
+                 f"resident_rss_mb={mb(r['resident_rss'])};tokens_per_s={r['tokens_per_s']:.1f}")
         rows.append(make_row("update_step_memory", r["case"], "fwd+bwd+step",
                              f"{r['shape']} T={r['tokens']}", [r["step_s"] * 1e3],
                              r["peak_bytes"] / 2**20, extra))
@@ -187,16 +242,23 @@ def _extra(row: dict) -> dict:
 
 
 def render_markdown(rows: list[dict], device_note: str) -> str:
-    head = ["case", "shape", "measured peak MB", "planner MB", "error", "tokens/s", "step ms",
-            "device", "commit", "date"]
-    lines = ["# Update-step peak memory: measured vs `prefix-rft plan`", "", device_note, "",
+    head = ["case", "shape", "ckpt", "measured rise MB", "planner MB", "error", "forward err",
+            "backward err", "grads err", "step err", "device", "commit", "date"]
+    lines = ["# Update-step peak memory: measured rise of peak RSS vs `prefix-rft plan`", "",
+             "Measured: the rise of the peak over what stays between steps (weights, optimizer "
+             "state), per phase, nothing computed added; planner: the same phases above its "
+             "`resident` figure. Rows before this format measured the whole peak.", "",
+             device_note, "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         e = _extra(r)
         err = float(e.get("rel_error", "nan")) * 100
+        phase = [f"{float(e[k]) * 100:+.1f}%" if k in e else "" for k in (
+            "forward_err", "backward_err", "grads_err", "step_err")]
         lines.append("| " + " | ".join([
-            r["impl"], r["shape"], r["peak_mb"], e.get("predicted_mb", ""), f"{err:+.1f}%",
-            e.get("tokens_per_s", ""), r["ms_p50"], r["device"], r["commit"], r["date"]]) + " |")
+            r["impl"], r["shape"], e.get("checkpointing", "1"), r["peak_mb"],
+            e.get("predicted_mb", ""), f"{err:+.1f}%", *phase, r["device"], r["commit"],
+            r["date"]]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,14 +293,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--shape", default="qwen2-0.5b", choices=sorted(SHAPES))
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--tokens", type=int, default=512, help="tokens per step (1 x tokens)")
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="gradient checkpointing off (every layer's activations kept)")
     ap.add_argument("--gpu", action="store_true", help="measure on CUDA (max_memory_allocated)")
     ap.add_argument("--out", default=None, help="CSV (default benchmarks/results/memory.csv; "
                                                 "'-' = print only)")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        shape, case, batch, seq, device = args.worker
-        print(json.dumps(run_case(shape, case, int(batch), int(seq), device)))
+        shape, case, tokens, device, ckpt = args.worker
+        print(json.dumps(run_case(shape, case, int(tokens), device, ckpt == "1")))
         return []
     device = "cuda" if args.gpu else "cpu"
     import platform
@@ -249,7 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"`{' '.join(['python -m benchmarks.memory'] + list(argv or sys.argv[1:]))}`")
     results = []
     for case in args.cases:
-        r = measure(args.shape, case, 1, args.tokens, device)
+        r = measure(args.shape, case, args.tokens, device, not args.no_checkpointing)
         print(f"{case:14s} {args.shape} T={args.tokens}: "
               f"measured {r['peak_bytes'] / 2**30:6.2f} GiB"
               f"  planner {r['predicted_bytes'] / 2**30:6.2f} GiB ({r['rel_error']:+.1%})"

@@ -228,14 +228,15 @@ def _chunk_gemms(dz_c, box, v0, hidden, weight, dx, dw):
 
 
 def _launch_dz(cfg, args, dz, db_part, keep, v_start, length, need_db, dtype):
-    """One dz kernel launch over vocab columns ``[v_start, v_start + length)``."""
+    """One dz kernel launch over vocab columns ``[v_start, v_start + length)``; returns what
+    the launch returns (on a GPU the compiled kernel: ``n_regs``, ``n_spills``, metadata)."""
     (hidden, weight, bias, labels, lse, entropy, g_lp, g_h, inv_temp, ignore_index,
      filter_eps) = args
     n_rows, h_dim = hidden.shape
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     grid = (triton.cdiv(n_rows, block_n) * triton.cdiv(length, block_v),)
     dummy = lse  # stands in for absent pointers; never read (constexpr flags)
-    _linear_logprob_entropy_dz_kernel[grid](
+    return _linear_logprob_entropy_dz_kernel[grid](
         hidden, weight, bias if bias is not None else dummy, labels, lse, entropy,
         g_lp if g_lp is not None else dummy, g_h if g_h is not None else dummy,
         dz, db_part, keep,
@@ -247,3 +248,6 @@ def _launch_dz(cfg, args, dz, db_part, keep, v_start, length, need_db, dtype):
         BLOCK_K=cfg["BLOCK_K"], GROUP_N=cfg["GROUP_N"], DOT_PRECISION=_dot_precision(dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+_atomic.AUTOTUNE_BACKWARDS["dz"] = triton_bwd_split  # PREFIX_RFT_TRITON_AUTOTUNE=1 times it

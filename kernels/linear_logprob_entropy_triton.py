@@ -326,6 +326,11 @@ def triton_bwd(
 # ------------------------------------------------------------------------------- configs
 
 
+# kernel -> the backward whose launches use its config, timed by the autotuner; the split
+# backward's module adds "dz" when imported (it imports this one, so not the other way).
+AUTOTUNE_BACKWARDS: dict = {}
+
+
 def _launch_config(kernel: str, hidden: torch.Tensor, weight: torch.Tensor) -> dict[str, int]:
     """Checked-in config, or (PREFIX_RFT_TRITON_AUTOTUNE=1) the fastest candidate, cached."""
     if not autotune_enabled() or kernel not in AUTOTUNE_CANDIDATES:
@@ -353,8 +358,9 @@ def _autotuned(kernel: str, dtype: torch.dtype, h_dim: int, vocab: int,
                 else:
                     _, ent, lse = triton_fwd(x, w, None, y, 1.0, -100)
                     g = torch.ones(n_rows, device=device)
-                    ms = do_bench(functools.partial(triton_bwd, x, w, None, y, lse, ent, g, g,
-                                                    1.0, -100))
+                    bwd = AUTOTUNE_BACKWARDS[kernel]
+                    ms = do_bench(functools.partial(bwd, x, w, None, y, lse, ent, g, g, 1.0,
+                                                    -100))
         except Exception:  # noqa: BLE001 -- a config that fails to compile (shared memory) loses
             continue
         if ms < best_ms:
@@ -379,3 +385,6 @@ class _override_config:
     def __exit__(self, *exc):
         global _launch_config
         _launch_config = self.saved
+
+
+AUTOTUNE_BACKWARDS["bwd"] = triton_bwd

@@ -87,16 +87,36 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     },
 }
 
+# Candidates for PREFIX_RFT_TRITON_AUTOTUNE=1 (bf16/fp16; fp32 inputs keep their "_fp32"
+# entry). Each one compiles for sm_90a without spills (`python benchmarks/compile_check.py
+# --candidates`, tests/test_compile_check.py): regs / shared KiB as launched at N=16384,
+# H=4096, V=151936 are in the comments. Rejected for spilling: fwd 128x256x64 w8 s3 (256 B);
+# dz 128x256x64 w8 s3 (1584 B), 256x128x64 w8 s3 (680 B), 128x128x32 w4 s4 (724 B),
+# 128x256x32 w8 s4 (1584 B), 64x256x32 w4 s4 (1332 B).
 AUTOTUNE_CANDIDATES: dict[str, list[dict[str, int]]] = {
     "fwd": [
         dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=w, num_stages=st)
-        for bn, bv, bk, w, st in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-                                  (128, 256, 64, 8, 3), (64, 256, 32, 8, 3)]
+        for bn, bv, bk, w, st in [(128, 128, 32, 8, 3),   # 179 / 48 (shipped)
+                                  (128, 128, 64, 8, 3),   # 255 / 96
+                                  (64, 128, 64, 4, 4),    # 255 / 96
+                                  (64, 256, 32, 8, 3)]    # 191 / 60
     ],
     "bwd": [
         dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP_N=8, num_warps=w, num_stages=st)
-        for bn, bv, bk, w, st in [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3),
-                                  (64, 128, 32, 4, 3), (128, 128, 64, 8, 2)]
+        for bn, bv, bk, w, st in [(64, 128, 64, 8, 3),    # 166 / 80
+                                  (128, 128, 32, 8, 3),   # 250 / 72
+                                  (128, 64, 64, 8, 3),    # 191 / 80
+                                  (64, 128, 32, 4, 3),    # 255 / 44
+                                  (128, 128, 64, 8, 2)]   # 252 / 96
+    ],
+    "dz": [
+        dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP_N=8, CHUNK_V=8192, num_warps=w,
+             num_stages=st)
+        for bn, bv, bk, w, st in [(128, 128, 64, 8, 3),   # 223 / 96 (shipped)
+                                  (128, 128, 64, 8, 4),   # 223 / 128
+                                  (64, 256, 64, 8, 3),    # 228 / 120
+                                  (64, 128, 64, 4, 4),    # 221 / 96
+                                  (128, 128, 32, 8, 4)]   # 220 / 64
     ],
 }
 

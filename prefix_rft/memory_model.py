@@ -13,16 +13,21 @@ The model of one update step (per rank; ``N`` = FSDP2 ranks, params/grads/state 
   AdamW8bit ``2 * (1 + 4/256)`` (blockwise uint8 + fp32 scale; tensors < 4096 elements keep
   ``2 w``), AdamW bf16 + stochastic rounding ``2 * 2``;
 * activations under gradient checkpointing: one ``[T, H]`` checkpoint per layer plus one
-  layer's recompute (``ACT_H * H + ACT_KV * kv + ACT_I * I`` values per token), at
-  ``T = train.micro_batch_tokens``; without checkpointing every layer's recompute set;
+  layer's backward (``RECOMPUTE`` x its saved set of ``SAVED_H * H + SAVED_KV * kv +
+  SAVED_I * I`` values per token), at ``T = train.micro_batch_tokens``; without
+  checkpointing every layer's saved set plus the gradients in flight;
 * the fused head: fp32 ``dX [T, H]`` + its logit tiles + (when the lm_head trains and the
   kernel sees a non-fp32 or gathered weight) the fp32 ``dW [V, H]`` accumulator;
 * the optimizer step's temporaries (largest tensor, unfused / compiled per-tensor steps).
 
 The backward peak is taken as the maximum over layers of (grads so far + checkpoints left +
-one layer's recompute); the step peak as grads + step temporaries. The constants were fitted
-once on CPU (``benchmarks/memory.py``, fresh process per case, peak RSS) and are not tuned per
-shape; ``tests/test_plan.py`` checks three shapes against measured peak RSS within 15 %.
+one layer's recompute) and the head's backward; the step peak as grads + step temporaries.
+The activation constants were fitted once on CPU (``benchmarks/memory.py``: fresh process per
+case, each phase's rise of peak RSS over the memory held between steps, nothing computed
+added) at two shapes, and are not tuned per shape; ``tests/test_plan.py`` checks each phase on
+held-out shapes where activations are >= 30 % of the peak, within 15 %. What only a GPU can
+measure (bf16 activations under autocast, compute copies, the Triton head's buffers, CUDA
+context, allocator slack) is measured by ``benchmarks/gpu_check.sh``'s train-step stage.
 """
 
 from __future__ import annotations
@@ -32,15 +37,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GiB = 2**30
-# Values per token per layer kept while one decoder layer is recomputed and back-propagated
-# (Qwen2/Llama layer: norm outputs, q/k/v, rotary q/k, attention out, o_proj, residuals,
-# gate/up/act/product, down; plus the gradients in flight).
-ACT_H, ACT_KV, ACT_I = 12, 3, 6
+# Values per token that one Qwen2/Llama decoder layer's forward saves for its backward (SDPA):
+# 9 x H (both RMSNorms' normalized input and output, rotary q, the attention output and its
+# contiguous copy, the two residual sums, the layer output), 2 x kv (rotary k, v), 4 x I (gate,
+# up, SiLU(gate), their product). Measured on CPU at 5,690 values/token on the fit shape
+# (benchmarks/memory.py act-8L-256, checkpointing off), 5,632 counted.
+SAVED_H, SAVED_KV, SAVED_I = 9, 2, 4
+# The backward of one recomputed layer peaks at RECOMPUTE x its saved set (the saved set plus
+# the gradients in flight, less what the MLP's backward has freed), fitted on CPU with
+# checkpointing on at the fit shapes act-8L-256 (1.17, per-layer backward hooks) and
+# act-12L-320 (1.25). tests/test_plan.py checks shapes not used to fit anything.
+RECOMPUTE = 1.2
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw_bf16_sr")
 OFFLOADS = ("none", "optimizer", "params")
-# Chunked torch head path: [1024, 8192] fp32 tiles, three alive (kernels/reference.py).
-HEAD_TOKEN_CHUNK, HEAD_VOCAB_CHUNK, HEAD_TILES = 1024, 8192, 3
+# Chunked torch head path (CPU): [1024, 8192] fp32 tiles, three alive in the forward and five
+# in the backward (measured on CPU: the head's backward is the update's peak at the fit shape).
+# The Triton path (CUDA) holds no tiles in the forward and one [T, CHUNK_V] dz buffer in the
+# input dtype in the split backward.
+HEAD_TOKEN_CHUNK, HEAD_VOCAB_CHUNK, HEAD_TILES, HEAD_TILES_BWD = 1024, 8192, 3, 5
+# A checkpointed layer's forward (no graph kept) holds ~3 [T, I] MLP tensors at once.
+LAYER_FWD_I = 3
 
 
 @dataclass(frozen=True)
@@ -166,13 +183,48 @@ def _step_temporaries(inp: PlanInputs, largest: int, w: int) -> float:
     return 0.0  # bf16 + stochastic rounding: one compiled in-place kernel per tensor
 
 
+def _activation_terms(shape: ModelShape, inp: PlanInputs, c: int, w: int
+                      ) -> tuple[float, float, float, float]:
+    """Bytes of (one layer's saved set, one layer's checkpoint -- its saved set when
+    checkpointing is off --, one layer's backward set on top of the checkpoints, the
+    layer-independent activations: embeddings out, final norm, head input, padded mask)."""
+    T, H = inp.micro_batch_tokens, shape.hidden
+    saved = T * (SAVED_H * H + SAVED_KV * shape.kv_dim + SAVED_I * shape.intermediate) * c
+    if inp.lora_r and inp.lora_dropout > 0:  # peft's dropout copies of each target's input
+        saved += T * sum(shape.linear_shapes()[t][0] for t in inp.lora_targets) * c
+    # under single-process autocast the residual stream (the checkpointed input) stays fp32
+    autocast = inp.compute_bf16 and inp.device == "cuda" and not inp.fsdp and w == 4
+    if inp.gradient_checkpointing:
+        ckpt_one, layer_bwd = T * H * (4 if autocast else c), RECOMPUTE * saved
+    else:  # every layer's saved set is held; the backward adds the gradients in flight
+        ckpt_one, layer_bwd = saved, (RECOMPUTE - 1) * saved
+    fixed = 3 * T * H * 4 + inp.attention_mask_bytes
+    return saved, ckpt_one, layer_bwd, fixed
+
+
+def _head_workspace(shape: ModelShape, inp: PlanInputs, c: int, head_trains: bool
+                    ) -> tuple[float, float]:
+    """The fused head's (forward tiles, backward workspace) in bytes: the torch path's logit
+    tiles on CPU, the Triton split backward's dz buffer on CUDA; plus the fp32 dX and, when
+    the lm_head trains on a non-fp32 or gathered weight, the fp32 dW accumulator."""
+    T, H, V = inp.micro_batch_tokens, shape.hidden, shape.vocab
+    rows, cols = min(T, HEAD_TOKEN_CHUNK), min(V, HEAD_VOCAB_CHUNK)
+    tiles, tiles_bwd = rows * cols * 4 * HEAD_TILES, rows * cols * 4 * HEAD_TILES_BWD
+    if inp.device == "cuda":  # Triton: no forward tiles; the split backward's dz buffer
+        tiles, tiles_bwd = 0.0, T * cols * c
+    dw_extra = V * H * 4 if head_trains and (c != 4 or inp.fsdp) else 0.0
+    return tiles, T * H * 4 + tiles_bwd + dw_extra
+
+
 def component_bytes(shape: ModelShape, inp: PlanInputs) -> dict[str, float]:
     """Bytes per rank of each component of the update phase, plus the phase peaks.
 
     Keys: ``params``, ``grads``, ``optimizer_state``, ``compute_copies``, ``activations``,
     ``head_workspace``, ``step_temporaries`` (each the component's size at the update peak),
     ``update_peak`` (max over forward, backward and optimizer step), ``resident`` (what stays
-    between steps: params + optimizer state on the device), and ``host_*`` (CPU RAM of
+    between steps: params + optimizer state on the device), ``phase_forward`` /
+    ``phase_backward`` / ``phase_step`` (each phase's peak above ``resident``: what
+    ``benchmarks/memory.py`` measures as a rise of peak RSS), and ``host_*`` (CPU RAM of
     offloaded states). ``cpu`` device: no compute copies (fp32 throughout).
     """
     N = max(1, inp.world) if inp.fsdp else 1
@@ -210,21 +262,8 @@ def component_bytes(shape: ModelShape, inp: PlanInputs) -> dict[str, float]:
     elif inp.compute_bf16 and inp.device == "cuda" and not inp.lora_r and w == 4:
         copy_fwd = shape.layer_params() * L * 2 + V * H * 2
         copy_bwd = V * H * 2  # the head's bf16 weight, saved for its backward
-    # activations
-    layer_act = T * (ACT_H * H + ACT_KV * shape.kv_dim + ACT_I * shape.intermediate) * c
-    if inp.lora_r and inp.lora_dropout > 0:  # peft's dropout copies of each target's input
-        layer_act += T * sum(shape.linear_shapes()[t][0] for t in inp.lora_targets) * c
-    # under single-process autocast the residual stream (the checkpointed input) stays fp32
-    autocast = inp.compute_bf16 and inp.device == "cuda" and not inp.fsdp and w == 4
-    ckpt_one = T * H * (4 if autocast else c)
-    if not inp.gradient_checkpointing:
-        ckpt_one = layer_act
-    fixed_act = 3 * T * H * 4 + inp.attention_mask_bytes  # embeddings out, final norm, head input
-    # fused head workspace
-    rows = min(T, HEAD_TOKEN_CHUNK)
-    tiles = rows * HEAD_VOCAB_CHUNK * 4 * HEAD_TILES
-    dw_extra = V * H * 4 if head_trains and (c != 4 or inp.fsdp) else 0.0
-    head_ws = T * H * 4 + tiles + dw_extra
+    _, ckpt_one, layer_bwd, fixed_act = _activation_terms(shape, inp, c, w)
+    tiles, head_ws = _head_workspace(shape, inp, c, head_trains)
     head_grad = (V * H * w / N) if head_trains and not shape.tied else 0.0
     # backward: max over layers of grads so far + checkpoints left + one layer's recompute
     layer_grad = (p_train - (heads * shape.embed_params() if head_trains else 0)) / max(1, L)
@@ -232,20 +271,25 @@ def component_bytes(shape: ModelShape, inp: PlanInputs) -> dict[str, float]:
     if inp.offload == "params":
         head_grad = 0.0
     bwd = max(head_grad + L * ckpt_one + fixed_act + head_ws + copy_bwd,
-              max(head_grad + (L - k) * layer_grad + k * ckpt_one + layer_act + fixed_act
+              max(head_grad + (L - k) * layer_grad + k * ckpt_one + layer_bwd + fixed_act
                   + copy_bwd for k in range(1, L + 1)))
     tied_tmp = V * H * w if (shape.tied and head_trains and inp.offload != "params") else 0.0
     bwd_end = grads + tied_tmp + fixed_act
-    fwd = L * ckpt_one + layer_act + fixed_act + tiles + copy_fwd
+    # forward: the checkpoints (every layer's saved set without checkpointing) plus the larger
+    # of the head's tiles and one checkpointed layer's live intermediates
+    layer_fwd = T * LAYER_FWD_I * shape.intermediate * c if inp.gradient_checkpointing else 0.0
+    fwd = L * ckpt_one + fixed_act + copy_fwd + max(tiles, layer_fwd)
     step = grads + step_tmp
     transient = max(fwd, bwd, bwd_end, step)
     resident = stored + state
     out = {"params": stored, "grads": grads,
            "optimizer_state": state, "compute_copies": max(copy_fwd, copy_bwd),
-           "activations": L * ckpt_one + layer_act + fixed_act, "head_workspace": head_ws,
+           "activations": L * ckpt_one + layer_bwd + fixed_act, "head_workspace": head_ws,
            "step_temporaries": step_tmp, "update_peak": resident + transient,
            "resident": resident, "trainable_params": float(p_train),
-           "total_params": float(p_total)}
+           "total_params": float(p_total),
+           # above ``resident``, the largest allocation of each phase of the step
+           "phase_forward": fwd, "phase_backward": max(bwd, bwd_end), "phase_step": step}
     out.update(host)
     return out
 

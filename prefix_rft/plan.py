@@ -10,7 +10,8 @@ predicts, per rank, the two phases of a step that compete for the card:
   ``optim.name``), bf16 compute copies, activations under gradient checkpointing at
   ``train.micro_batch_tokens``, the fused head's workspace, optimizer-step temporaries
   (``prefix_rft.memory_model``), plus what the rollout engine keeps while the update runs
-  (vLLM asleep: ~``VLLM_ASLEEP_GIB``; ``rollout.sleep_level: 0``: its whole budget);
+  (each engine reports its own terms, ``RolloutEngine.memory_terms``: vLLM asleep keeps
+  ``VLLMEngine.ASLEEP_GIB``, with ``rollout.sleep_level: 0`` its whole budget);
 * **rollout**: params + optimizer state (they stay), plus the engine: vLLM's
   ``gpu_memory_utilization x GPU memory`` (its weights, KV cache, CUDA graphs), or the HF
   engine's KV cache and logits for ``hf_batch_size`` sequences.
@@ -28,8 +29,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .memory_model import (
@@ -38,13 +41,16 @@ from .memory_model import (
     ModelShape,
     PlanInputs,
     component_bytes,
-    kv_bytes_per_token,
 )
 
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspaces per process
 SLACK = 0.08  # caching-allocator fragmentation, fraction of the peak
-VLLM_ASLEEP_GIB = 0.5  # what a sleeping vLLM engine keeps on the GPU (CUDA graph pool, buffers)
-VLLM_OVERHEAD_GIB = 1.5  # vLLM's activation profile + CUDA graphs inside its budget
+# Terms no CPU run can measure; `plan` says so until benchmarks/gpu_check.sh's train-step row
+# has measured them on a GPU and the figure here cites it (term -> "GPU, date, error").
+GPU_MEASURED: dict[str, str] = {}
+GPU_ONLY_TERMS = ("activations (bf16 under autocast)", "compute copies", "CUDA context",
+                  "allocator slack")
+VLLM_TERMS = ("vLLM asleep", "vLLM overhead")
 
 
 @dataclass
@@ -106,22 +112,10 @@ def inputs_from_config(cfg, gpus: int = 1, model_config: str | None = None
 
 
 def _engine(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, gpu_bytes: float) -> dict:
-    c = 2 if inp.compute_bf16 else 4
-    if eng.engine == "vllm":
-        budget = eng.gpu_memory_utilization * gpu_bytes
-        weights = shape.total_params() * c  # one engine per rank holds the whole model
-        kv = max(0.0, budget - weights - VLLM_OVERHEAD_GIB * GiB)
-        awake_during_update = eng.sleep_level == 0 or inp.device == "cpu"
-        asleep = VLLM_ASLEEP_GIB * GiB
-        return {"rollout": budget, "update": budget if awake_during_update else asleep,
-                "weights": weights, "kv_cache": kv,
-                "kv_tokens": kv / kv_bytes_per_token(shape, c)}
-    kv = eng.rows * eng.seq_tokens * kv_bytes_per_token(shape, c)
-    logits = eng.rows * shape.vocab * 4 * 2
-    # generation under FSDP2 gathers the whole model; under autocast bf16 weight copies
-    copies = shape.total_params() * c if (inp.fsdp or (inp.compute_bf16 and not inp.lora_r)) else 0
-    return {"rollout": kv + logits + copies, "update": 0.0, "weights": 0.0, "kv_cache": kv,
-            "kv_tokens": eng.rows * eng.seq_tokens}
+    """The rollout engine's own memory terms (``RolloutEngine.memory_terms``)."""
+    from .rollout import engine_class
+
+    return engine_class(eng.engine).memory_terms(shape, inp, eng, gpu_bytes)
 
 
 def estimate(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, gpu_bytes: float) -> dict:
@@ -255,13 +249,44 @@ def format_plan(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, est: dict
     return "\n".join(lines)
 
 
+def shipped_model_config(cfg, config_path: str | None) -> str | None:
+    """A shipped ``model_configs/<name>.json`` for ``model.path`` when that directory has no
+    config.json (a fresh clone, weights not downloaded): ``<name>`` is the path's last part,
+    lower-cased, looked up beside the run config and in this checkout's ``configs/``."""
+    if (Path(cfg.model.path) / "config.json").is_file():
+        return None
+    name = Path(str(cfg.model.path).rstrip("/")).name.lower() + ".json"
+    roots = ([Path(config_path).resolve().parent] if config_path else []) + [
+        Path(__file__).resolve().parent.parent / "configs"]
+    for root in roots:
+        candidate = root / "model_configs" / name
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def gpu_terms_line(inp: PlanInputs, eng: EngineInputs) -> str:
+    """Which figures only a GPU can measure and none has yet (empty once all have)."""
+    if inp.device != "cuda":
+        return ""
+    terms = GPU_ONLY_TERMS + (VLLM_TERMS if eng.engine == "vllm" else ())
+    left = [t for t in terms if t not in GPU_MEASURED]
+    if not left:
+        return ""
+    return ("not yet measured on a GPU (CPU-validated model; benchmarks/gpu_check.sh measures "
+            "them): " + ", ".join(left))
+
+
 def plan_config(cfg, gpu_bytes: float, gpus: int = 1, model_config: str | None = None
                 ) -> tuple[str, dict]:
     """The plan's text and figures for a resolved run config."""
     shape, inp, eng = inputs_from_config(cfg, gpus, model_config)
     est = estimate(shape, inp, eng, gpu_bytes)
     sugg = [] if est["fits"] else suggestions(shape, inp, eng, gpu_bytes, gpus)
-    return format_plan(shape, inp, eng, est, sugg, gpus), est
+    text = format_plan(shape, inp, eng, est, sugg, gpus)
+    note = gpu_terms_line(inp, eng)
+    est["gpu_unmeasured"] = note
+    return text + (f"\n{note}" if note else ""), est
 
 
 def _default_gpu_bytes() -> float:
@@ -294,9 +319,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         cfg = load_config(args.config, _split_overrides(extra))
         gpu_bytes = parse_memory(args.gpu_memory) if args.gpu_memory else _default_gpu_bytes()
-        text, est = plan_config(copy.deepcopy(cfg), gpu_bytes, args.gpus, args.model_config)
+        model_config = args.model_config or shipped_model_config(cfg, args.config)
+        text, est = plan_config(copy.deepcopy(cfg), gpu_bytes, args.gpus, model_config)
     except ValueError as err:  # a config / argument mistake: one clean line
         raise SystemExit(f"prefix-rft plan: {err}") from None
+    if model_config and not args.model_config:
+        est["model_config"] = model_config
+        rel = os.path.relpath(model_config)
+        shown = model_config if rel.startswith("..") else rel
+        text = (f"model.path {cfg.model.path!r} has no config.json: using the shipped "
+                f"{shown} (same architecture; pass --model-config "
+                f"to choose another)\n" + text)
     print(json.dumps(est, indent=1) if args.json else text)
     return est
 

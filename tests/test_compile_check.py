@@ -37,3 +37,19 @@ def test_every_shipped_config_compiles_without_spills_within_smem_with_wgmma():
     # 2 families x 5 kernel variants x 2 dtypes, each checked: no spills, smem, wgmma
     assert len(rows) == 20, table
     assert all(line.rstrip().endswith("| ok |") for line in rows), table
+
+
+@pytest.mark.skipif(not _ptxas_bundled(), reason="no ptxas bundled with this triton install")
+def test_every_autotune_candidate_compiles_for_sm90_without_spills():
+    from prefix_rft.kernels.triton_configs import AUTOTUNE_CANDIDATES
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"),
+                           "--candidates", "--jobs", str(min(4, os.cpu_count() or 1))],
+                          env=env, capture_output=True, text=True, timeout=900)
+    table = done.stdout
+    assert done.returncode == 0, table[-4000:] + done.stderr[-3000:]
+    rows = [line for line in table.splitlines() if line.startswith("| sm90")]
+    assert len(rows) == sum(len(c) for c in AUTOTUNE_CANDIDATES.values()), table
+    assert {"fwd", "bwd", "dz"} <= {line.split("|")[2].strip() for line in rows}
+    assert all(line.rstrip().endswith("| ok |") for line in rows), table

@@ -8,12 +8,9 @@ bf16-rounded values upcast to fp32 there, and in real bf16 only on CUDA.
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from prefix_rft.kernels import linear_logprob_entropy, linear_logprob_entropy_reference
 
@@ -220,14 +217,22 @@ def test_fp16_error_within_same_dtype_torch_error():
 
 
 def test_bf16_values_through_fp32_upcast_and_mixed_dtypes():
-    """bf16-rounded hidden with an fp32 weight: the launcher promotes to fp32, dX is bf16."""
+    """bf16-rounded values upcast to fp32 run at fp32 accuracy; a bf16 hidden with an fp32
+    weight (or fp16 with bf16) is refused with one line naming both dtypes, never promoted
+    to the fp32 FMA tiles; the launchers themselves still promote (test_..._split)."""
     x, w, b, y, g_lp, g_h = make_problem(63, 123, 507)
     x16 = x.to(torch.bfloat16)
-    got = outputs_and_grads(triton_fn, x16, w, b, y, g_lp, g_h, 0.7)
-    assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.float32
+    got = outputs_and_grads(triton_fn, x16.float(), w, b, y, g_lp, g_h, 0.7)
     ref = outputs_and_grads(ref64_fn, x16.float(), w, b, y, g_lp, g_h, 0.7)
-    assert_close_to_fp64(got[:2] + got[3:], ref[:2] + ref[3:], 1e-5, NAMES[:2] + NAMES[3:])
-    assert rel_rms(got[2], ref[2]) <= 2 ** -8  # one bf16 rounding of dX
+    assert_close_to_fp64(got, ref, 1e-5)
+    with pytest.raises(ValueError, match="hidden is bfloat16 but weight is float32"):
+        triton_fn(x16, w, y, b, 0.7)
+    with pytest.raises(ValueError, match="hidden is float32 but weight is float16"):
+        triton_fn(x, w.half(), y, b, 0.7)
+    with pytest.raises(ValueError, match="hidden is float16 but weight is bfloat16"):
+        triton_fn(x.half(), w.bfloat16(), y, b, 0.7)
+    lp, _ = linear_logprob_entropy(x16, w, y, impl="torch")  # the torch path still takes it
+    assert lp.dtype == torch.float32
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter "
@@ -266,17 +271,5 @@ def test_gradient_filtering_error_within_documented_bound():
         assert excess.max() <= 0, f"{name} exceeds the filtering bound by {excess.max():.3g}"
 
 
-# ---------------------------------------------------------------------- property tests
-
-
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 40), h=st.integers(1, 70), v=st.integers(1, 300),
-       temperature=st.sampled_from([0.5, 1.0, 1.7]), bias=st.booleans(),
-       seed=st.integers(0, 2 ** 16))
-def test_property_fp32_matches_fp64_over_shapes(n, h, v, temperature, bias, seed):
-    prob = make_problem(n, h, v, bias=bias, seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        got = outputs_and_grads(triton_fn, *prob, temperature)
-    ref = outputs_and_grads(ref64_fn, *prob, temperature)
-    assert_close_to_fp64(got, ref, 1e-5)
+# Property tests (hypothesis): tests/test_kernels_property.py, so that a machine without
+# hypothesis (a lent GPU) still collects and runs every test here.

@@ -248,6 +248,15 @@ class RolloutEngine(ABC):
         self.wake()
         self.load_weights(state.items())
 
+    @classmethod
+    def memory_terms(cls, shape: Any, inp: Any, eng: Any, gpu_bytes: float) -> dict[str, float]:
+        """What this engine holds per rank, in bytes, for ``prefix-rft plan``: ``rollout``
+        (while it generates), ``update`` (while the policy updates), ``weights``,
+        ``kv_cache`` and ``kv_tokens``. ``shape``: a ``memory_model.ModelShape``; ``inp``:
+        its ``PlanInputs``; ``eng``: ``plan.EngineInputs``. Default: nothing held."""
+        return {"rollout": 0.0, "update": 0.0, "weights": 0.0, "kv_cache": 0.0,
+                "kv_tokens": 0.0}
+
     def generation_context(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Entered around every :meth:`generate` call of the loop (default: nothing; an
         engine that runs the live policy module gathers its FSDP2 shards here)."""

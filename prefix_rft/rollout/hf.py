@@ -131,6 +131,21 @@ class HFEngine(RolloutEngine):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         return cls(model, tokenizer, seed=seed)
 
+    @classmethod
+    def memory_terms(cls, shape, inp, eng, gpu_bytes: float) -> dict[str, float]:
+        """KV cache and fp32 logits (+ sampling copy) of ``eng.rows`` sequences; the live
+        policy is sampled, so it needs a whole-model copy only when FSDP2 gathers it or
+        autocast caches bf16 casts of the fp32 masters. Nothing is held during the update."""
+        from prefix_rft.memory_model import kv_bytes_per_token
+
+        c = 2 if inp.compute_bf16 else 4
+        kv = eng.rows * eng.seq_tokens * kv_bytes_per_token(shape, c)
+        logits = eng.rows * shape.vocab * 4 * 2
+        copies = shape.total_params() * c if (inp.fsdp or (inp.compute_bf16 and not inp.lora_r)) \
+            else 0
+        return {"rollout": kv + logits + copies, "update": 0.0, "weights": 0.0, "kv_cache": kv,
+                "kv_tokens": eng.rows * eng.seq_tokens}
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """No-op: the engine samples from the live policy module."""
 

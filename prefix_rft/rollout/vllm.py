@@ -123,6 +123,9 @@ class VLLMEngine(RolloutEngine):
         **llm_kwargs: passed on to ``vllm.LLM``.
     """
 
+    ASLEEP_GIB = 0.5  # what a sleeping engine keeps on the GPU (CUDA graph pool, buffers)
+    OVERHEAD_GIB = 1.5  # its activation profile + CUDA graphs inside its budget
+
     name = "vllm"
 
     def __init__(self, model, tokenizer=None, *, dtype: str = "auto",
@@ -201,6 +204,22 @@ class VLLMEngine(RolloutEngine):
         on_gpu = torch.device(device).type == "cuda"
         return cls(model_dir, tokenizer, seed=seed, dtype="bfloat16" if on_gpu else "float32",
                    gpu_memory_utilization=gpu_memory_utilization)
+
+    @classmethod
+    def memory_terms(cls, shape, inp, eng, gpu_bytes: float) -> dict[str, float]:
+        """vLLM's budget (``gpu_memory_utilization x GPU``): its own weight copy, its
+        activation profile and CUDA graphs (``OVERHEAD_GIB``), the rest KV cache. Asleep
+        during the update it keeps ``ASLEEP_GIB``; awake (``sleep_level: 0``, or on CPU) all."""
+        from prefix_rft.memory_model import GiB, kv_bytes_per_token
+
+        c = 2 if inp.compute_bf16 else 4
+        budget = eng.gpu_memory_utilization * gpu_bytes
+        weights = shape.total_params() * c  # one engine per rank holds the whole model
+        kv = max(0.0, budget - weights - cls.OVERHEAD_GIB * GiB)
+        awake_during_update = eng.sleep_level == 0 or inp.device == "cpu"
+        return {"rollout": budget, "update": budget if awake_during_update else
+                cls.ASLEEP_GIB * GiB, "weights": weights, "kv_cache": kv,
+                "kv_tokens": kv / kv_bytes_per_token(shape, c)}
 
     def _sampling_params(self, request: RolloutRequest):
         s = request.sampling
