@@ -72,7 +72,7 @@ def build_rollouts(spread: str, n: int, vocab: int, group_size: int = 8):
     random advantages and old log-probs near the current policy's."""
     import torch
 
-    from prefix_rft.batching import Rollout
+    from prefix_rft.update import Rollout
 
     g = torch.Generator().manual_seed(1)
     rollouts = []
@@ -109,7 +109,7 @@ def build_run(spread: str, layout: str, n: int, shape: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from prefix_rft.setup import Run, build_loss, build_optimizer
-    from prefix_rft.varlen_attention import enable_packed_attention
+    from prefix_rft.update.varlen_attention import enable_packed_attention
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
     cfg = _config(spread, layout, n)

@@ -160,7 +160,7 @@ def trl_step(trainer, micro_batches: list[dict]) -> None:
 # ---------------------------------------------------------------------------- our trainer
 def build_trainer_case(model, batch: dict, micro: int):
     """Config + rollouts for ``prefix_rft.train.update`` on the batch's token ids."""
-    from prefix_rft.batching import Rollout
+    from prefix_rft.update import Rollout
     from prefix_rft.config import Config, resolve_config
     from prefix_rft.loss import PrefixRFTLoss
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from .advantage import Baseline
 from .checks import choices, is_choice_type
 from .entropy_mask import EntropyMaskScope
-from .loss import EntropyNorm, KernelImpl
+from .loss_settings import EntropyNorm, KernelImpl
 from .precision import ComputeDtype, ExportDtype, WeightsDtype
 from .prefix import Schedule
 from .reward.extract import Fallback

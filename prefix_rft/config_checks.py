@@ -17,7 +17,7 @@ from .checks import check_choice, check_int, check_number
 from .config import Config, choice_fields
 from .data import check_data_options
 from .data.templates import check_template
-from .loss import check_loss_options
+from .loss_settings import check_loss_options
 from .precision import check_precision, stored_weights_dtype
 from .prefix import check_prefix_options
 from .reward import check_reward_options

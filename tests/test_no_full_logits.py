@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from prefix_rft.batching import Rollout
+from prefix_rft.update import Rollout
 from prefix_rft.config import Config, resolve_config, validate_config
 from prefix_rft.loss import PrefixRFTLoss
 from prefix_rft.setup import Run, build_optimizer
