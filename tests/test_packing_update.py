@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefix_rft.update import Rollout
 from prefix_rft.config import Config
 from prefix_rft.setup import Run, build_loss
 from prefix_rft.train import old_logprobs, policy_update, sft_update
+from prefix_rft.update import Rollout
 from prefix_rft.update.varlen_attention import enable_packed_attention
 
 VOCAB, G = 61, 4
