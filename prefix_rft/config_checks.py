@@ -1,6 +1,6 @@
 """The checks of :func:`prefix_rft.config.validate_config`, one owner per check.
 
-Choice fields are checked against their ``Literal`` types (``config.choice_fields``) and
+Choice fields are checked against their ``Literal`` types (``config.choice_fields``, passed in) and
 ``rollout.engine`` against the engine registry; options that a module implements are checked
 by that module's own function (``loss.check_loss_options``, ``prefix.check_prefix_options``,
 ``rollout.SamplingSettings``, ``data.check_data_options`` for the format and schema
@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from .checks import check_choice, check_int, check_number
-from .config import Config, choice_fields
 from .data import check_data_options
 from .data.templates import check_template
 from .loss_settings import check_loss_options
@@ -37,14 +36,14 @@ def _checked(check, **fields: tuple[str, Any]) -> None:
         raise ValueError(message) from None
 
 
-def _check_choices(cfg: Config) -> None:
-    for key, allowed in choice_fields().items():
+def _check_choices(cfg, choices: dict[str, tuple[str, ...]]) -> None:
+    for key, allowed in choices.items():
         section, name = key.split(".")
         check_choice(key, getattr(getattr(cfg, section), name), allowed)
     check_choice("rollout.engine", cfg.rollout.engine, engine_names())
 
 
-def _check_module_options(cfg: Config) -> None:
+def _check_module_options(cfg) -> None:
     """The options that prefix.py, loss.py and the rollout sampling settings implement."""
     p, r, lo = cfg.prefix, cfg.rollout, cfg.loss
     _checked(check_prefix_options, schedule=("prefix.schedule", p.schedule),
@@ -79,7 +78,7 @@ def _check_module_options(cfg: Config) -> None:
              num_workers=("reward.num_workers", w.num_workers))
 
 
-def _check_finite(cfg: Config) -> None:
+def _check_finite(cfg) -> None:
     """NaN/Inf in any number field (also inside lists, e.g. ``optim.betas``) is refused."""
     import dataclasses
     import math
@@ -94,10 +93,13 @@ def _check_finite(cfg: Config) -> None:
                     raise ValueError(f"{key} must be a finite number, got {item!r}")
 
 
-def check_config(cfg: Config) -> None:
-    """Check every field; raise a one-line ValueError naming the first bad one."""
+def check_config(cfg, choices: dict[str, tuple[str, ...]]) -> None:
+    """Check every field of ``cfg`` (a resolved :class:`prefix_rft.config.Config`) and the
+    ``choices`` of its ``Literal`` fields (``config.choice_fields()``); raise a one-line
+    ValueError naming the first bad one. (The config is not imported here: it imports this
+    module, and this module imports the packages whose options it checks.)"""
     _check_finite(cfg)
-    _check_choices(cfg)
+    _check_choices(cfg, choices)
     d, p, r, o, t = cfg.data, cfg.prefix, cfg.rollout, cfg.optim, cfg.train
     for key, value in [
         ("train.steps", t.steps), ("train.prompts_per_step", t.prompts_per_step),
@@ -152,7 +154,7 @@ def check_config(cfg: Config) -> None:
                          f"got {cfg.model.path!r}")
 
 
-def _check_limited_gpu_options(cfg: Config) -> None:
+def _check_limited_gpu_options(cfg) -> None:
     """LoRA, optimizer and offload settings (prefix_rft/lora.py, optim.py, offload.py)."""
     lora = cfg.model.lora
     check_int("model.lora.r", lora.r, 0)
