@@ -31,8 +31,12 @@ from typing import Any, Literal
 from .advantage import Baseline
 from .checks import choices, is_choice_type
 from .data.options import DataConfig
+from .distributed import Device
 from .entropy_mask import EntropyMaskScope
+from .lora import DEFAULT_TARGETS
 from .loss_settings import EntropyNorm, KernelImpl
+from .offload import Offload
+from .optim import OptimizerName
 from .precision import ComputeDtype, ExportDtype, WeightsDtype
 from .prefix import Schedule
 from .reward.extract import Fallback
@@ -47,8 +51,7 @@ class LoraConfig:
     r: int = 0  # LoRA rank; 0 = off (full fine-tuning)
     alpha: float = 32.0  # LoRA scale numerator: updates are scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapters' input, [0, 1)
-    target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # linears
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # linears
 
 
 @dataclass
@@ -116,7 +119,7 @@ class LossConfig:
 class OptimConfig:
     # adamw (torch) | adamw8bit (torchao, 8-bit moments) | adamw_bf16_sr (torchao, bf16-stored
     # weights + stochastic rounding)
-    name: Literal["adamw", "adamw8bit", "adamw_bf16_sr"] = "adamw"  # see prefix_rft/optim.py
+    name: OptimizerName = "adamw"  # see prefix_rft/optim.py
     lr: float = 1e-6  # AdamW peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     eps: float = 1e-8  # AdamW epsilon
@@ -136,14 +139,14 @@ class TrainConfig:
     packing: bool = True  # one packed row per micro-batch, no padding; false: padded rows
     ppo_epochs: int = 1  # passes over each step's rollouts
     seed: int = 0  # global seed (model init, sampling, data order)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (cuda when available) | cpu | cuda
+    device: Device = "auto"  # auto (cuda when available) | cpu | cuda
     run_dir: str = "runs/prefix-rft"  # config, metrics, checkpoints, plots go here
     max_steps_per_run: int = 0  # stop (after checkpointing) after this many steps; 0 = no limit
     max_bad_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite
     #   loss or grad norm (each is skipped); 0 = never stop
     # none | optimizer (state + step in host RAM) | params (FSDP2 CPUOffloadPolicy: params,
     # grads and state in host RAM)
-    offload: Literal["none", "optimizer", "params"] = "none"  # see prefix_rft/offload.py
+    offload: Offload = "none"  # see prefix_rft/offload.py
 
 
 @dataclass

@@ -25,10 +25,14 @@ round-trips ``state_dict()`` exactly (checkpoints resume bit-exactly).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw_bf16_sr")
+from .checks import choices
+
+OptimizerName = Literal["adamw", "adamw8bit", "adamw_bf16_sr"]  # optim.name (table above)
+OPTIMIZERS = choices(OptimizerName)
 
 
 def _torchao_optim():
