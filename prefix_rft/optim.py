@@ -33,6 +33,7 @@ from .checks import choices
 
 OptimizerName = Literal["adamw", "adamw8bit", "adamw_bf16_sr"]  # optim.name (table above)
 OPTIMIZERS = choices(OptimizerName)
+TORCHAO_OPTIMIZERS = ("adamw8bit", "adamw_bf16_sr")  # the names that import torchao
 
 
 def _torchao_optim():
