@@ -54,7 +54,7 @@ from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
 from .runlock import RunLock
 from .setup import Run, peak_memory_gb, reset_peak_memory, start_run
-from .train_io import _save, _save_after_crash, periodic_eval
+from .train_io import periodic_eval, save_after_crash, save_step
 from .update import (
     MicroBatch,
     Rollout,
@@ -466,7 +466,7 @@ def _train(cfg: Config) -> dict[str, Any]:
             try:
                 metrics = train_step(run, done)
             except BaseException as error:
-                _save_after_crash(run, done, sampler_state, error)
+                save_after_crash(run, done, sampler_state, error)
                 raise
             done += 1
             steps_this_run += 1
@@ -480,7 +480,7 @@ def _train(cfg: Config) -> dict[str, Any]:
             limit = cfg.train.max_steps_per_run and steps_this_run >= cfg.train.max_steps_per_run
             periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
             if periodic or stop or limit or done == total:
-                _save(run, done, run.sampler.state_dict(), metrics)
+                save_step(run, done, run.sampler.state_dict(), metrics)
             if (stop or limit) and done < total:
                 stopped_early = True
                 logger.write(f"[prefix-rft] stopping after step {done} "
