@@ -13,7 +13,7 @@ One owner per choice and per check: a choice field is typed ``Literal[...]`` and
 values are read from that type (the type lives in the module that implements the choice,
 e.g. ``advantage.Baseline``); ``rollout.engine`` is checked against the engine registry
 (``prefix_rft.rollout.ENGINES``); options that a module implements are checked by that
-module's own check (``loss.check_loss_options``, ``prefix.check_prefix_options``, the
+module's own check (``loss_settings.LossSettings``, ``prefix.check_prefix_options``, the
 sampling settings), with the error renamed to the config key.
 """
 

@@ -2,7 +2,7 @@
 
 Choice fields are checked against their ``Literal`` types (``config.choice_fields``, passed in) and
 ``rollout.engine`` against the engine registry; options that a module implements are checked
-by that module's own function (``loss.check_loss_options``, ``prefix.check_prefix_options``,
+by that module's own function (``LossSettings`` for the loss, ``prefix.check_prefix_options``,
 ``rollout.SamplingSettings``, ``data.check_data_options`` for the format and schema
 registries, ``reward.check_reward_options``), with the error renamed to the config key; what
 only the config knows (sentinels, cross-section rules, optimizer and run settings) is checked
@@ -16,7 +16,8 @@ from typing import Any
 from .checks import check_choice, check_int, check_number
 from .data import check_data_options
 from .data.templates import check_template
-from .loss_settings import check_loss_options
+from .loss_settings import CONFIG_KEYS as LOSS_CONFIG_KEYS
+from .loss_settings import LossSettings, config_values
 from .precision import check_precision, stored_weights_dtype
 from .prefix import check_prefix_options
 from .reward import check_reward_options
@@ -45,7 +46,7 @@ def _check_choices(cfg, choices: dict[str, tuple[str, ...]]) -> None:
 
 def _check_module_options(cfg) -> None:
     """The options that prefix.py, loss.py and the rollout sampling settings implement."""
-    p, r, lo = cfg.prefix, cfg.rollout, cfg.loss
+    p, r = cfg.prefix, cfg.rollout
     _checked(check_prefix_options, schedule=("prefix.schedule", p.schedule),
              start=("prefix.start", p.start), end=("prefix.end", p.end),
              high=("prefix.high", p.high),
@@ -53,16 +54,9 @@ def _check_module_options(cfg) -> None:
              beta_alpha=("prefix.beta_alpha", p.beta_alpha),
              beta_beta=("prefix.beta_beta", p.beta_beta),
              min_prefix_tokens=("prefix.min_prefix_tokens", p.min_prefix_tokens))
-    _checked(check_loss_options,
-             max_response_tokens=("rollout.max_response_tokens", r.max_response_tokens),
-             clip_low=("loss.clip_low", lo.clip_low), clip_high=("loss.clip_high", lo.clip_high),
-             clip_c=("loss.clip_c", lo.clip_c),
-             entropy_top_fraction=("loss.entropy_top_fraction", lo.entropy_top_fraction),
-             entropy_coef=("loss.entropy_coef", lo.entropy_coef),
-             temperature=("rollout.temperature", r.temperature),
-             impl=("loss.kernel_impl", lo.kernel_impl),
-             entropy_mask_scope=("loss.entropy_mask_scope", lo.entropy_mask_scope),
-             entropy_norm=("loss.entropy_norm", lo.entropy_norm))
+    values = config_values(cfg)  # the loss settings, checked as LossSettings checks them
+    _checked(LossSettings, **{name: (LOSS_CONFIG_KEYS[name], value)
+                              for name, value in values.items()})
     for s in ("rollout", "eval"):
         section = getattr(cfg, s)
         _checked(SamplingSettings, temperature=(f"{s}.temperature", section.temperature),

@@ -138,11 +138,14 @@ class EntropyMask:
                              "(see compute_keep_prefix_mask)")
 
     def keep(self, prefix: torch.Tensor, entropy: torch.Tensor | None,
-             keep_prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Inside the loss: the prefix tokens (bool ``[B, T]`` or ``[R]``, already ``&
+             keep_prefix_mask: torch.Tensor | None = None,
+             seq_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Inside the loss: the prefix tokens (bool ``[B, T]`` or packed ``[R]``, already ``&
         response_mask``) that keep their advantage. A given ``keep_prefix_mask`` (ranked by the
         loop) wins; fraction 1 keeps all; otherwise the top fraction of this call's prefix
-        tokens by detached ``entropy`` (same shape)."""
+        tokens by detached ``entropy`` (same shape). ``seq_index [R]`` (packed; None padded,
+        where row ``b`` is sequence ``b``) names each token's sequence, for a per-sequence
+        rule."""
         if keep_prefix_mask is not None:
             return as_mask(keep_prefix_mask) & prefix
         if self.keeps_all:

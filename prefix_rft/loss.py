@@ -173,7 +173,7 @@ def prefix_rft_loss(
     valid = as_mask(response_mask)
     prefix = as_mask(prefix_mask) & valid
     continuation = valid & ~prefix
-    kept = settings.entropy_mask.keep(prefix, entropy, keep_prefix_mask)
+    kept = settings.entropy_mask.keep(prefix, entropy, keep_prefix_mask, seq_index)
     if seq_index is None:
         adv = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
     else:

@@ -4,11 +4,13 @@
     loss, metrics = prefix_rft_loss(logprob, old, adv, response_mask, prefix_mask, entropy,
                                     settings=settings, num_sequences=B)
 
-The trainer builds it once from the config (:func:`prefix_rft.setup.build_loss`) and every
+The trainer builds it once from the config (:meth:`LossSettings.from_config`, which reads
+the config keys in :data:`CONFIG_KEYS`; the config's checks validate through it too) and every
 micro-batch's loss call takes it whole; what changes per call (``num_sequences``,
 ``loss_scale``, ``keep_prefix_mask``, ...) stays an argument of the call. A new loss option is a
-field here (with its check in :func:`check_loss_options`), its use in
-:func:`prefix_rft.loss.prefix_rft_loss`, and its config field + line in ``build_loss``.
+field here with its check in :func:`check_loss_options` and its config key in
+:data:`CONFIG_KEYS`, its field in ``config.LossConfig``, and its use in
+:func:`prefix_rft.loss.prefix_rft_loss`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ from prefix_rft.checks import check_choice, check_int, check_number
 from prefix_rft.entropy_mask import EntropyMask, EntropyMaskScope, check_entropy_mask_options
 
 KernelImpl = Literal["auto", "torch", "triton"]  # fused log-prob/entropy kernel
+
+# where each setting comes from in the trainer's config (section.field)
+CONFIG_KEYS = {
+    "max_response_tokens": "rollout.max_response_tokens", "clip_low": "loss.clip_low",
+    "clip_high": "loss.clip_high", "clip_c": "loss.clip_c",
+    "entropy_top_fraction": "loss.entropy_top_fraction", "entropy_coef": "loss.entropy_coef",
+    "temperature": "rollout.temperature", "impl": "loss.kernel_impl",
+    "entropy_mask_scope": "loss.entropy_mask_scope", "entropy_norm": "loss.entropy_norm",
+}
 # normalizer of the entropy bonus: Dr. GRPO's constant B·L_max, or the continuation-token count
 EntropyNorm = Literal["dr_grpo", "token_mean"]
 
@@ -79,6 +90,12 @@ class LossSettings:
                                                              self.entropy_mask_scope))
 
     @classmethod
+    def from_config(cls, cfg) -> LossSettings:
+        """Built from a resolved :class:`prefix_rft.config.Config` by :data:`CONFIG_KEYS` (the
+        config is read, not imported: it imports this module)."""
+        return cls(**config_values(cfg))
+
+    @classmethod
     def resolve(cls, settings: LossSettings | None, options: dict) -> LossSettings:
         """``settings``, or one built from keyword ``options`` (the shorthand of the loss's
         callers outside the trainer); both at once is an error."""
@@ -90,3 +107,12 @@ class LossSettings:
         if not isinstance(settings, cls):
             raise ValueError(f"settings must be a LossSettings, got {type(settings).__name__}")
         return settings
+
+
+def config_values(cfg) -> dict:
+    """``{setting: value}`` read from ``cfg`` at :data:`CONFIG_KEYS`."""
+    out = {}
+    for name, key in CONFIG_KEYS.items():
+        section, field_name = key.split(".")
+        out[name] = getattr(getattr(cfg, section), field_name)
+    return out

@@ -195,20 +195,10 @@ def build_engine(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.d
                                                         rank=rank)
 
 
-def loss_settings(cfg: Config) -> LossSettings:
-    """The policy loss's frozen settings from ``loss.*`` (at the rollout temperature): the
-    one place the config's loss options are read."""
-    lo = cfg.loss
-    return LossSettings(
-        max_response_tokens=cfg.rollout.max_response_tokens, clip_low=lo.clip_low,
-        clip_high=lo.clip_high, clip_c=lo.clip_c, entropy_top_fraction=lo.entropy_top_fraction,
-        entropy_mask_scope=lo.entropy_mask_scope, entropy_coef=lo.entropy_coef,
-        entropy_norm=lo.entropy_norm, temperature=cfg.rollout.temperature, impl=lo.kernel_impl)
-
-
 def build_loss(cfg: Config) -> PrefixRFTLoss:
-    """The fused policy loss over :func:`loss_settings`."""
-    return PrefixRFTLoss(loss_settings(cfg))
+    """The fused policy loss over the config's :class:`~prefix_rft.loss.LossSettings` (``loss.*``
+    at the rollout temperature, read once: :meth:`LossSettings.from_config`)."""
+    return PrefixRFTLoss(LossSettings.from_config(cfg))
 
 
 # ---------------------------------------------------------------------------- precision
