@@ -13,7 +13,7 @@ on as in the trainer's default) over one mini-batch of rollouts whose old log-pr
 * ``padded``: micro-batches cut in order under ``micro_batch_tokens`` charged
   ``len(mb) x longest``, right-padded ``[B, W]`` rows.
 * ``packed``: first-fit-decreasing micro-batches of real tokens, one packed row each, attention
-  per sequence (prefix_rft/varlen_attention.py).
+  per sequence (prefix_rft/update/varlen_attention.py).
 
 Spreads (response lengths; prompts 100-300 tokens for ``wide``, the demo's 13-19 for
 ``narrow``): ``wide`` = 16 rollouts, log-normal (median 256, sigma 1.0) clipped to
