@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import torch
 
-from prefix_rft.checks import (
+from .checks import (
     as_mask,
     check_float_tensor,
     check_int,
@@ -62,12 +62,12 @@ from prefix_rft.checks import (
     check_number,
     check_tensor,
 )
-from prefix_rft.entropy_mask import compute_keep_prefix_mask
-from prefix_rft.kernels import linear_logprob_entropy
-from prefix_rft.loss_metrics import policy_metrics
-from prefix_rft.loss_settings import EntropyNorm, KernelImpl, LossSettings, check_loss_options
-from prefix_rft.sft_loss import sft_loss
-from prefix_rft.update.split import split_micro_batches
+from .entropy_mask import compute_keep_prefix_mask
+from .kernels import linear_logprob_entropy
+from .loss_metrics import policy_metrics
+from .loss_settings import EntropyNorm, KernelImpl, LossSettings, check_loss_options
+from .sft_loss import sft_loss
+from .update.split import split_micro_batches
 
 __all__ = ["EntropyNorm", "KernelImpl", "LOG_RATIO_CLAMP", "LossSettings", "PrefixRFTLoss",
            "check_loss_options", "compute_keep_prefix_mask", "prefix_rft_loss", "sft_loss",

@@ -14,16 +14,16 @@ The loss over a micro-batch is :mod:`prefix_rft.loss` (its settings one frozen o
 loop that calls it, :mod:`prefix_rft.train`.
 """
 
-from prefix_rft.update.batch import MicroBatch, Rollout, UpdateBatch, collate
-from prefix_rft.update.head import (
+from .batch import MicroBatch, Rollout, UpdateBatch, collate
+from .head import (
     head_inputs,
     idle_forwards,
     response_hidden,
     response_logprob_entropy,
     run_head,
 )
-from prefix_rft.update.packed import PackedBatch, gather_per_token, pack
-from prefix_rft.update.split import (
+from .packed import PackedBatch, gather_per_token, pack
+from .split import (
     make_micro_batches,
     padded_cut_tokens,
     split_micro_batches,

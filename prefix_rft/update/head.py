@@ -18,10 +18,10 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from prefix_rft.distributed import forward_with_head
-from prefix_rft.update.batch import MicroBatch
-from prefix_rft.update.packed import PackedBatch
-from prefix_rft.update.varlen_attention import packed_forward
+from ..distributed import forward_with_head
+from .batch import MicroBatch
+from .packed import PackedBatch
+from .varlen_attention import packed_forward
 
 HeadResult = TypeVar("HeadResult")
 # head(resp_hidden [B, T, H] | [R, H], lm_head_weight [V, H], lm_head_bias [V] | None)

@@ -18,9 +18,9 @@ from typing import Literal
 
 import torch
 
-from prefix_rft.checks import check_choice, check_int
-from prefix_rft.update.batch import MicroBatch, Rollout, collate
-from prefix_rft.update.packed import pack
+from ..checks import check_choice, check_int
+from .batch import MicroBatch, Rollout, collate
+from .packed import pack
 
 MicroBatchCount = Literal["padded", "tokens"]  # cost of a micro-batch: padded or real tokens
 SplitOrder = Literal["in_order", "balanced"]  # consecutive runs, or first-fit decreasing
