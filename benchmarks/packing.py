@@ -13,7 +13,7 @@ on as in the trainer's default) over one mini-batch of rollouts whose old log-pr
 * ``padded``: micro-batches cut in order under ``micro_batch_tokens`` charged
   ``len(mb) x longest``, right-padded ``[B, W]`` rows.
 * ``packed``: first-fit-decreasing micro-batches of real tokens, one packed row each, attention
-  per sequence (prefix_rft/varlen_attention.py).
+  per sequence (prefix_rft/update/varlen_attention.py).
 
 Spreads (response lengths; prompts 100-300 tokens for ``wide``, the demo's 13-19 for
 ``narrow``): ``wide`` = 16 rollouts, log-normal (median 256, sigma 1.0) clipped to
@@ -37,8 +37,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -72,7 +70,7 @@ def build_rollouts(spread: str, n: int, vocab: int, group_size: int = 8):
     random advantages and old log-probs near the current policy's."""
     import torch
 
-    from prefix_rft.batching import Rollout
+    from prefix_rft.update import Rollout
 
     g = torch.Generator().manual_seed(1)
     rollouts = []
@@ -109,7 +107,7 @@ def build_run(spread: str, layout: str, n: int, shape: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from prefix_rft.setup import Run, build_loss, build_optimizer
-    from prefix_rft.varlen_attention import enable_packed_attention
+    from prefix_rft.update.varlen_attention import enable_packed_attention
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
     cfg = _config(spread, layout, n)
@@ -172,13 +170,10 @@ def _peak_rss() -> int:
 
 def measure(spread: str, layout: str, shape: str) -> dict:
     """One case in a fresh subprocess, one thread, under ``nice``."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = ["nice", sys.executable, "-m", "benchmarks.packing", "--worker", spread, layout, shape]
-    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from benchmarks.results_io import run_case_in_subprocess
+
+    return run_case_in_subprocess("benchmarks.packing", ["--worker", spread, layout, shape],
+                                  threads=1, nice=True)
 
 
 def to_rows(results: list[dict], shape: str) -> list[dict]:
@@ -200,47 +195,15 @@ def to_rows(results: list[dict], shape: str) -> list[dict]:
     return rows
 
 
-def render_png(rows: list[dict], png_path: str) -> None:
-    """Two panels: update tokens/s and peak RSS, one bar per layout and spread."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def extra(r, key):
-        return float(dict(kv.split("=") for kv in r["extra"].split(";"))[key])
-
-    spreads = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (title, value) in zip(axes, [
-            ("update tokens per CPU second (higher is better)",
-             lambda r: extra(r, "update_tokens_per_cpu_s")),
-            ("peak RSS above baseline, MB", lambda r: float(r["peak_mb"]))]):
-        for i, layout in enumerate(LAYOUTS):
-            ys = []
-            for s in spreads:
-                match = [r for r in rows if r["shape"] == s and r["impl"] == layout]
-                ys.append(value(match[-1]) if match else 0.0)
-            ax.bar([k + i * 0.4 for k in range(len(spreads))], ys, 0.4, label=layout)
-        ax.set_xticks([k + 0.2 for k in range(len(spreads))])
-        ax.set_xticklabels(spreads, fontsize=7)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-
-
 def write_results(rows: list[dict], csv_path: str) -> None:
-    from benchmarks.results_io import append_rows, read_rows, render_markdown
+    """CSV + Markdown + a two-panel PNG (update tokens per CPU second, peak RSS)."""
+    from benchmarks.results_io import extra_value, write_results
 
-    append_rows(csv_path, rows)
-    every = read_rows(csv_path)
-    stem = os.path.splitext(csv_path)[0]
-    with open(stem + ".md", "w") as f:
-        f.write(render_markdown(every, "Policy update: padded vs packed micro-batches (CPU)"))
-    render_png(every, stem + ".png")
-    print(f"appended {len(rows)} rows to {csv_path}")
+    panels = [("update tokens per CPU second (higher is better)",
+               lambda r: extra_value(r, "update_tokens_per_cpu_s")),
+              ("peak RSS above baseline, MB", lambda r: float(r["peak_mb"]))]
+    write_results(rows, csv_path, "Policy update: padded vs packed micro-batches (CPU)",
+                  panels=panels)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -1,23 +1,34 @@
-"""One results format for every benchmark script: append rows to a CSV, render Markdown + PNG.
+"""What every benchmark script shares: run a case in a fresh process, append rows to a CSV,
+render Markdown + PNG.
+
+    result = run_case_in_subprocess("benchmarks.packing", ["--worker", ...], threads=1)
+    rows = [make_row(op, impl, mode, shape, samples_ms, peak_mb, extra), ...]
+    write_results(rows, "benchmarks/results/x.csv", "Title")    # CSV + .md + .png
 
 Row columns (house rule): op, impl, mode, shape, ms_p20, ms_p50, ms_p80, peak_mb, device,
-commit, date, plus free-form ``extra`` (a short ``key=value;...`` string, e.g. tokens/s).
+commit, date, plus free-form ``extra`` (a short ``key=value;...`` string, e.g. tokens/s;
+:func:`extra_value` reads one back).
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as _dt
+import json
 import os
 import platform
 import subprocess
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 COLUMNS = ["op", "impl", "mode", "shape", "ms_p20", "ms_p50", "ms_p80", "peak_mb",
            "device", "commit", "date", "extra"]
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a PNG panel: (title, value of a row); the default panel is the p50 time
+Panel = tuple[str, Callable[[dict], float]]
 
 
 def git_commit() -> str:
@@ -57,6 +68,26 @@ def require_kernels():
             "(python /path/to/benchmarks/NAME.py), not `python -m` from the root."
         ) from err
     return kernels
+
+
+def run_case_in_subprocess(module: str, args: Sequence[str], *, threads: int | None = None,
+                           nice: bool = False, env: dict | None = None,
+                           cwd: str = REPO_ROOT) -> dict:
+    """``python -m module *args`` in a fresh process (its peak memory and imports are its own);
+    returns its last stdout line parsed as JSON. ``threads`` pins OMP/MKL threads; ``nice``
+    lowers its priority; a failure raises with the end of its stderr."""
+    full_env = dict(os.environ if env is None else env)
+    if threads is not None:
+        full_env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = (["nice"] if nice else []) + [sys.executable, "-m", module, *args]
+    out = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark case {module} {' '.join(args)} failed "
+                           f"(exit {out.returncode}):\n{out.stderr[-3000:]}")
+    lines = out.stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"benchmark case {module} {' '.join(args)} printed nothing")
+    return json.loads(lines[-1])
 
 
 def device_name() -> str:
@@ -111,29 +142,62 @@ def render_markdown(rows: Sequence[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_png(rows: Sequence[dict], png_path: str, title: str) -> None:
-    """Grouped bar chart of p50 ms per (shape, mode) with one bar per impl."""
+def extra_value(row: dict, key: str) -> float:
+    """One ``key=value`` of a row's ``extra`` column, as a float."""
+    return float(dict(kv.split("=", 1) for kv in row["extra"].split(";") if kv)[key])
+
+
+def _p50(row: dict) -> float:
+    return float(row["ms_p50"]) if row["ms_p50"] not in ("", "nan") else float("nan")
+
+
+def render_png(rows: Sequence[dict], png_path: str, title: str,
+               panels: Sequence[Panel] | None = None) -> None:
+    """Grouped bar chart per (shape, mode), one bar per impl (the latest row of each), one
+    panel per ``(panel title, value of a row)``; default one panel of p50 ms."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = list(panels) if panels else [("ms (p50)", _p50)]
     groups = sorted({(r["shape"], r["mode"]) for r in rows})
     impls = sorted({r["impl"] for r in rows})
     width = 0.8 / max(len(impls), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-    for i, impl in enumerate(impls):
-        ys = []
-        for shape, mode in groups:
-            match = [r for r in rows if r["impl"] == impl and r["shape"] == shape
-                     and r["mode"] == mode and r["ms_p50"] not in ("", "nan")]
-            ys.append(float(match[-1]["ms_p50"]) if match else 0.0)
-        ax.bar([g + i * width for g in range(len(groups))], ys, width, label=impl)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
-    ax.set_xticklabels([f"{s}\n{m}" for s, m in groups], fontsize=7)
-    ax.set_ylabel("ms (p50)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.6 * len(groups)) * len(panels), 4),
+                             squeeze=False)
+    for ax, (panel_title, value) in zip(axes[0], panels):
+        for i, impl in enumerate(impls):
+            ys = []
+            for shape, mode in groups:
+                match = [r for r in rows if r["impl"] == impl and r["shape"] == shape
+                         and r["mode"] == mode]
+                y = value(match[-1]) if match else 0.0
+                ys.append(0.0 if y != y else y)  # NaN (no timing) draws as no bar
+            ax.bar([g + i * width for g in range(len(groups))], ys, width, label=impl)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+        ax.set_xticklabels([f"{s}\n{m}" for s, m in groups], fontsize=7)
+        ax.set_title(panel_title if len(panels) > 1 else title, fontsize=9)
+        if len(panels) == 1:
+            ax.set_ylabel(panel_title)
+        ax.legend(fontsize=7)
+    if len(panels) > 1:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def write_results(rows: Sequence[dict], csv_path: str, title: str, *,
+                  panels: Sequence[Panel] | None = None, png: bool = True) -> list[dict]:
+    """Append ``rows`` to ``csv_path``, then render every row of it to ``<stem>.md`` and (when
+    ``png``) ``<stem>.png`` (:func:`render_png` with ``panels``). Returns all rows."""
+    append_rows(csv_path, rows)
+    every = read_rows(csv_path)
+    stem = os.path.splitext(csv_path)[0]
+    with open(stem + ".md", "w") as f:
+        f.write(render_markdown(every, title))
+    if png:
+        render_png(every, stem + ".png", title, panels)
+    print(f"appended {len(rows)} rows to {csv_path} ({stem}.md{', .png' if png else ''})")
+    return every

@@ -25,7 +25,8 @@ Models (random init, never downloaded):
     python benchmarks/rollout.py --smoke         # seconds; CI
     python benchmarks/rollout.py --gpu-shape     # on a GPU machine (vLLM if importable)
 
-Rows append to ``benchmarks/results/rollout.csv`` and the CSV renders to ``rollout.md``.
+Rows append to ``benchmarks/results/rollout.csv`` and the CSV renders to ``rollout.md`` and
+``rollout.png`` (:func:`benchmarks.results_io.write_results`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ import torch  # noqa: E402
 
 from benchmarks.results_io import (  # noqa: E402
     RESULTS_DIR,
-    append_rows,
+    extra_value,
     make_row,
-    read_rows,
-    render_markdown,
+    write_results,
 )
 
 TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -230,12 +230,12 @@ def main(argv=None) -> list[dict]:
             rows.append(make_row("rollout", name, "generate", shape, result["samples_ms"],
                                  result["peak_mb"], extra))
     if not args.smoke and rows:
-        append_rows(args.out, rows)
-        md_path = os.path.splitext(args.out)[0] + ".md"
-        with open(md_path, "w") as f:
-            f.write(render_markdown(read_rows(args.out), "Rollout engines: tokens/s and "
-                                    "log-prob mismatch vs the trainer"))
-        print(f"wrote {args.out} and {md_path}")
+        panels = [("generated tokens/s (higher is better)",
+                   lambda r: extra_value(r, "tokens_per_s")),
+                  ("mean |log-prob mismatch| vs the trainer",
+                   lambda r: extra_value(r, "mismatch_mean"))]
+        write_results(rows, args.out, "Rollout engines: tokens/s and log-prob mismatch vs the "
+                      "trainer", panels=panels)
     return rows
 
 

@@ -92,8 +92,8 @@ def loss_of(model, impl: str, x: dict, P: int, T: int, kernel_impl: str):
     """The Prefix-RFT loss of the batch through ``impl`` (see the module docstring)."""
     import torch
 
-    from prefix_rft.batching import head_inputs
     from prefix_rft.loss import PrefixRFTLoss, prefix_rft_loss
+    from prefix_rft.update import head_inputs
 
     labels = x["ids"][:, P:]
     if impl == "fused":

@@ -160,9 +160,9 @@ def trl_step(trainer, micro_batches: list[dict]) -> None:
 # ---------------------------------------------------------------------------- our trainer
 def build_trainer_case(model, batch: dict, micro: int):
     """Config + rollouts for ``prefix_rft.train.update`` on the batch's token ids."""
-    from prefix_rft.batching import Rollout
     from prefix_rft.config import Config, resolve_config
     from prefix_rft.loss import PrefixRFTLoss
+    from prefix_rft.update import Rollout
 
     B, P = batch["prompt_ids"].shape
     T = batch["completion_ids"].shape[1]

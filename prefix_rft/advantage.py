@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from prefix_rft.checks import check_choice
+from .checks import check_choice
 
 Baseline = Literal["group", "on_policy", "official"]  # see the module docstring
 ScalarBaseline = Literal["group", "on_policy"]  # one advantage per rollout

@@ -82,6 +82,9 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg = load_config(args.config, overrides)
     except ValueError as err:  # a config mistake (YAML syntax, key, value)
         raise UserError(str(err)) from err
+    from .backends import quiet_unused_backends
+
+    quiet_unused_backends(cfg.optim.name)  # before transformers (and through it torchao) loads
     if args.print_config:
         import tempfile
         from pathlib import Path
@@ -182,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # eval/demo/plan own their argument parsing: hand them everything after the command name.
     if argv and argv[0] in ("eval", "demo", "plan"):
         args, extra = parser.parse_args(argv[:1]), argv[1:]
+        from .backends import quiet_unused_backends
+
+        quiet_unused_backends()  # none of them chooses a torchao optimizer (the demo: adamw)
     else:
         args, extra = parser.parse_known_args(argv)
     if getattr(args, "command", None) is None:

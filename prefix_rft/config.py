@@ -13,7 +13,7 @@ One owner per choice and per check: a choice field is typed ``Literal[...]`` and
 values are read from that type (the type lives in the module that implements the choice,
 e.g. ``advantage.Baseline``); ``rollout.engine`` is checked against the engine registry
 (``prefix_rft.rollout.ENGINES``); options that a module implements are checked by that
-module's own check (``loss.check_loss_options``, ``prefix.check_prefix_options``, the
+module's own check (``loss_settings.LossSettings``, ``prefix.check_prefix_options``, the
 sampling settings), with the error renamed to the config key.
 """
 
@@ -30,9 +30,14 @@ from typing import Any, Literal
 
 from .advantage import Baseline
 from .checks import choices, is_choice_type
+from .data.options import DataConfig
+from .distributed import Device
 from .entropy_mask import EntropyMaskScope
 from .fused_update import HeadPath
-from .loss import EntropyNorm, KernelImpl
+from .lora import DEFAULT_TARGETS
+from .loss_settings import EntropyNorm, KernelImpl
+from .offload import Offload
+from .optim import OptimizerName
 from .precision import ComputeDtype, ExportDtype, WeightsDtype
 from .prefix import Schedule
 from .reward.extract import Fallback
@@ -47,8 +52,7 @@ class LoraConfig:
     r: int = 0  # LoRA rank; 0 = off (full fine-tuning)
     alpha: float = 32.0  # LoRA scale numerator: updates are scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapters' input, [0, 1)
-    target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # linears
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # linears
 
 
 @dataclass
@@ -65,28 +69,6 @@ class ModelConfig:
     liger: Switch = "auto"  # auto (when liger-kernel is installed and on CUDA) | true | false
     trust_remote_code: bool = False  # passed to from_pretrained; keep off unless needed
     lora: LoraConfig = field(default_factory=LoraConfig)  # {r, alpha, dropout, target_modules}
-
-
-@dataclass
-class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # local .jsonl/.parquet / saved dirs
-    format: str = "auto"  # auto (by extension / directory) or a name in prefix_rft.data.FORMATS
-    # flat: problem/solution/answer fields; verl: prompt/target/reward_model
-    schema: str = "flat"  # row layout: a name in prefix_rft.data.SCHEMAS, or auto (per file)
-    problem_key: str = "problem"  # flat: question text
-    solution_key: str = "solution"  # flat: demonstration text (the expert's response)
-    answer_key: str = "answer"  # flat: gold final answer
-    prompt_key: str = "prompt"  # verl: list of chat messages; the last user message is the question
-    target_key: str = "target"  # verl: list of demonstration messages (assistant content)
-    ground_truth_key: str = "reward_model.ground_truth"  # verl: dotted path to the gold answer
-    prompt_template: str = "verl"  # authors | luffy | verl | none | a custom "...{question}..."
-    # string (prompts.py: each template's source); data.system_prompt overrides its system part
-    system_prompt: str | None = None  # None = the dataset's own (verl) / none (flat); "" = none
-    max_prompt_tokens: int = 1024  # templated prompt length limit, tokens
-    overlong_prompts: Literal["skip", "error"] = "skip"  # skip (counted in the summary) | error
-    max_rows: int = 0  # read at most this many rows per file; 0 = all
-    shuffle: bool = True  # reshuffle the sampler every epoch
-    seed: int | None = None  # sampler seed; None = train.seed
 
 
 @dataclass
@@ -138,7 +120,7 @@ class LossConfig:
 class OptimConfig:
     # adamw (torch) | adamw8bit (torchao, 8-bit moments) | adamw_bf16_sr (torchao, bf16-stored
     # weights + stochastic rounding)
-    name: Literal["adamw", "adamw8bit", "adamw_bf16_sr"] = "adamw"  # see prefix_rft/optim.py
+    name: OptimizerName = "adamw"  # see prefix_rft/optim.py
     lr: float = 1e-6  # AdamW peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     eps: float = 1e-8  # AdamW epsilon
@@ -164,14 +146,14 @@ class TrainConfig:
     #   0 = 128 on CPU, 1024 on CUDA
     ppo_epochs: int = 1  # passes over each step's rollouts
     seed: int = 0  # global seed (model init, sampling, data order)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (cuda when available) | cpu | cuda
+    device: Device = "auto"  # auto (cuda when available) | cpu | cuda
     run_dir: str = "runs/prefix-rft"  # config, metrics, checkpoints, plots go here
     max_steps_per_run: int = 0  # stop (after checkpointing) after this many steps; 0 = no limit
     max_bad_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite
     #   loss or grad norm (each is skipped); 0 = never stop
     # none | optimizer (state + step in host RAM) | params (FSDP2 CPUOffloadPolicy: params,
     # grads and state in host RAM)
-    offload: Literal["none", "optimizer", "params"] = "none"  # see prefix_rft/offload.py
+    offload: Offload = "none"  # see prefix_rft/offload.py
 
 
 @dataclass
@@ -460,7 +442,7 @@ def validate_config(cfg: Config) -> Config:
     live in :mod:`prefix_rft.config_checks`)."""
     from .config_checks import check_config
 
-    check_config(cfg)
+    check_config(cfg, choice_fields())
     return cfg
 
 

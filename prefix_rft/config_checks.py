@@ -1,8 +1,8 @@
 """The checks of :func:`prefix_rft.config.validate_config`, one owner per check.
 
-Choice fields are checked against their ``Literal`` types (``config.choice_fields``) and
+Choice fields are checked against their ``Literal`` types (``config.choice_fields``, passed in) and
 ``rollout.engine`` against the engine registry; options that a module implements are checked
-by that module's own function (``loss.check_loss_options``, ``prefix.check_prefix_options``,
+by that module's own function (``LossSettings`` for the loss, ``prefix.check_prefix_options``,
 ``rollout.SamplingSettings``, ``data.check_data_options`` for the format and schema
 registries, ``reward.check_reward_options``), with the error renamed to the config key; what
 only the config knows (sentinels, cross-section rules, optimizer and run settings) is checked
@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from .checks import check_choice, check_int, check_number
-from .config import Config, choice_fields
 from .data import check_data_options
 from .data.templates import check_template
-from .loss import check_loss_options
+from .loss_settings import CONFIG_KEYS as LOSS_CONFIG_KEYS
+from .loss_settings import LossSettings, config_values
 from .precision import check_precision, stored_weights_dtype
 from .prefix import check_prefix_options
 from .reward import check_reward_options
@@ -37,16 +37,16 @@ def _checked(check, **fields: tuple[str, Any]) -> None:
         raise ValueError(message) from None
 
 
-def _check_choices(cfg: Config) -> None:
-    for key, allowed in choice_fields().items():
+def _check_choices(cfg, choices: dict[str, tuple[str, ...]]) -> None:
+    for key, allowed in choices.items():
         section, name = key.split(".")
         check_choice(key, getattr(getattr(cfg, section), name), allowed)
     check_choice("rollout.engine", cfg.rollout.engine, engine_names())
 
 
-def _check_module_options(cfg: Config) -> None:
+def _check_module_options(cfg) -> None:
     """The options that prefix.py, loss.py and the rollout sampling settings implement."""
-    p, r, lo = cfg.prefix, cfg.rollout, cfg.loss
+    p, r = cfg.prefix, cfg.rollout
     _checked(check_prefix_options, schedule=("prefix.schedule", p.schedule),
              start=("prefix.start", p.start), end=("prefix.end", p.end),
              high=("prefix.high", p.high),
@@ -54,16 +54,9 @@ def _check_module_options(cfg: Config) -> None:
              beta_alpha=("prefix.beta_alpha", p.beta_alpha),
              beta_beta=("prefix.beta_beta", p.beta_beta),
              min_prefix_tokens=("prefix.min_prefix_tokens", p.min_prefix_tokens))
-    _checked(check_loss_options,
-             max_response_tokens=("rollout.max_response_tokens", r.max_response_tokens),
-             clip_low=("loss.clip_low", lo.clip_low), clip_high=("loss.clip_high", lo.clip_high),
-             clip_c=("loss.clip_c", lo.clip_c),
-             entropy_top_fraction=("loss.entropy_top_fraction", lo.entropy_top_fraction),
-             entropy_coef=("loss.entropy_coef", lo.entropy_coef),
-             temperature=("rollout.temperature", r.temperature),
-             impl=("loss.kernel_impl", lo.kernel_impl),
-             entropy_mask_scope=("loss.entropy_mask_scope", lo.entropy_mask_scope),
-             entropy_norm=("loss.entropy_norm", lo.entropy_norm))
+    values = config_values(cfg)  # the loss settings, checked as LossSettings checks them
+    _checked(LossSettings, **{name: (LOSS_CONFIG_KEYS[name], value)
+                              for name, value in values.items()})
     for s in ("rollout", "eval"):
         section = getattr(cfg, s)
         _checked(SamplingSettings, temperature=(f"{s}.temperature", section.temperature),
@@ -79,7 +72,7 @@ def _check_module_options(cfg: Config) -> None:
              num_workers=("reward.num_workers", w.num_workers))
 
 
-def _check_finite(cfg: Config) -> None:
+def _check_finite(cfg) -> None:
     """NaN/Inf in any number field (also inside lists, e.g. ``optim.betas``) is refused."""
     import dataclasses
     import math
@@ -94,10 +87,13 @@ def _check_finite(cfg: Config) -> None:
                     raise ValueError(f"{key} must be a finite number, got {item!r}")
 
 
-def check_config(cfg: Config) -> None:
-    """Check every field; raise a one-line ValueError naming the first bad one."""
+def check_config(cfg, choices: dict[str, tuple[str, ...]]) -> None:
+    """Check every field of ``cfg`` (a resolved :class:`prefix_rft.config.Config`) and the
+    ``choices`` of its ``Literal`` fields (``config.choice_fields()``); raise a one-line
+    ValueError naming the first bad one. (The config is not imported here: it imports this
+    module, and this module imports the packages whose options it checks.)"""
     _check_finite(cfg)
-    _check_choices(cfg)
+    _check_choices(cfg, choices)
     d, p, r, o, t = cfg.data, cfg.prefix, cfg.rollout, cfg.optim, cfg.train
     for key, value in [
         ("train.steps", t.steps), ("train.prompts_per_step", t.prompts_per_step),
@@ -153,7 +149,7 @@ def check_config(cfg: Config) -> None:
                          f"got {cfg.model.path!r}")
 
 
-def _check_limited_gpu_options(cfg: Config) -> None:
+def _check_limited_gpu_options(cfg) -> None:
     """LoRA, optimizer and offload settings (prefix_rft/lora.py, optim.py, offload.py)."""
     lora = cfg.model.lora
     check_int("model.lora.r", lora.r, 0)

@@ -37,8 +37,9 @@ import contextlib
 import datetime
 import os
 import types
+import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -47,8 +48,11 @@ from torch import nn
 HIDDEN_FORWARD = "prefix_rft_hidden_forward"
 
 
+Device = Literal["auto", "cpu", "cuda"]  # train.device: auto = cuda when available
+
+
 # ---------------------------------------------------------------- process group
-def init_distributed(device: str = "auto",
+def init_distributed(device: Device = "auto",
                      timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """Join the process group described by torchrun's env vars; return (rank, world, device).
 
@@ -56,7 +60,7 @@ def init_distributed(device: str = "auto",
     gloo on CPU. Without torchrun (no ``WORLD_SIZE`` or 1) nothing is initialized and
     ``(0, 1, device)`` is returned. Each CUDA rank uses GPU ``LOCAL_RANK``.
     """
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in typing.get_args(Device):
         raise ValueError(f"device must be auto|cpu|cuda, got {device!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():

@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 
-from .config import DataConfig
+from .checks import choices
 from .data import SCHEMAS, Question, prompt_messages, prompt_text, read_questions
+from .data.options import DataConfig
+from .distributed import Device
 
 
 # ---------------------------------------------------------------------------- estimators
@@ -184,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "'...{question}...' string (default: training's)")
     ap.add_argument("--max-rows", type=int, default=0, help="first N questions per file; 0 = all")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--device", choices=choices(Device), default="auto")
     ap.add_argument("--out", default=None, help="output directory (default: <model>/eval)")
     ap.add_argument("--no-progress", action="store_true")
     return ap

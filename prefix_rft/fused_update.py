@@ -24,7 +24,7 @@ otherwise (``micro_batch`` scope) a no-grad
 (2·N_prefix·H·V FLOPs, prefix tokens are a small share) gives the current policy's entropies
 of those tokens -- the same values the loss's own forward gives them -- and
 :func:`~prefix_rft.kernels.entropy_topk_mask` ranks them in row-major order, as
-:func:`~prefix_rft.entropy_mask.kept_prefix_tokens` does.
+:meth:`~prefix_rft.entropy_mask.EntropyMask.keep` does.
 
 Metrics are :func:`~prefix_rft.loss.prefix_rft_loss`'s, computed on the fused pass's detached
 per-token log-probs and entropies (elementwise ``[N]`` work), with ``loss`` the fused value.
@@ -40,8 +40,7 @@ from typing import Literal
 import torch
 
 from .checks import as_mask
-from .entropy_mask import keeps_all, kept_prefix_tokens, needs_mini_batch_pass
-from .kernels import entropy_topk_mask, linear_logprob_entropy, linear_policy_loss
+from .kernels import linear_logprob_entropy, linear_policy_loss
 from .loss import prefix_rft_loss, sft_loss
 
 # auto: the fused head-and-loss wherever the update's loss is the policy loss or the SFT NLL
@@ -91,30 +90,42 @@ def _per_token(values, valid, seq_index):
     return values[valid] if _is_per_token(values, valid, seq_index) else values[seq_index]
 
 
+def _row_sequences(valid, seq_index):
+    """``[N]`` sequence id of each loss row (the rule may rank per sequence)."""
+    if seq_index is not None:
+        return seq_index[valid]
+    rows = torch.arange(valid.shape[0], device=valid.device)
+    return rows[:, None].expand(valid.shape)[valid]
+
+
 @torch.no_grad()
-def _kept_prefix(loss_fn, hidden_rows, weight, bias, labels, prefix_rows, keep_rows):
-    """Kept prefix tokens among the ``[N]`` rows (see the module docstring)."""
-    if keep_rows is not None or keeps_all(loss_fn.entropy_top_fraction):
-        return kept_prefix_tokens(prefix_rows, None, loss_fn.entropy_top_fraction, keep_rows)
-    entropy = torch.zeros(prefix_rows.shape, dtype=torch.float32, device=prefix_rows.device)
-    if bool(prefix_rows.any()):
-        _, ent = linear_logprob_entropy(hidden_rows[prefix_rows].detach(), weight.detach(),
-                                        labels[prefix_rows], bias=bias, impl=loss_fn.impl,
-                                        temperature=loss_fn.temperature)
-        entropy[prefix_rows] = ent
-    return entropy_topk_mask(entropy, prefix_rows, loss_fn.entropy_top_fraction)
+def _kept_prefix(settings, hidden_rows, weight, bias, labels, prefix_rows, keep_rows,
+                 row_seq=None):
+    """Kept prefix tokens among the ``[N]`` rows (see the module docstring): the rule is
+    :meth:`~prefix_rft.entropy_mask.EntropyMask.keep`; this only supplies the entropies, from
+    a no-grad pass over the prefix rows alone."""
+    mask = settings.entropy_mask
+    entropy = None
+    if mask.needs_entropy(keep_given=keep_rows is not None):
+        entropy = torch.zeros(prefix_rows.shape, dtype=torch.float32, device=prefix_rows.device)
+        if bool(prefix_rows.any()):
+            _, ent = linear_logprob_entropy(hidden_rows[prefix_rows].detach(), weight.detach(),
+                                            labels[prefix_rows], bias=bias, impl=settings.impl,
+                                            temperature=settings.temperature)
+            entropy[prefix_rows] = ent
+    return mask.keep(prefix_rows, entropy, keep_rows, row_seq)
 
 
-def _entropy_weight(loss_fn, continuation, denom, loss_scale, num_entropy_tokens):
-    if loss_fn.entropy_coef == 0:
+def _entropy_weight(settings, continuation, denom, loss_scale, num_entropy_tokens):
+    if settings.entropy_coef == 0:
         return None
-    if loss_fn.entropy_norm == "dr_grpo":
+    if settings.entropy_norm == "dr_grpo":
         ent_denom = denom
     elif num_entropy_tokens is not None:
         ent_denom = float(num_entropy_tokens)
     else:
         ent_denom = continuation.sum().clamp_min(1).float()
-    coef = loss_fn.entropy_coef * loss_scale / ent_denom
+    coef = settings.entropy_coef * loss_scale / ent_denom
     return torch.where(continuation, coef, 0.0).float()
 
 
@@ -136,21 +147,18 @@ def fused_prefix_rft_loss(
     Returns ``(loss, metrics, logprob)``: ``logprob`` ``[B, T]`` (packed ``[R]``) detached, 0
     off-mask -- e.g. for the on-policy update's engine-mismatch metrics.
     """
-    if loss_fn.entropy_mask_scope == "micro_batch" and keep_prefix_mask is not None:
-        raise ValueError("keep_prefix_mask needs entropy_mask_scope='mini_batch'")
-    if needs_mini_batch_pass(loss_fn.entropy_mask_scope, loss_fn.entropy_top_fraction) \
-            and keep_prefix_mask is None:
-        raise ValueError("keep_prefix_mask is required with entropy_mask_scope='mini_batch' "
-                         "(see compute_keep_prefix_mask)")
+    settings = loss_fn.settings
+    settings.entropy_mask.check_keep(keep_prefix_mask)
     packed = seq_index is not None
     rows_h, valid = _rows(hidden, response_mask, packed)
     labels = response_ids[valid].long()
     prefix = as_mask(prefix_mask)[valid]
     keep_rows = None if keep_prefix_mask is None else as_mask(keep_prefix_mask)[valid]
-    kept = _kept_prefix(loss_fn, rows_h, lm_head_weight, lm_head_bias, labels, prefix, keep_rows)
+    kept = _kept_prefix(settings, rows_h, lm_head_weight, lm_head_bias, labels, prefix,
+                        keep_rows, _row_sequences(valid, seq_index))
     continuation = ~prefix
     denom = float((num_sequences or _num_rollouts(advantages, valid, seq_index))
-                  * loss_fn.max_response_tokens)
+                  * settings.max_response_tokens)
     kwargs = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
     loss, lp, ent = linear_policy_loss(
         rows_h, lm_head_weight, labels, bias=lm_head_bias,
@@ -158,19 +166,16 @@ def fused_prefix_rft_loss(
         old_logprob=_per_token(old_logprob, valid, seq_index), loss_weight=loss_scale / denom,
         importance_weights=_per_token(importance_weights, valid, seq_index),
         keep=continuation | kept,
-        entropy_weight=_entropy_weight(loss_fn, continuation, denom, loss_scale,
+        entropy_weight=_entropy_weight(settings, continuation, denom, loss_scale,
                                        num_entropy_tokens),
-        clip_low=loss_fn.clip_low, clip_high=loss_fn.clip_high, clip_c=loss_fn.clip_c,
-        temperature=loss_fn.temperature, impl=loss_fn.impl, **kwargs)
+        clip_low=settings.clip_low, clip_high=settings.clip_high, clip_c=settings.clip_c,
+        temperature=settings.temperature, impl=settings.impl, **kwargs)
     lp_full, ent_full = _scatter(lp, valid), _scatter(ent, valid)
     _, metrics = prefix_rft_loss(
         lp_full, old_logprob, advantages, response_mask, prefix_mask, ent_full,
-        max_response_tokens=loss_fn.max_response_tokens, clip_low=loss_fn.clip_low,
-        clip_high=loss_fn.clip_high, clip_c=loss_fn.clip_c,
-        entropy_top_fraction=loss_fn.entropy_top_fraction, entropy_coef=loss_fn.entropy_coef,
-        loss_scale=loss_scale, num_sequences=num_sequences, keep_prefix_mask=_scatter(kept, valid),
-        seq_index=seq_index, importance_weights=importance_weights,
-        entropy_norm=loss_fn.entropy_norm, num_entropy_tokens=num_entropy_tokens)
+        settings=settings, loss_scale=loss_scale, num_sequences=num_sequences,
+        keep_prefix_mask=_scatter(kept, valid), seq_index=seq_index,
+        importance_weights=importance_weights, num_entropy_tokens=num_entropy_tokens)
     metrics["loss"] = float(loss.detach())
     return loss, metrics, lp_full
 
@@ -186,7 +191,7 @@ def fused_sft_loss(loss_fn, hidden, lm_head_weight, response_ids, response_mask,
     loss, lp, _ = linear_policy_loss(
         rows_h, lm_head_weight, response_ids[valid].long(), bias=lm_head_bias, loss_type="nll",
         loss_weight=loss_scale / float(num_sequences * max_response_tokens),
-        temperature=loss_fn.temperature, impl=loss_fn.impl, **kwargs)
+        temperature=loss_fn.settings.temperature, impl=loss_fn.settings.impl, **kwargs)
     lp_full, mask = _scatter(lp, valid), valid
     if lp_full.dim() == 1:  # packed [R]: one row for sft_loss's [B, T]
         lp_full, mask = lp_full[None], mask[None]

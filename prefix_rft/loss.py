@@ -19,7 +19,8 @@ with advantage 0 -- they add nothing, but the normalizer is a constant (Dr. GRPO
 
 Modules: the policy loss and :class:`PrefixRFTLoss` here; :mod:`prefix_rft.entropy_mask`
 (which prefix tokens keep their advantage), :mod:`prefix_rft.loss_metrics` (logged values),
-:mod:`prefix_rft.sft_loss`, :mod:`prefix_rft.micro_batching`; all importable from here.
+:mod:`prefix_rft.sft_loss`, :mod:`prefix_rft.update.split`; all importable from here. The
+options are one frozen :class:`~prefix_rft.loss_settings.LossSettings`.
 
 Entry points:
 
@@ -40,76 +41,40 @@ size if your data-parallel all-reduce sums instead of averaging).
 is taken among the prefix tokens of each micro-batch, so the result depends on how the
 mini-batch is split. ``mini_batch``: the top fraction is taken over the whole mini-batch,
 which needs its entropies before the first backward: run a no-grad pass per micro-batch
-(:meth:`PrefixRFTLoss.token_entropy`, or reuse the entropies of the old-log-prob pass, which
-equal the current policy's on the first update of a step), call
+(:meth:`PrefixRFTLoss.token_logprob_entropy` under no_grad, or reuse the entropies of the
+old-log-prob pass, which equal the current policy's on the first update of a step), call
 :func:`compute_keep_prefix_mask` on the list of micro-batch tensors (the trainer does this in
-:func:`prefix_rft.entropy_mask.mini_batch_keep_masks`), and hand each micro-batch its slice
-as ``keep_prefix_mask``. With ``mini_batch`` scope, micro-batch
+:meth:`prefix_rft.entropy_mask.EntropyMask.mini_batch_keeps`), and hand each micro-batch its
+slice as ``keep_prefix_mask``. With ``mini_batch`` scope, micro-batch
 accumulation equals the full-batch gradient exactly; with ``micro_batch`` it does only when
 ``entropy_top_fraction == 1``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from prefix_rft.checks import (
+from .checks import (
     as_mask,
-    check_choice,
     check_float_tensor,
     check_int,
     check_mask,
     check_number,
     check_tensor,
 )
-from prefix_rft.entropy_mask import (
-    check_entropy_mask_options,
-    compute_keep_prefix_mask,
-    keeps_all,
-    kept_prefix_tokens,
-    needs_mini_batch_pass,
-)
-from prefix_rft.kernels import linear_logprob_entropy
-from prefix_rft.loss_metrics import policy_metrics
-from prefix_rft.micro_batching import split_micro_batches
-from prefix_rft.sft_loss import sft_loss
+from .entropy_mask import compute_keep_prefix_mask
+from .kernels import linear_logprob_entropy
+from .loss_metrics import policy_metrics
+from .loss_settings import EntropyNorm, KernelImpl, LossSettings, check_loss_options
+from .sft_loss import sft_loss
+from .update.split import split_micro_batches
 
-__all__ = ["EntropyNorm", "KernelImpl", "LOG_RATIO_CLAMP", "PrefixRFTLoss", "check_loss_options",
-           "compute_keep_prefix_mask", "prefix_rft_loss", "sft_loss", "split_micro_batches"]
+__all__ = ["EntropyNorm", "KernelImpl", "LOG_RATIO_CLAMP", "LossSettings", "PrefixRFTLoss",
+           "check_loss_options", "compute_keep_prefix_mask", "prefix_rft_loss", "sft_loss",
+           "split_micro_batches"]
 
 # verl clamps the log-ratio to ±20 before exp so a stale old_logprob cannot overflow.
 LOG_RATIO_CLAMP = 20.0
-KernelImpl = Literal["auto", "torch", "triton"]  # fused log-prob/entropy kernel
-# normalizer of the entropy bonus: Dr. GRPO's constant B·L_max, or the continuation-token count
-EntropyNorm = Literal["dr_grpo", "token_mean"]
-
-
-def check_loss_options(
-    *,
-    max_response_tokens: int,
-    clip_low: float,
-    clip_high: float,
-    clip_c: float | None,
-    entropy_top_fraction: float,
-    entropy_coef: float,
-    temperature: float = 1.0,
-    impl: str = "auto",
-    entropy_mask_scope: str = "micro_batch",
-    entropy_norm: str = "dr_grpo",
-) -> None:
-    """Validate the policy-loss options (the function, the module and the config use it)."""
-    check_int("max_response_tokens", max_response_tokens)
-    check_number("clip_low", clip_low, 0.0, 1.0, hi_open=True)
-    check_number("clip_high", clip_high, 0.0)
-    check_number("clip_c", clip_c, 1.0, lo_open=True, allow_none=True)
-    check_entropy_mask_options(entropy_top_fraction=entropy_top_fraction,
-                               entropy_mask_scope=entropy_mask_scope)
-    check_number("entropy_coef", entropy_coef)
-    check_number("temperature", temperature, 0.0, lo_open=True)
-    check_choice("impl", impl, KernelImpl)
-    check_choice("entropy_norm", entropy_norm, EntropyNorm)
 
 
 # ---------------------------------------------------------------------------- policy loss
@@ -132,25 +97,20 @@ def prefix_rft_loss(
     prefix_mask: torch.Tensor,
     entropy: torch.Tensor | None = None,
     *,
-    max_response_tokens: int,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    clip_c: float | None = None,
-    entropy_top_fraction: float = 0.2,
-    entropy_coef: float = 0.0,
+    settings: LossSettings | None = None,
     loss_scale: float = 1.0,
     num_sequences: int | None = None,
     keep_prefix_mask: torch.Tensor | None = None,
-    entropy_norm: EntropyNorm = "dr_grpo",
     num_entropy_tokens: int | None = None,
     seq_index: torch.Tensor | None = None,
     importance_weights: torch.Tensor | None = None,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Prefix-RFT policy loss from per-token log-probs (formulas in the module docstring).
 
     Two layouts: padded ``[B, T]`` per-token tensors (below), or packed -- give ``seq_index``
     and every per-token tensor is ``[R]`` (the ``R`` response tokens of ``B`` sequences back
-    to back, :mod:`prefix_rft.packing`), ``advantages`` still ``[B]``. The packed loss equals
+    to back, :mod:`prefix_rft.update.packed`), ``advantages`` still ``[B]``. The packed loss equals
     the padded one on the same tokens (row-major order of the valid tokens = packed order).
 
     Args:
@@ -165,11 +125,12 @@ def prefix_rft_loss(
         entropy: ``[B, T]`` token entropies; detached for the mask, differentiated for the
             entropy bonus. May be None when neither needs it (fraction 1 or a given
             ``keep_prefix_mask``, and ``entropy_coef == 0``); entropy metrics are then 0.
-        max_response_tokens: L_max of the Dr. GRPO normalizer (a constant, not a count).
-        clip_low, clip_high: PPO clip range ``[1 − clip_low, 1 + clip_high]``.
-        clip_c: dual-clip constant (> 1) capping ℓ_t at ``−clip_c·A_t`` when A_t < 0; None off.
-        entropy_top_fraction: share of prefix tokens (by entropy) that keep their advantage.
-        entropy_coef: entropy bonus weight on continuation tokens (0 = off).
+        settings: the loss's :class:`~prefix_rft.loss_settings.LossSettings` (clip range, dual
+            clip, entropy mask, entropy bonus and its normalizer ``entropy_norm``: ``"dr_grpo"``
+            ÷ num_sequences·max_response_tokens as the policy term, ``"token_mean"`` ÷
+            ``num_entropy_tokens``). The trainer passes the one it built from the config.
+        **options: shorthand instead of ``settings``: its fields as keywords, e.g.
+            ``max_response_tokens=1024, clip_c=3.0`` (validated by ``LossSettings``).
         loss_scale: multiplies the returned loss (e.g. 1/world_size).
         num_sequences: B of the normalizer (default ``logprob.shape[0]``); give the
             mini-batch size when this call is one micro-batch of it. With ``G`` equal
@@ -178,8 +139,6 @@ def prefix_rft_loss(
             gradient_accumulation_steps``).
         keep_prefix_mask: ``[B, T]`` bool precomputed by :func:`compute_keep_prefix_mask`
             (``mini_batch`` scope); None computes it here from ``entropy`` (``micro_batch``).
-        entropy_norm: ``"dr_grpo"`` (÷ num_sequences·max_response_tokens, as the policy term)
-            or ``"token_mean"`` (÷ ``num_entropy_tokens``).
         num_entropy_tokens: continuation tokens of the whole mini-batch (``token_mean``; give
             it when this call is one micro-batch of it); default this call's count.
         seq_index: packed layout only: ``[R]`` int, the sequence (``0..B-1``) of each token;
@@ -203,6 +162,66 @@ def prefix_rft_loss(
         ...                           torch.rand(B, T), max_response_tokens=8)
         >>> loss.backward()
     """
+    settings = LossSettings.resolve(settings, options)
+    B, per_token = _check_loss_inputs(
+        logprob, old_logprob, advantages, response_mask, prefix_mask, entropy, settings,
+        loss_scale=loss_scale, num_sequences=num_sequences, keep_prefix_mask=keep_prefix_mask,
+        num_entropy_tokens=num_entropy_tokens, seq_index=seq_index,
+        importance_weights=importance_weights)
+    if old_logprob is None:
+        old_logprob = logprob.detach()
+    valid = as_mask(response_mask)
+    prefix = as_mask(prefix_mask) & valid
+    continuation = valid & ~prefix
+    kept = settings.entropy_mask.keep(prefix, entropy, keep_prefix_mask, seq_index)
+    if seq_index is None:
+        adv = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
+    else:
+        adv = advantages.float() if per_token else advantages.float()[seq_index]
+    token_adv = torch.where(continuation | kept, adv, 0.0)
+
+    # where() (not multiply) keeps NaN/inf in padded positions out of values and gradients.
+    log_ratio = torch.where(valid, logprob.float() - old_logprob.float(), 0.0)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    unclipped = -token_adv * ratio
+    clipped = -token_adv * ratio.clamp(1.0 - settings.clip_low, 1.0 + settings.clip_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    if settings.clip_c is not None:
+        capped = torch.minimum(token_loss, -token_adv * settings.clip_c)
+        token_loss = torch.where(token_adv < 0, capped, token_loss)
+    if importance_weights is not None:
+        token_loss = token_loss * importance_weights.detach().float()
+    denom = float((num_sequences or B) * settings.max_response_tokens)
+    pg_loss = torch.where(valid, token_loss, 0.0).sum() / denom
+    loss = pg_loss
+    entropy_bonus = None
+    if settings.entropy_coef != 0:
+        if settings.entropy_norm == "dr_grpo":
+            ent_denom = denom
+        elif num_entropy_tokens is not None:
+            ent_denom = float(num_entropy_tokens)
+        else:  # this call's continuation tokens (a tensor: no device sync)
+            ent_denom = continuation.sum().clamp_min(1).float()
+        entropy_bonus = torch.where(continuation, entropy.float(), 0.0).sum() / ent_denom
+        loss = loss - settings.entropy_coef * entropy_bonus
+    loss = loss * loss_scale
+    metrics = policy_metrics(
+        loss=loss, pg_loss=pg_loss, entropy_bonus=entropy_bonus, ratio=ratio, token_adv=token_adv,
+        advantages=advantages if advantages.dim() == 1 else advantages[valid],
+        entropy=entropy, valid=valid, prefix=prefix, kept=kept,
+        continuation=continuation, clip_low=settings.clip_low,
+        clip_high=settings.clip_high, clip_c=settings.clip_c,
+    )
+    return loss, metrics
+
+
+def _check_loss_inputs(logprob, old_logprob, advantages, response_mask, prefix_mask, entropy,
+                       settings: LossSettings, *, loss_scale, num_sequences, keep_prefix_mask,
+                       num_entropy_tokens, seq_index, importance_weights) -> tuple[int, bool]:
+    """The tensors of one :func:`prefix_rft_loss` call against each other (shapes, devices,
+    dtypes; the options were checked when ``settings`` was built). Returns ``(B, per_token)``:
+    the number of sequences and whether a packed call's ``advantages`` are per token."""
+    per_token = False
     if seq_index is None:
         check_float_tensor("logprob", logprob, "[B, T]")
         B = logprob.shape[0]
@@ -217,13 +236,8 @@ def prefix_rft_loss(
         if seq_index.numel() and (int(seq_index.min()) < 0 or int(seq_index.max()) >= B):
             raise ValueError(f"seq_index must be in [0, {B}) (the sequence of each token)")
     shape, dev = tuple(logprob.shape), logprob.device
-    check_loss_options(
-        max_response_tokens=max_response_tokens, clip_low=clip_low, clip_high=clip_high,
-        clip_c=clip_c, entropy_top_fraction=entropy_top_fraction, entropy_coef=entropy_coef,
-    )
-    if old_logprob is None:
-        old_logprob = logprob.detach()
-    check_tensor("old_logprob", old_logprob, shape, dev, floating=True)
+    if old_logprob is not None:
+        check_tensor("old_logprob", old_logprob, shape, dev, floating=True)
     if seq_index is None:
         _check_advantages(advantages, B, shape[1], dev)
     else:
@@ -238,61 +252,18 @@ def prefix_rft_loss(
             check_tensor("importance_weights", importance_weights, shape, dev, floating=True)
     check_number("loss_scale", loss_scale)
     check_int("num_sequences", num_sequences, allow_none=True)
-    check_choice("entropy_norm", entropy_norm, EntropyNorm)
     check_int("num_entropy_tokens", num_entropy_tokens, allow_none=True)
     if num_sequences is not None and num_sequences < B:
         raise ValueError(f"num_sequences must be >= the batch size {B}, got {num_sequences}")
     if keep_prefix_mask is not None:
         check_tensor("keep_prefix_mask", keep_prefix_mask, shape, dev, floating=False)
-    needs_entropy = entropy_coef != 0 or (
-        keep_prefix_mask is None and not keeps_all(entropy_top_fraction))
+    needs_entropy = settings.entropy_coef != 0 or settings.entropy_mask.needs_entropy(
+        keep_given=keep_prefix_mask is not None)
     if entropy is not None:
         check_tensor("entropy", entropy, shape, dev, floating=True)
     elif needs_entropy:
         raise ValueError("entropy is required for the prefix entropy mask or the entropy bonus")
-
-    valid = as_mask(response_mask)
-    prefix = as_mask(prefix_mask) & valid
-    continuation = valid & ~prefix
-    kept = kept_prefix_tokens(prefix, entropy, entropy_top_fraction, keep_prefix_mask)
-    if seq_index is None:
-        adv = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
-    else:
-        adv = advantages.float() if per_token else advantages.float()[seq_index]
-    token_adv = torch.where(continuation | kept, adv, 0.0)
-
-    # where() (not multiply) keeps NaN/inf in padded positions out of values and gradients.
-    log_ratio = torch.where(valid, logprob.float() - old_logprob.float(), 0.0)
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    unclipped = -token_adv * ratio
-    clipped = -token_adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    token_loss = torch.maximum(unclipped, clipped)
-    if clip_c is not None:
-        capped = torch.minimum(token_loss, -token_adv * clip_c)
-        token_loss = torch.where(token_adv < 0, capped, token_loss)
-    if importance_weights is not None:
-        token_loss = token_loss * importance_weights.detach().float()
-    denom = float((num_sequences or B) * max_response_tokens)
-    pg_loss = torch.where(valid, token_loss, 0.0).sum() / denom
-    loss = pg_loss
-    entropy_bonus = None
-    if entropy_coef != 0:
-        if entropy_norm == "dr_grpo":
-            ent_denom = denom
-        elif num_entropy_tokens is not None:
-            ent_denom = float(num_entropy_tokens)
-        else:  # this call's continuation tokens (a tensor: no device sync)
-            ent_denom = continuation.sum().clamp_min(1).float()
-        entropy_bonus = torch.where(continuation, entropy.float(), 0.0).sum() / ent_denom
-        loss = loss - entropy_coef * entropy_bonus
-    loss = loss * loss_scale
-    metrics = policy_metrics(
-        loss=loss, pg_loss=pg_loss, entropy_bonus=entropy_bonus, ratio=ratio, token_adv=token_adv,
-        advantages=advantages if advantages.dim() == 1 else advantages[valid],
-        entropy=entropy, valid=valid, prefix=prefix, kept=kept,
-        continuation=continuation, clip_low=clip_low, clip_high=clip_high, clip_c=clip_c,
-    )
-    return loss, metrics
+    return B, per_token
 
 
 def _check_importance_weights(weights, B: int, T: int, device) -> None:
@@ -320,12 +291,11 @@ class PrefixRFTLoss(torch.nn.Module):
     **Temperature.** Log-probs and entropies are those of the logits divided by
     ``temperature``; ``old_logprob`` must use the same temperature (the rollout's).
 
-    Args (constructor, all keyword): ``max_response_tokens`` (required), ``clip_low=0.2``,
-    ``clip_high=0.2``, ``clip_c=None``, ``entropy_top_fraction=0.2``, ``entropy_coef=0.0``
-    -- as in :func:`prefix_rft_loss`; ``temperature=1.0``; ``impl="auto"`` (kernel:
-    ``"auto" | "torch" | "triton"``); ``entropy_mask_scope="micro_batch" | "mini_batch"``
-    (``mini_batch`` requires ``keep_prefix_mask`` in forward unless the fraction is 1);
-    ``entropy_norm="dr_grpo" | "token_mean"`` (normalizer of the entropy bonus).
+    Args (constructor): ``settings`` -- a :class:`~prefix_rft.loss_settings.LossSettings`
+    (``max_response_tokens``, clip range, dual clip, entropy mask and its scope, entropy bonus
+    and its normalizer, ``temperature``, kernel ``impl``) -- or its fields as keywords, e.g.
+    ``PrefixRFTLoss(max_response_tokens=1024, impl="torch")``. With ``entropy_mask_scope=
+    "mini_batch"`` forward requires ``keep_prefix_mask`` unless the fraction is 1.
 
     Forward shapes: ``hidden [B, T, H]``, ``lm_head_weight [V, H]``, ``response_ids [B, T]``
     int, ``old_logprob [B, T]`` (None: on-policy), ``advantages [B]`` or ``[B, T]``,
@@ -365,37 +335,12 @@ class PrefixRFTLoss(torch.nn.Module):
         loss.backward()
     """
 
-    def __init__(
-        self,
-        *,
-        max_response_tokens: int,
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
-        clip_c: float | None = None,
-        entropy_top_fraction: float = 0.2,
-        entropy_coef: float = 0.0,
-        temperature: float = 1.0,
-        impl: KernelImpl = "auto",
-        entropy_mask_scope: str = "micro_batch",
-        entropy_norm: EntropyNorm = "dr_grpo",
-    ) -> None:
+    def __init__(self, settings: LossSettings | None = None, **options) -> None:
         super().__init__()
-        check_loss_options(
-            max_response_tokens=max_response_tokens, clip_low=clip_low, clip_high=clip_high,
-            clip_c=clip_c, entropy_top_fraction=entropy_top_fraction, entropy_coef=entropy_coef,
-            temperature=temperature, impl=impl, entropy_mask_scope=entropy_mask_scope,
-            entropy_norm=entropy_norm,
-        )
-        self.entropy_norm = entropy_norm
-        self.max_response_tokens = max_response_tokens
-        self.clip_low, self.clip_high, self.clip_c = clip_low, clip_high, clip_c
-        self.entropy_top_fraction, self.entropy_coef = entropy_top_fraction, entropy_coef
-        self.temperature, self.impl, self.entropy_mask_scope = temperature, impl, entropy_mask_scope
+        self.settings = LossSettings.resolve(settings, options)
 
     def extra_repr(self) -> str:
-        keys = ("max_response_tokens", "clip_low", "clip_high", "clip_c", "entropy_top_fraction",
-                "entropy_coef", "temperature", "impl", "entropy_mask_scope", "entropy_norm")
-        return ", ".join(f"{k}={getattr(self, k)!r}" for k in keys)
+        return repr(self.settings)
 
     def token_logprob_entropy(
         self,
@@ -426,21 +371,16 @@ class PrefixRFTLoss(torch.nn.Module):
         valid = as_mask(response_mask)
         if packed and bool(valid.all()):  # no padding to drop
             return linear_logprob_entropy(hidden, lm_head_weight, response_ids.long(),
-                                          bias=lm_head_bias, temperature=self.temperature,
-                                          impl=self.impl)
+                                          bias=lm_head_bias,
+                                          temperature=self.settings.temperature,
+                                          impl=self.settings.impl)
         logprob, entropy = linear_logprob_entropy(
             hidden[valid], lm_head_weight, response_ids[valid].long(), bias=lm_head_bias,
-            temperature=self.temperature, impl=self.impl,
+            temperature=self.settings.temperature, impl=self.settings.impl,
         )
         zeros = torch.zeros(shape, dtype=logprob.dtype, device=hidden.device)
         # index_put with the same bool mask restores row-major order; differentiable in values.
         return zeros.index_put((valid,), logprob), zeros.index_put((valid,), entropy)
-
-    @torch.no_grad()
-    def token_entropy(self, hidden, lm_head_weight, response_ids, response_mask, lm_head_bias=None):
-        """No-grad ``[B, T]`` entropies, e.g. for the ``mini_batch`` mask pass."""
-        args = (hidden, lm_head_weight, response_ids, response_mask, lm_head_bias)
-        return self.token_logprob_entropy(*args)[1]
 
     def forward(
         self,
@@ -464,24 +404,13 @@ class PrefixRFTLoss(torch.nn.Module):
 
         ``old_logprob=None`` means on-policy (ρ = 1); the keyword arguments are passed through.
         """
-        scope = self.entropy_mask_scope
-        if scope == "micro_batch" and keep_prefix_mask is not None:
-            raise ValueError("keep_prefix_mask needs entropy_mask_scope='mini_batch'")
-        if needs_mini_batch_pass(scope, self.entropy_top_fraction) and keep_prefix_mask is None:
-            raise ValueError(
-                "keep_prefix_mask is required with entropy_mask_scope='mini_batch' "
-                "(see compute_keep_prefix_mask)"
-            )
+        self.settings.entropy_mask.check_keep(keep_prefix_mask)
         logprob, entropy = self.token_logprob_entropy(
             hidden, lm_head_weight, response_ids, response_mask, lm_head_bias
         )
         return prefix_rft_loss(
             logprob, old_logprob, advantages, response_mask, prefix_mask, entropy,
-            max_response_tokens=self.max_response_tokens, clip_low=self.clip_low,
-            clip_high=self.clip_high, clip_c=self.clip_c,
-            entropy_top_fraction=self.entropy_top_fraction, entropy_coef=self.entropy_coef,
-            loss_scale=loss_scale, num_sequences=num_sequences, keep_prefix_mask=keep_prefix_mask,
-            seq_index=seq_index,
-            importance_weights=importance_weights,
-            entropy_norm=self.entropy_norm, num_entropy_tokens=num_entropy_tokens,
+            settings=self.settings, loss_scale=loss_scale, num_sequences=num_sequences,
+            keep_prefix_mask=keep_prefix_mask, seq_index=seq_index,
+            importance_weights=importance_weights, num_entropy_tokens=num_entropy_tokens,
         )

@@ -28,10 +28,12 @@ ranks; ``prefix_rft.checkpoint`` writes it per rank.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 
-OFFLOADS = ("none", "optimizer", "params")
+# train.offload: none | optimizer (HostOptimizer below) | params (FSDP2 CPUOffloadPolicy)
+Offload = Literal["none", "optimizer", "params"]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

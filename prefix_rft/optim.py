@@ -25,10 +25,15 @@ round-trips ``state_dict()`` exactly (checkpoints resume bit-exactly).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw_bf16_sr")
+from .checks import choices
+
+OptimizerName = Literal["adamw", "adamw8bit", "adamw_bf16_sr"]  # optim.name (table above)
+OPTIMIZERS = choices(OptimizerName)
+TORCHAO_OPTIMIZERS = ("adamw8bit", "adamw_bf16_sr")  # the names that import torchao
 
 
 def _torchao_optim():

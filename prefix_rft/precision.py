@@ -11,7 +11,7 @@ rounds away; fp32 masters keep it.
 run               how the compute dtype is reached
 ================  ==========================================================================
 one process       fp32 weights + ``torch.autocast(device, bf16)`` around forward passes
-                  (the fused head gets the autocast dtype: ``batching.head_inputs``)
+                  (the fused head gets the autocast dtype: ``update.head.head_inputs``)
 FSDP2 (torchrun)  fp32 sharded weights + ``MixedPrecisionPolicy(param_dtype=bf16,
                   reduce_dtype=fp32)``: bf16 all-gather and compute, fp32 reduce-scatter
 ================  ==========================================================================

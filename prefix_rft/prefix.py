@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from prefix_rft.checks import check_choice, check_int, check_number
+from .checks import check_choice, check_int, check_number
 
 # ``constant`` and ``uniform`` are the same schedule (the uniform-sampling ablation).
 Schedule = Literal["cosine", "linear", "constant", "uniform"]

@@ -1,7 +1,7 @@
 """Everything a training run needs before its first step, one concern per function.
 
     run = start_run(cfg)        # process group, seed, model, data, optimizer, engine, resume
-    with compute_context(run.cfg, run.model, run.device): ...   # the run's compute precision
+    with run.compute(): ...    # forward passes in the run's compute precision
 
 :class:`Run` is the typed state of a run that :mod:`prefix_rft.train` reads and updates;
 ``start_run`` builds it from the pieces below (each usable on its own):
@@ -12,7 +12,7 @@
 * :func:`build_engine` -- the rollout engine named by ``rollout.engine`` (the registry in
   :mod:`prefix_rft.rollout`).
 * :func:`build_loss` -- the fused :class:`~prefix_rft.loss.PrefixRFTLoss` from ``loss.*``.
-* :func:`precision` / :func:`compute_context` -- the run's precision policy
+* :func:`precision` -- the run's precision policy, built once and held by :class:`Run`
   (:mod:`prefix_rft.precision`): ``model.dtype: bf16`` (or ``auto`` on CUDA) is bf16 compute
   over fp32 masters (FSDP2 ``MixedPrecisionPolicy`` under torchrun, ``torch.autocast`` in one
   process); bf16-stored weights only with ``model.weights_dtype: bf16`` + a stochastic-rounding
@@ -40,7 +40,7 @@ from .config import Config, save_config
 from .data import PromptDataset, StatefulSampler, load_prompt_dataset
 from .errors import UserError
 from .finite import StepGuard, check_weights_finite
-from .loss import PrefixRFTLoss
+from .loss import LossSettings, PrefixRFTLoss
 from .precision import PrecisionPolicy, precision_policy, stored_weights_dtype
 from .rollout import RolloutEngine, engine_class
 
@@ -67,10 +67,16 @@ class Run:
     resumed_from: str | None = None  # checkpoint directory, or None for a fresh run
     optimizer_stepped: bool = False  # the current step changed the weights (crash handling)
     guard: StepGuard = field(default_factory=StepGuard)  # skips non-finite optimizer steps
+    precision: PrecisionPolicy | None = None  # compute / weight / reduce / export dtypes;
+    #   None: built from cfg and device once, here (start_run passes the one it wrapped with)
+
+    def __post_init__(self) -> None:
+        if self.precision is None:
+            self.precision = precision(self.cfg, self.device)
 
     def compute(self) -> contextlib.AbstractContextManager:
-        """This run's :func:`compute_context`."""
-        return compute_context(self.cfg, self.model, self.device)
+        """Forward passes in this run's compute dtype (:meth:`PrecisionPolicy.autocast`)."""
+        return self.precision.autocast(self.model)
 
 
 # ---------------------------------------------------------------------------- model
@@ -114,7 +120,7 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
         apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                    target_modules=tuple(lora.target_modules))
     if cfg.train.packing:
-        from .varlen_attention import enable_packed_attention
+        from .update.varlen_attention import enable_packed_attention
 
         enable_packed_attention(model)  # sdpa -> its packed variant; flash-attn as is
     if cfg.model.gradient_checkpointing:
@@ -190,14 +196,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.d
 
 
 def build_loss(cfg: Config) -> PrefixRFTLoss:
-    """The fused policy loss from ``loss.*`` (at the rollout temperature)."""
-    lo = cfg.loss
-    return PrefixRFTLoss(
-        max_response_tokens=cfg.rollout.max_response_tokens, clip_low=lo.clip_low,
-        clip_high=lo.clip_high, clip_c=lo.clip_c, entropy_top_fraction=lo.entropy_top_fraction,
-        entropy_coef=lo.entropy_coef, temperature=cfg.rollout.temperature,
-        impl=lo.kernel_impl, entropy_mask_scope=lo.entropy_mask_scope,
-        entropy_norm=lo.entropy_norm)
+    """The fused policy loss over the config's :class:`~prefix_rft.loss.LossSettings` (``loss.*``
+    at the rollout temperature, read once: :meth:`LossSettings.from_config`)."""
+    return PrefixRFTLoss(LossSettings.from_config(cfg))
 
 
 # ---------------------------------------------------------------------------- precision
@@ -206,14 +207,6 @@ def precision(cfg: Config, device: torch.device) -> PrecisionPolicy:
     weights = stored_weights_dtype(cfg.model.weights_dtype, cfg.optim.name)
     return precision_policy(cfg.model.dtype, weights, cfg.checkpoint.export_dtype, device,
                             cfg.optim.name)
-
-
-@contextlib.contextmanager
-def compute_context(cfg: Config, model: torch.nn.Module, device: torch.device):
-    """Forward passes in the compute dtype: ``torch.autocast`` over fp32 masters in one process;
-    nothing under FSDP2 (its MixedPrecisionPolicy casts) or when compute = weight dtype."""
-    with precision(cfg, device).autocast(model):
-        yield
 
 
 # ---------------------------------------------------------------------------- seeds, memory
@@ -248,6 +241,7 @@ def start_run(cfg: Config) -> Run:
     """Process group, seed, data, model (+FSDP2), optimizer, resume, engine, loss."""
     rank, world, device = D.init_distributed(cfg.train.device)
     check_divisible(cfg, world)
+    policy = precision(cfg, device)
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     if D.is_main():
@@ -266,7 +260,7 @@ def start_run(cfg: Config) -> Run:
         if world == 1:
             D.init_one_rank_group(device)
         D.wrap_fsdp2(model, offload_params=cfg.train.offload == "params",
-                     mp_policy=precision(cfg, device).fsdp_mixed_precision())
+                     mp_policy=policy.fsdp_mixed_precision())
     optimizer, scheduler = build_optimizer(cfg, model)
     start = 0
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
@@ -285,4 +279,4 @@ def start_run(cfg: Config) -> Run:
                device=device, rank=rank, world=world, run_dir=run_dir,
                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                start_step=start, resumed_from=str(resume_from) if resume_from else None,
-               guard=StepGuard(max_bad_steps=cfg.train.max_bad_steps))
+               guard=StepGuard(max_bad_steps=cfg.train.max_bad_steps), precision=policy)

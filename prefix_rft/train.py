@@ -20,7 +20,8 @@ on-policy samples per question, only to log reward / pass rate / length like the
 What a run is made of (model, optimizer, engine, precision, seeds) is built in
 :mod:`prefix_rft.setup` into a typed :class:`~prefix_rft.setup.Run`; engine differences
 live in the engines (:mod:`prefix_rft.rollout`), the entropy-mask rule in
-:mod:`prefix_rft.entropy_mask`.
+:mod:`prefix_rft.entropy_mask`, the micro-batches and the forward-with-head in
+:mod:`prefix_rft.update`; :func:`micro_loss` is the one place a micro-batch's loss is computed.
 
 Under torchrun every rank rolls out, scores and updates its own share of the questions;
 gradients are averaged by FSDP2, so each rank's loss is scaled to its share of the global
@@ -41,18 +42,9 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as D
 from .advantage import advantage_stats, rollout_advantages
-from .batching import (
-    Rollout,
-    idle_forwards,
-    may_balance_update,
-    padded_cut_tokens,
-    response_logprob_entropy,
-    run_head,
-    update_micro_batches,
-)
 from .config import Config, resolve_config, validate_config
 from .data import Question
-from .entropy_mask import mini_batch_keep_masks, needs_mini_batch_pass
+from .entropy_mask import EntropyMask
 from .finite import zero_non_finite
 from .fused_update import fused_prefix_rft_loss, fused_sft_loss, use_fused_head
 from .loss import prefix_rft_loss, sft_loss
@@ -62,8 +54,17 @@ from .preflight import preflight
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
 from .runlock import RunLock
-from .setup import Run, peak_memory_gb, precision, reset_peak_memory, start_run
-from .train_io import _save, _save_after_crash, periodic_eval
+from .setup import Run, peak_memory_gb, reset_peak_memory, start_run
+from .train_io import periodic_eval, save_after_crash, save_step
+from .update import (
+    MicroBatch,
+    Rollout,
+    idle_forwards,
+    make_micro_batches,
+    padded_cut_tokens,
+    response_logprob_entropy,
+    run_head,
+)
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -216,59 +217,179 @@ def sft_rows(run: Run, questions: list[Question], rollouts: list[Rollout]):
 
 
 # ---------------------------------------------------------------------------- update
-def _token_mean_entropy(cfg: Config) -> bool:
-    """The loss needs the mini-batch's continuation-token count (``loss.entropy_norm``)."""
-    return cfg.loss.entropy_norm == "token_mean" and cfg.loss.entropy_coef != 0
+def update_micro_batches(run: Run, rows: list[Rollout], picked, *, balanced: bool):
+    """Micro-batches of one pass over ``rows[i] for i in picked`` (``train.packing``,
+    ``train.micro_batch_tokens``; :func:`prefix_rft.update.make_micro_batches`). Returns
+    ``(batches, idle)``: ``idle`` = how many fewer this rank has than the busiest rank."""
+    t = run.cfg.train
+    batches = make_micro_batches(rows, picked, t.micro_batch_tokens, packing=t.packing,
+                                 balanced=balanced, pad_token_id=run.pad_id, device=run.device)
+    return batches, D.max_over_ranks(len(batches)) - len(batches)
 
 
-def _global_continuation_tokens(run: Run, batches) -> int:
-    """Continuation tokens of the whole mini-batch over all ranks (token-mean entropy bonus);
-    padded batches mask by ``response_mask``, packed ones hold real tokens only."""
-    local = 0
-    for b in batches:
-        valid = getattr(b, "response_mask", None)
-        cont = ~b.prefix_mask if valid is None else valid & ~b.prefix_mask
-        local += int(cont.sum())
+def may_balance_update(cfg: Config) -> bool:
+    """Whether the update's micro-batches may be token-balanced: not when the split changes the
+    entropy mask (:attr:`~prefix_rft.entropy_mask.EntropyMask.split_changes_mask`)."""
+    return cfg.loss.algo == "sft" or not _entropy_mask(cfg).split_changes_mask
+
+
+def _entropy_mask(cfg: Config) -> EntropyMask:
+    return EntropyMask(cfg.loss.entropy_top_fraction, cfg.loss.entropy_mask_scope)
+
+
+def micro_loss(run: Run, batch: MicroBatch, *, old_logprob: torch.Tensor | None,
+               num_sequences: int, keep: torch.Tensor | None, entropy_tokens: int | None,
+               seen: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's ``(loss, metrics)``: its share of the global mini-batch of
+    ``num_sequences`` rows, scaled by the world size (FSDP2 averages gradients over ranks).
+
+    The one place the loss meets the model: one forward-with-head gives the fused kernel's
+    log-probs and entropies ``[B, T]`` (packed ``[R]``), then the objective of ``loss.algo``
+    with the run's :class:`~prefix_rft.loss_settings.LossSettings` -- token NLL for ``sft``,
+    :func:`~prefix_rft.loss.prefix_rft_loss` otherwise (``old_logprob`` None: exactly
+    on-policy, ρ = 1; its detached log-probs go into ``seen`` for the mismatch). A new head
+    path (e.g. one that computes the loss gradient inside the head) is chosen here."""
+    settings = run.loss_fn.settings
+    if use_fused_head(run.cfg.train.head_path):
+        return _fused_micro_loss(run, batch, old_logprob=old_logprob,
+                                 num_sequences=num_sequences, keep=keep,
+                                 entropy_tokens=entropy_tokens, seen=seen)
+
+    def head(hidden, weight, bias):
+        lp, ent = run.loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
+                                                    batch.response_mask, bias)
+        _remember(seen, batch, lp)
+        if run.cfg.loss.algo == "sft":
+            mask = batch.response_mask  # packed [R]: one row for sft_loss's [B, T]
+            lp, mask = (lp[None], mask[None]) if lp.dim() == 1 else (lp, mask)
+            return sft_loss(lp, mask, max_response_tokens=settings.max_response_tokens,
+                            num_sequences=num_sequences, loss_scale=float(run.world))
+        settings.entropy_mask.check_keep(keep)
+        return prefix_rft_loss(
+            lp, old_logprob, batch.advantages, batch.response_mask, batch.prefix_mask, ent,
+            settings=settings, loss_scale=float(run.world), num_sequences=num_sequences,
+            keep_prefix_mask=keep, seq_index=batch.seq_index, num_entropy_tokens=entropy_tokens)
+
+    return _tag_head_path(run_head(run.model, batch, head), fused=False)
+
+
+def _fused_micro_loss(run: Run, batch: MicroBatch, *, old_logprob, num_sequences, keep,
+                      entropy_tokens, seen) -> tuple[torch.Tensor, dict]:
+    """:func:`micro_loss` through the fused head-and-loss (:mod:`prefix_rft.fused_update`,
+    6NHV: the loss gradient is computed in the head's forward, no logit recompute)."""
+    chunk_bytes = run.cfg.train.head_chunk_mb * 2**20 or None  # None: per-device default
+
+    def head(hidden, weight, bias):
+        if run.cfg.loss.algo == "sft":
+            return fused_sft_loss(
+                run.loss_fn, hidden, weight, batch.response_ids, batch.response_mask, bias,
+                max_response_tokens=run.loss_fn.settings.max_response_tokens,
+                num_sequences=num_sequences, loss_scale=float(run.world),
+                chunk_bytes=chunk_bytes)
+        loss, metrics, lp = fused_prefix_rft_loss(
+            run.loss_fn, hidden, weight, batch.response_ids, old_logprob, batch.advantages,
+            batch.response_mask, batch.prefix_mask, bias, num_sequences=num_sequences,
+            loss_scale=float(run.world), keep_prefix_mask=keep, seq_index=batch.seq_index,
+            num_entropy_tokens=entropy_tokens, chunk_bytes=chunk_bytes)
+        _remember(seen, batch, lp)
+        return loss, metrics
+
+    return _tag_head_path(run_head(run.model, batch, head), fused=True)
+
+
+def _remember(seen: dict[int, torch.Tensor] | None, batch: MicroBatch, logprob) -> None:
+    """Exactly on-policy: keep each row's detached update log-probs (the engine mismatch)."""
+    if seen is not None:
+        for i, lp_i in zip(batch.rows, batch.per_rollout(logprob.detach())):
+            seen[i] = lp_i.float().cpu()
+
+
+def _tag_head_path(result, *, fused: bool):
+    """``(loss, metrics)`` with ``head_path_fused`` (1: the fused head-and-loss ran)."""
+    loss, metrics = result
+    metrics["head_path_fused"] = float(fused)
+    return loss, metrics
+
+
+def _global_continuation_tokens(run: Run, batches: list[MicroBatch]) -> int:
+    """Continuation tokens of the whole mini-batch over all ranks (token-mean entropy bonus)."""
+    local = sum(int((b.response_mask & ~b.prefix_mask).sum()) for b in batches)
     return max(1, round(D.all_reduce_mean(float(local)) * run.world))
 
 
-def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
-             keep_masks=None, count_entropy_tokens: bool = False) -> dict[str, float]:
-    """``ppo_epochs`` passes of mini-batches (by question) of micro-batched loss + AdamW step.
+def _keep_masks(run: Run, rows: list[Rollout], batches: list[MicroBatch], *,
+                first_update: bool, idle: int) -> list:
+    """Each micro-batch's ``keep_prefix_mask`` when the loop ranks the mini-batch's prefix
+    tokens (:meth:`~prefix_rft.entropy_mask.EntropyMask.mini_batch_keeps`), else None each."""
+    mask = run.loss_fn.settings.entropy_mask
+    if run.cfg.loss.algo == "sft":
+        return [None] * len(batches)
 
-    ``micro_loss(batch, num_sequences, keep, entropy_tokens)`` returns one micro-batch's
-    ``(loss, metrics)``, its share of the global mini-batch of ``num_sequences`` rows;
-    ``keep_masks(batches, first_update, idle)`` the per-micro-batch ``keep_prefix_mask``
-    (None: the loss decides); ``entropy_tokens`` is the mini-batch's global continuation-token
-    count when ``count_entropy_tokens`` (``loss.entropy_norm: token_mean``), else None.
-    Logs real / computed update tokens and padding fractions (actual, and if padded)."""
+    def current_entropy(batch):
+        with torch.no_grad(), run.compute():
+            return response_logprob_entropy(run.model, batch, run.loss_fn)[1]
+
+    keeps = mask.mini_batch_keeps(
+        batches, first_update=first_update, current_entropy=current_entropy,
+        stored_entropy=lambda batch: batch.gather([r.old_entropy for r in rows]))
+    if mask.needs_entropy_pass(first_update):
+        idle_forwards(run, idle, grad=False)
+    return keeps
+
+
+def _accumulate(run: Run, rows: list[Rollout], picked: list[int], *, balanced: bool,
+                first_update: bool, num_sequences: int, avg: MetricAverager,
+                seen: dict | None) -> tuple[list, int, dict[str, int]]:
+    """Forward + backward of one mini-batch's micro-batches on this rank (gradients
+    accumulate); returns ``(losses, bad_advantages, token counts)``."""
+    cfg = run.cfg
+    batches, idle = update_micro_batches(run, rows, picked, balanced=balanced)
+    keeps = _keep_masks(run, rows, batches, first_update=first_update, idle=idle)
+    token_mean = cfg.loss.entropy_norm == "token_mean" and cfg.loss.entropy_coef != 0
+    entropy_tokens = (_global_continuation_tokens(run, batches)
+                      if token_mean and cfg.loss.algo != "sft" else None)
+    use_old = cfg.loss.algo != "sft" and seen is None
+    losses, bad_adv = [], 0
+    counts = {"tokens": 0, "padded": 0,
+              "if_padded": padded_cut_tokens(rows, picked, cfg.train.micro_batch_tokens)}
+    for index, (batch, keep) in enumerate(zip(batches, keeps)):
+        old = batch.gather([r.old_logprob for r in rows]) if use_old else None
+        with run.compute():
+            loss, m = micro_loss(run, batch, old_logprob=old, num_sequences=num_sequences,
+                                 keep=keep, entropy_tokens=entropy_tokens, seen=seen)
+        loss.backward()  # even when non-finite: FSDP2 ranks reduce together
+        losses.append((index, float(loss.detach())))
+        bad_adv += int((~torch.isfinite(batch.advantages)).sum())
+        avg.add(m)
+        counts["tokens"] += batch.num_tokens
+        counts["padded"] += batch.num_padded_tokens
+    idle_forwards(run, idle, grad=True)
+    return losses, bad_adv, counts
+
+
+def optimize(run: Run, rows: list[Rollout], *, per_question: int,
+             seen: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
+    """``ppo_epochs`` passes of mini-batches (by question) of micro-batched loss
+    (:func:`micro_loss`) + an optimizer step each (skipped when non-finite).
+
+    ``seen``: exactly on-policy (no old log-probs), it collects the update's detached
+    log-probs per row. Logs real / computed update tokens and padding fractions (actual, and
+    if padded)."""
     cfg = run.cfg
     local_questions = cfg.train.mini_batch_size // run.world
     num_sequences = cfg.train.mini_batch_size * per_question  # global mini-batch, normalizer B
-    avg, grad_norms, tokens, skipped, padded, if_padded = MetricAverager(), [], 0, 0, 0, 0
+    avg, grad_norms, skipped = MetricAverager(), [], 0
+    totals = {"tokens": 0, "padded": 0, "if_padded": 0}
     groups = sorted({r.group for r in rows})
     balanced = may_balance_update(cfg)
     for epoch in range(cfg.train.ppo_epochs):
         for start in range(0, len(groups), local_questions):
             chosen = set(groups[start:start + local_questions])
             picked = [i for i, r in enumerate(rows) if r.group in chosen]
-            batches, idle = update_micro_batches(run, rows, picked, balanced=balanced)
-            if_padded += padded_cut_tokens(rows, picked, cfg.train.micro_batch_tokens)
-            first_update = epoch == 0 and start == 0
-            keeps = keep_masks(batches, first_update, idle) if keep_masks else [None] * len(batches)
-            entropy_tokens = (_global_continuation_tokens(run, batches) if count_entropy_tokens
-                              else None)
-            losses, bad_adv = [], 0
-            for index, (batch, keep) in enumerate(zip(batches, keeps)):
-                with run.compute():
-                    loss, m = micro_loss(batch, num_sequences, keep, entropy_tokens)
-                loss.backward()  # even when non-finite: FSDP2 ranks reduce together
-                losses.append((index, float(loss.detach())))
-                bad_adv += int((~torch.isfinite(batch.advantages)).sum())
-                avg.add(m)
-                tokens += batch.num_tokens
-                padded += batch.num_padded_tokens
-            idle_forwards(run, idle, grad=True)
+            losses, bad_adv, counts = _accumulate(
+                run, rows, picked, balanced=balanced, first_update=epoch == 0 and start == 0,
+                num_sequences=num_sequences, avg=avg, seen=seen)
+            totals = {k: totals[k] + counts[k] for k in totals}
             grad_norms.append(D.clip_grad_norm(run.model, cfg.optim.grad_clip))
             if run.guard.check(losses=losses, grad_norm=grad_norms[-1], bad_advantages=bad_adv):
                 run.optimizer_stepped = True
@@ -281,6 +402,7 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
             run.optimizer.zero_grad(set_to_none=True)
             avg.n_mini += 1
             run.guard.raise_if_exhausted()
+    tokens, padded, if_padded = totals["tokens"], totals["padded"], totals["if_padded"]
     out = avg.result()
     out.update(grad_norm=float(np.mean(grad_norms)), grad_norm_max=float(np.max(grad_norms)),
                lr=run.scheduler.get_last_lr()[0], update_tokens=float(tokens),
@@ -290,59 +412,17 @@ def optimize(run: Run, rows: list[Rollout], *, per_question: int, micro_loss,
     return out
 
 
-def _head_path(result, fused: bool):
-    """``(loss, metrics)`` with ``head_path_fused`` (1: the fused head-and-loss ran)."""
-    loss, metrics = result
-    metrics["head_path_fused"] = float(fused)
-    return loss, metrics
-
-
-def _chunk_bytes(cfg: Config) -> int | None:
-    return cfg.train.head_chunk_mb * 2**20 or None  # None: the kernel's per-device default
-
-
 def policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
-    """The Prefix-RFT / RFT update over the scored rollouts."""
-    cfg, loss_fn = run.cfg, run.loss_fn
-    if is_exactly_on_policy(cfg):
-        return on_policy_update(run, rollouts)
-
-    fused = use_fused_head(cfg.train.head_path)
-
-    def micro_loss(batch, num_sequences, keep, entropy_tokens):
-        old = batch.gather([r.old_logprob for r in rollouts])
-
-        def head(hidden, weight, bias):
-            args = (hidden, weight, batch.response_ids, old, batch.advantages,
-                    batch.response_mask, batch.prefix_mask, bias)
-            kw = dict(num_sequences=num_sequences, loss_scale=float(run.world),
-                      keep_prefix_mask=keep, seq_index=batch.seq_index,
-                      num_entropy_tokens=entropy_tokens)
-            if fused:  # the fused head-and-loss (6NHV)
-                return _head_path(fused_prefix_rft_loss(loss_fn, *args, **kw,
-                                                        chunk_bytes=_chunk_bytes(cfg))[:2], True)
-            return _head_path(loss_fn(*args, **kw), False)
-        return run_head(run.model, batch, head)
-
-    def current_entropy(batch, first_update):
-        if first_update:  # the policy has not moved since the old-log-prob pass
-            return batch.gather([r.old_entropy for r in rollouts])
-        with torch.no_grad(), run.compute():
-            return response_logprob_entropy(run.model, batch, loss_fn)[1]
-
-    def keep_masks(batches, first_update, idle):
-        scope, fraction = cfg.loss.entropy_mask_scope, cfg.loss.entropy_top_fraction
-        keeps = mini_batch_keep_masks(batches, lambda k, b: current_entropy(b, first_update),
-                                      scope=scope, entropy_top_fraction=fraction)
-        if not first_update and needs_mini_batch_pass(scope, fraction):
-            idle_forwards(run, idle, grad=False)
-        return keeps
-
-    return optimize(run, rollouts, per_question=cfg.rollout.group_size, micro_loss=micro_loss,
-                    keep_masks=keep_masks, count_entropy_tokens=_token_mean_entropy(cfg))
+    """The Prefix-RFT / RFT update over the scored rollouts; exactly on-policy
+    (:func:`is_exactly_on_policy`) it also measures the engine mismatch."""
+    if not is_exactly_on_policy(run.cfg):
+        return optimize(run, rollouts, per_question=run.cfg.rollout.group_size)
+    seen: dict[int, torch.Tensor] = {}
+    out = optimize(run, rollouts, per_question=run.cfg.rollout.group_size, seen=seen)
+    out.update(engine_mismatch(rollouts, [seen[i] for i in range(len(rollouts))]))
+    return out
 
 
-# ---------------------------------------------------------------------------- exactly on-policy
 def is_exactly_on_policy(cfg: Config) -> bool:
     """One optimizer step per rollout batch (``ppo_epochs`` 1, one mini-batch) and no
     mini-batch entropy ranking before the first backward: the policy before the update is the
@@ -351,69 +431,12 @@ def is_exactly_on_policy(cfg: Config) -> bool:
     and the engine mismatch is measured on them."""
     return (cfg.loss.algo != "sft" and cfg.train.ppo_epochs == 1
             and cfg.train.mini_batch_size == cfg.train.prompts_per_step
-            and not needs_mini_batch_pass(cfg.loss.entropy_mask_scope,
-                                          cfg.loss.entropy_top_fraction))
-
-
-def on_policy_update(run: Run, rollouts: list[Rollout]) -> dict[str, float]:
-    """:func:`policy_update` without old log-probs; adds the mismatch metrics."""
-    loss_fn, seen = run.loss_fn, {}
-    fused = use_fused_head(run.cfg.train.head_path)
-
-    def micro_loss(batch, num_sequences, keep, entropy_tokens):
-        def head(hidden, weight, bias):
-            if fused:  # the fused head-and-loss (6NHV), on-policy: old_logprob None
-                loss, m, lp = fused_prefix_rft_loss(
-                    loss_fn, hidden, weight, batch.response_ids, None, batch.advantages,
-                    batch.response_mask, batch.prefix_mask, bias, num_sequences=num_sequences,
-                    loss_scale=float(run.world), seq_index=batch.seq_index,
-                    num_entropy_tokens=entropy_tokens, chunk_bytes=_chunk_bytes(run.cfg))
-                for i, lp_i in zip(batch.rows, batch.per_rollout(lp)):
-                    seen[i] = lp_i.float().cpu()
-                return _head_path((loss, m), True)
-            lp, ent = loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
-                                                    batch.response_mask, bias)
-            for i, lp_i in zip(batch.rows, batch.per_rollout(lp.detach())):
-                seen[i] = lp_i.float().cpu()
-            return _head_path(prefix_rft_loss(
-                lp, None, batch.advantages, batch.response_mask, batch.prefix_mask, ent,
-                max_response_tokens=loss_fn.max_response_tokens, clip_low=loss_fn.clip_low,
-                clip_high=loss_fn.clip_high, clip_c=loss_fn.clip_c,
-                entropy_top_fraction=loss_fn.entropy_top_fraction,
-                entropy_coef=loss_fn.entropy_coef, loss_scale=float(run.world),
-                num_sequences=num_sequences, seq_index=batch.seq_index,
-                entropy_norm=loss_fn.entropy_norm, num_entropy_tokens=entropy_tokens), False)
-        return run_head(run.model, batch, head)
-
-    out = optimize(run, rollouts, per_question=run.cfg.rollout.group_size, micro_loss=micro_loss,
-                   count_entropy_tokens=_token_mean_entropy(run.cfg))
-    out.update(engine_mismatch(rollouts, [seen[i] for i in range(len(rollouts))]))
-    return out
+            and not _entropy_mask(cfg).ranks_mini_batch)
 
 
 def sft_update(run: Run, demos: list[Rollout]) -> dict[str, float]:
     """The SFT baseline's update: token NLL on the demonstrations (one per question)."""
-    fused = use_fused_head(run.cfg.train.head_path)
-
-    def micro_loss(batch, num_sequences, keep, entropy_tokens):
-        def head(hidden, weight, bias):
-            if fused:  # the fused head-and-loss (6NHV), loss_type nll
-                return _head_path(fused_sft_loss(
-                    run.loss_fn, hidden, weight, batch.response_ids, batch.response_mask, bias,
-                    max_response_tokens=run.cfg.rollout.max_response_tokens,
-                    num_sequences=num_sequences, loss_scale=float(run.world),
-                    chunk_bytes=_chunk_bytes(run.cfg)), True)
-            lp, _ = run.loss_fn.token_logprob_entropy(hidden, weight, batch.response_ids,
-                                                      batch.response_mask, bias)
-            mask = batch.response_mask  # packed [R]: one row for sft_loss's [B, T]
-            lp, mask = (lp[None], mask[None]) if lp.dim() == 1 else (lp, mask)
-            return _head_path(sft_loss(lp, mask,
-                                       max_response_tokens=run.cfg.rollout.max_response_tokens,
-                                       num_sequences=num_sequences, loss_scale=float(run.world)),
-                              False)
-        return run_head(run.model, batch, head)
-
-    return optimize(run, demos, per_question=1, micro_loss=micro_loss)
+    return optimize(run, demos, per_question=1)
 
 
 # ---------------------------------------------------------------------------- the step
@@ -489,7 +512,7 @@ def _train(cfg: Config) -> dict[str, Any]:
             try:
                 metrics = train_step(run, done)
             except BaseException as error:
-                _save_after_crash(run, done, sampler_state, error)
+                save_after_crash(run, done, sampler_state, error)
                 raise
             done += 1
             steps_this_run += 1
@@ -503,7 +526,7 @@ def _train(cfg: Config) -> dict[str, Any]:
             limit = cfg.train.max_steps_per_run and steps_this_run >= cfg.train.max_steps_per_run
             periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
             if periodic or stop or limit or done == total:
-                _save(run, done, run.sampler.state_dict(), metrics)
+                save_step(run, done, run.sampler.state_dict(), metrics)
             if (stop or limit) and done < total:
                 stopped_early = True
                 logger.write(f"[prefix-rft] stopping after step {done} "
@@ -517,7 +540,7 @@ def _train(cfg: Config) -> dict[str, Any]:
     final_dir = None
     if done == total and cfg.checkpoint.save_final:
         final_dir = ckpt.save_hf_model(run.model, run.tokenizer, run_dir / "final",
-                                       dtype=precision(cfg, run.device).export)
+                                       dtype=run.precision.export)
     if D.is_main() and cfg.log.plots:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
     run.engine.close()

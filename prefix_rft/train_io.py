@@ -1,4 +1,7 @@
-"""Periodic evaluation and checkpoint saving of a training run (used by ``train.py``'s loop)."""
+"""What the loop writes and measures besides its steps: a step's checkpoint, the save after a
+crash, and the periodic held-out evaluation (``eval.files``). Its own concern (I/O of a run,
+through :mod:`prefix_rft.checkpoint` and :mod:`prefix_rft.evaluate`), so the loop in
+:mod:`prefix_rft.train` calls three named steps instead of spelling them out."""
 
 from __future__ import annotations
 
@@ -34,19 +37,20 @@ def periodic_eval(run: Run) -> dict[str, float]:
     return out
 
 
-def _save(run: Run, done: int, sampler_state: dict, metrics: dict) -> Path:
+def save_step(run: Run, done: int, sampler_state: dict, metrics: dict) -> Path:
+    """The resumable checkpoint after ``done`` steps (keeps ``checkpoint.keep_last``)."""
     return ckpt.save_checkpoint(run.run_dir, done, model=run.model, optimizer=run.optimizer,
                                 scheduler=run.scheduler, sampler_state=sampler_state,
                                 extra={"metrics": metrics}, keep_last=run.cfg.checkpoint.keep_last)
 
 
-def _save_after_crash(run: Run, done: int, sampler_state: dict, error: BaseException) -> None:
+def save_after_crash(run: Run, done: int, sampler_state: dict, error: BaseException) -> None:
     """Single process only (a collective save from one failing rank would hang the others)."""
     if D.is_distributed() or isinstance(error, UserError):
         return  # a user error (NaN, disk full, ...): keep the last good checkpoint as it is
     try:
         if not run.optimizer_stepped:  # model untouched this step: a clean checkpoint
-            path = _save(run, done, sampler_state, {"crashed": repr(error)[:500]})
+            path = save_step(run, done, sampler_state, {"crashed": repr(error)[:500]})
         else:  # mid-step weights: keep them for inspection, but not as a resumable checkpoint
             path = ckpt.save_hf_model(run.model, run.tokenizer,
                                       run.run_dir / f"crash-step_{done + 1}")

@@ -118,7 +118,7 @@ def test_token_advantages_expand_by_prefix_mask():
 
 
 def test_collate_carries_per_token_advantages_only_when_a_row_needs_them():
-    from prefix_rft.batching import Rollout, collate
+    from prefix_rft.update import Rollout, collate
 
     rows = [Rollout(prompt_ids=[1, 2], response_ids=[3, 4, 5], advantage=-2 / 7),
             Rollout(prompt_ids=[1], response_ids=[6, 7, 8, 9], prefix_len=2, is_prefixed=True,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefix_rft.entropy_mask import compute_keep_prefix_mask, kept_prefix_tokens
+from prefix_rft.entropy_mask import compute_keep_prefix_mask
 from prefix_rft.fused_update import _kept_prefix, fused_prefix_rft_loss, fused_sft_loss
 from prefix_rft.kernels import linear_logprob_entropy, linear_logprob_entropy_reference
 from prefix_rft.loss import PrefixRFTLoss, prefix_rft_loss, sft_loss
@@ -97,7 +97,7 @@ def run_path(path, d, case, packed, keep=None, dtype=torch.float32):
     else:  # fp64 full logits, the policy loss of prefix_rft_loss on them
         valid = p["rmask"]
         lp_v, ent_v = linear_logprob_entropy_reference(
-            h[valid], w, p["ids"][valid], b, loss_fn.temperature, dtype=torch.float64)
+            h[valid], w, p["ids"][valid], b, loss_fn.settings.temperature, dtype=torch.float64)
         lp = torch.zeros(valid.shape, dtype=torch.float64).index_put((valid,), lp_v)
         ent = torch.zeros(valid.shape, dtype=torch.float64).index_put((valid,), ent_v)
         opts = {k: v for k, v in case.get("opts", {}).items()
@@ -140,9 +140,9 @@ def test_entropy_mask_from_prefix_only_pass_equals_current_rule():
     loss_fn = PrefixRFTLoss(max_response_tokens=L_MAX, impl="torch", entropy_top_fraction=0.3)
     m = d["rmask"]
     _, ent = loss_fn.token_logprob_entropy(d["hidden"], d["weight"], d["ids"], m)
-    expected = kept_prefix_tokens(d["pmask"] & m, ent.detach(), 0.3)[m]
-    got = _kept_prefix(loss_fn, d["hidden"][m], d["weight"], None, d["ids"][m], d["pmask"][m],
-                       None)
+    expected = loss_fn.settings.entropy_mask.keep(d["pmask"] & m, ent.detach())[m]
+    got = _kept_prefix(loss_fn.settings, d["hidden"][m], d["weight"], None, d["ids"][m],
+                       d["pmask"][m], None)
     assert torch.equal(got, expected) and 0 < int(got.sum()) < int(d["pmask"][m].sum())
 
 

@@ -280,10 +280,12 @@ def _micro_batch_grads(scope, fraction, max_tokens):
         slices.append((idx, width))
     keeps = [None] * len(parts)
     if scope == "mini_batch" and fraction < 1:
-        ents = [
-            mb_fn.token_entropy(hidden[idx, :wd], weight, ids[idx, :wd], rmask[idx, :wd])
-            for idx, wd in slices
-        ]
+        with torch.no_grad():  # the mini_batch mask pass: entropies only, no graph
+            ents = [
+                mb_fn.token_logprob_entropy(hidden[idx, :wd], weight, ids[idx, :wd],
+                                            rmask[idx, :wd])[1]
+                for idx, wd in slices
+            ]
         keeps = compute_keep_prefix_mask(
             ents,
             [rmask[i, :wd] for i, wd in slices],

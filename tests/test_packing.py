@@ -14,16 +14,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefix_rft.batching import Rollout, collate, response_hidden
-from prefix_rft.packing import (
-    balanced_micro_batches,
+from prefix_rft.update import (
+    Rollout,
+    collate,
     gather_per_token,
-    in_order_micro_batches,
+    make_micro_batches,
     pack,
-    padding_stats,
+    response_hidden,
+    split_micro_batches,
     split_rows,
 )
-from prefix_rft.varlen_attention import (
+from prefix_rft.update.varlen_attention import (
     VARLEN_SDPA,
     enable_packed_attention,
     packed_forward,
@@ -81,6 +82,24 @@ def test_gather_per_token():
 
 
 # ---------------------------------------------------------------------------- splitting
+def balanced_micro_batches(counts, budget):
+    return split_micro_batches(counts, max_tokens=budget, count="tokens", order="balanced")
+
+
+def in_order_micro_batches(counts, budget):
+    return split_micro_batches(counts, max_tokens=budget, count="tokens", order="in_order")
+
+
+def padding_stats(rollouts, micro_batches, *, packed):
+    """Real and computed tokens of a pass over ``micro_batches``, from the batches themselves."""
+    batches = [make_micro_batches(rollouts, mb, 10**9, packing=packed, balanced=False,
+                                  pad_token_id=0) for mb in micro_batches]
+    real = sum(b.num_tokens for part in batches for b in part)
+    padded = sum(b.num_padded_tokens for part in batches for b in part)
+    return {"tokens": float(real), "padded_tokens": float(padded),
+            "padding_frac": 1.0 - real / padded if padded else 0.0}
+
+
 counts_st = st.lists(st.integers(0, 300), min_size=0, max_size=40)
 
 
@@ -124,9 +143,9 @@ def test_balanced_split_example():
 
 def test_split_rows_and_padding_stats():
     rs = _rollouts([(2, 8), (2, 1), (2, 7), (2, 2)])  # 10, 3, 9, 4 tokens
-    assert split_rows(rs, [0, 1, 2, 3], 13, balanced=True) == [[0, 1], [2, 3]]
-    assert split_rows(rs, [0, 1, 2, 3], 13, balanced=False) == [[0, 1], [2, 3]]
-    assert split_rows(rs, [3, 2, 1, 0], 13, balanced=False) == [[3, 2], [1, 0]]
+    assert split_rows(rs, [0, 1, 2, 3], 13, packing=True, balanced=True) == [[0, 1], [2, 3]]
+    assert split_rows(rs, [0, 1, 2, 3], 13, packing=True, balanced=False) == [[0, 1], [2, 3]]
+    assert split_rows(rs, [3, 2, 1, 0], 13, packing=True, balanced=False) == [[3, 2], [1, 0]]
     s = padding_stats(rs, [[0, 1], [2, 3]], packed=False)
     assert s == {"tokens": 26.0, "padded_tokens": 38.0, "padding_frac": 1 - 26 / 38}
     assert padding_stats(rs, [[0, 1], [2, 3]], packed=True)["padding_frac"] == 0.0

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefix_rft.batching import Rollout
 from prefix_rft.config import Config
 from prefix_rft.setup import Run, build_loss
 from prefix_rft.train import old_logprobs, policy_update, sft_update
-from prefix_rft.varlen_attention import enable_packed_attention
+from prefix_rft.update import Rollout
+from prefix_rft.update.varlen_attention import enable_packed_attention
 
 VOCAB, G = 61, 4
 # (prompt, response) lengths of 4 questions x 4 rollouts: a wide spread
@@ -143,21 +143,21 @@ def test_packed_micro_batch_accumulation(tmp_path):
 
 def test_micro_batch_scope_keeps_in_order_split(tmp_path):
     """micro_batch scope with fraction < 1: packed micro-batches are consecutive rollouts."""
-    from prefix_rft import batching
+    import prefix_rft.train as train_module
 
     seen = []
-    real = batching.make_micro_batches
+    real = train_module.make_micro_batches
 
     def spy(*args, **kwargs):
         seen.append(kwargs["balanced"])
         return real(*args, **kwargs)
 
     run = _run(tmp_path, packing=True, budget=40, scope="micro_batch", fraction=0.2)
-    batching.make_micro_batches = spy
+    train_module.make_micro_batches = spy
     try:
         _update(run)
     finally:
-        batching.make_micro_batches = real
+        train_module.make_micro_batches = real
     assert seen == [True, False]  # old-log-prob pass balanced, update in order
 
 

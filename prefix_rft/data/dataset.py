@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig
+from .options import DataConfig
 from .prompts import demo_token_ids, prompt_messages, prompt_text
 from .read import iter_rows, read_rows
 from .schemas import Question, detect_schema, parse_row

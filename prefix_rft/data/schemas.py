@@ -19,14 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..checks import check_choice
-
-if TYPE_CHECKING:
-    from ..config import DataConfig
+from .options import DataConfig
 
 __all__ = ["SCHEMAS", "Question", "RowFields", "check_schema", "detect_schema", "parse_row"]
 

@@ -154,7 +154,7 @@ class HFEngine(RolloutEngine):
 
     def generation_context(self, model: torch.nn.Module):
         """Under FSDP2, the policy's weights gathered once for the whole generate call."""
-        from prefix_rft.distributed import unsharded
+        from ..distributed import unsharded
 
         return unsharded(model)
 
