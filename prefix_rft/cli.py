@@ -112,7 +112,12 @@ def _delegate(module: str, function: str, argv: Sequence[str], what: str) -> int
         if err.name and (module == err.name or module.startswith(err.name + ".")):
             raise UserError(f"{module} is not available ({err})") from None
         raise  # a dependency of the module is missing: show the real error
-    result = target(list(argv))
+    try:
+        result = target(list(argv))
+    except SystemExit as err:  # a module's own `raise SystemExit("message")`: a user mistake
+        if isinstance(err.code, str):
+            raise UserError(err.code) from err
+        raise
     return result if isinstance(result, int) else 0
 
 

@@ -69,3 +69,20 @@ def test_debug_adds_the_traceback(argv, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith(
         f"prefix-rft {argv[0]}")
+
+
+def test_a_benchmark_refusing_its_arguments_exits_2(monkeypatch, capsys):
+    import sys
+    import types
+
+    fake = types.ModuleType("benchmarks.fake")
+
+    def main(argv):
+        raise SystemExit("prefix-rft bench fake --gpu: no CUDA device")
+
+    fake.main = main
+    monkeypatch.setitem(sys.modules, "benchmarks.fake", fake)
+    monkeypatch.setitem(cli.BENCHMARKS, "fake", "benchmarks.fake")
+    assert cli.main(["bench", "fake", "--gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device" in err
