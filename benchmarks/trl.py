@@ -2,8 +2,17 @@
 and this project's trainer -- same model, batch and thread count, each in a fresh process.
 
     nice python -m benchmarks.trl                     # all cases, writes benchmarks/results/trl.*
-    nice python -m benchmarks.trl --cases trl_prefix_rft --repeats 1 --out -
+    nice python -m benchmarks.trl --cases trl trl_prefix_rft --repeats 3 --out -
     python -m benchmarks.trl --smoke                  # tiny model, seconds, nothing written
+
+**One run, interleaved.** ``--repeats`` N (default 3) rounds; each round runs every case once,
+in a fresh process (one warm-up step, then ``--steps`` timed steps, default 1), the order
+rotated by one case per round, so a slow spell of a shared machine hits every case alike. Each
+case's row holds its N x steps timings: ``ms_p20/p50/p80`` and ``tokens_per_s = tokens /
+ms_p50`` (one statistic for both). The ratios between cases (``benchmarks/trl_report.py``:
+drop-in vs TRL, trainer vs TRL, end to end, generation) are computed from the rows of this run
+only (``run=<id>`` in ``extra``), printed and written under the table in ``trl.md``; none is
+stated with fewer than 3 repeats.
 
 Cases (policy update = forward + loss + backward over the micro-batches of one batch, then
 AdamW; on-policy, ``num_iterations=1``, so no old-log-prob pass unless the case says so):
@@ -23,8 +32,10 @@ Every case uses fp32 weights and compute, no gradient checkpointing, ``torch.set
 AdamW (lr 1e-6). Time: wall clock of each timed step after one warm-up step (Liger's
 ``torch.compile`` happens in the warm-up). Tokens/s counts prompt + completion tokens of the
 batch. Memory: ``peak_mb`` = the process's peak RSS minus its RSS after building the model,
-the trainer and the inputs (the step's own memory); ``rss_peak_mb`` in ``extra`` is the whole
-process's peak (TRL imports vLLM when installed, which adds to it).
+the trainer and the inputs (the step's own memory), the median over the case's processes;
+``rss_peak_mb`` in ``extra`` is the whole process's peak (TRL imports vLLM when installed,
+which adds to it). ``update_path`` in ``extra`` (trainer cases) is what the trainer's update
+reported about the path it took, when its metrics say.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import sys
 import time
 
 from benchmarks.trl_e2e import E2E_CASES, GEN_CASES
+from benchmarks.trl_report import MIN_REPEATS, render_ratios, run_ratios, tokens_per_s
 
 UPDATE_CASES = ("trl", "trl_liger", "trl_prefix_rft", "prefix_rft_trainer",
                 "prefix_rft_trainer+old")
@@ -196,21 +208,30 @@ def build_run(model, cfg, loss_fn, tmp: str):
                device=torch.device("cpu"), rank=0, world=1, run_dir=Path(tmp), pad_id=0)
 
 
-def trainer_step(run, rollouts, with_old: bool) -> None:
+def trainer_step(run, rollouts, with_old: bool) -> dict:
     """What ``prefix_rft.train.train_step`` runs after scoring: ``policy_rows`` (the old-log-prob
-    pass, skipped when exactly on-policy) and ``policy_update``. ``with_old`` forces the pass
-    (the trainer before it learned to skip it)."""
+    pass, skipped when exactly on-policy) and ``policy_update``, the trainer's own update with
+    whatever path it takes; returns its metrics. ``with_old`` forces the pass (the trainer
+    before it learned to skip it)."""
     import prefix_rft.train as T
 
     if with_old:
         T.is_exactly_on_policy = lambda cfg: False
     rows, _ = T.policy_rows(run, [], rollouts)
-    T.policy_update(run, rows)
+    return T.policy_update(run, rows) or {}
+
+
+def update_path(metrics: dict) -> str:
+    """What the trainer's update metrics say about the path it ran (keys naming a path or the
+    fused head / loss), e.g. ``"fused_loss:1.0"``; "" when they say nothing."""
+    keys = sorted(k for k in metrics if "path" in k or "fused" in k)
+    return ",".join(f"{k}:{metrics[k]}" for k in keys)
 
 
 # ---------------------------------------------------------------------------- one case
 def run_case(case: str, shape: str, sequences: int, prompt: int, completion: int, micro: int,
-             repeats: int) -> dict:
+             steps: int) -> dict:
+    """One process's measurement of ``case``: a warm-up step, then ``steps`` timed steps."""
     import tempfile
 
     import torch
@@ -223,8 +244,8 @@ def run_case(case: str, shape: str, sequences: int, prompt: int, completion: int
         rss_setup = _rss_mb()
         with tempfile.TemporaryDirectory() as tmp:
             times, tokens = trl_e2e.run_case(case, model, sequences, prompt, completion, micro,
-                                             repeats, tmp)
-        return _result(case, times, tokens, rss_setup)
+                                             steps, tmp)
+        return _result(case, times, tokens, rss_setup, "")
     batch = make_batch(SHAPES[shape][5], sequences, prompt, completion)
     accumulation = sequences // micro
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,6 +257,7 @@ def run_case(case: str, shape: str, sequences: int, prompt: int, completion: int
 
             def step():
                 trl_step(trainer, mbs)
+                return {}
 
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         else:
@@ -244,26 +266,25 @@ def run_case(case: str, shape: str, sequences: int, prompt: int, completion: int
             with_old = case.endswith("+old")
 
             def step():
-                trainer_step(run, rollouts, with_old)
+                return trainer_step(run, rollouts, with_old)
         rss_setup = _rss_mb()
-        times = []
-        for i in range(repeats + 1):
+        times, path = [], ""
+        for i in range(steps + 1):
             t0 = time.perf_counter()
-            step()
+            path = update_path(step())
             if case in TRL_CASES:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if i:
                 times.append(time.perf_counter() - t0)
-    return _result(case, times, sequences * (prompt + completion), rss_setup)
+    return _result(case, times, sequences * (prompt + completion), rss_setup, path)
 
 
-def _result(case: str, times: list[float], tokens: int, rss_setup: float) -> dict:
-    med = sorted(times)[len(times) // 2]
+def _result(case: str, times: list[float], tokens: int, rss_setup: float, path: str) -> dict:
     return {"case": case, "times_ms": [t * 1e3 for t in times], "tokens": tokens,
-            "tokens_per_s": tokens / med, "peak_mb": max(_peak_rss_mb() - rss_setup, 0.0),
-            "rss_peak_mb": _peak_rss_mb(), "versions": versions()}
+            "peak_mb": max(_peak_rss_mb() - rss_setup, 0.0), "rss_peak_mb": _peak_rss_mb(),
+            "versions": versions(), "update_path": path}
 
 
 def op_of(case: str, completion: int) -> tuple[str, str]:
@@ -287,16 +308,50 @@ def versions() -> str:
     return " ".join(out)
 
 
-def measure(case, shape, sequences, prompt, completion, micro, repeats) -> dict:
-    """One case in a fresh subprocess (its own peak RSS, its own imports)."""
+def measure(case, shape, sequences, prompt, completion, micro, steps) -> dict:
+    """One case in a fresh subprocess (its own peak RSS, its own imports): a warm-up step, then
+    ``steps`` timed steps."""
     cmd = [sys.executable, "-m", "benchmarks.trl", "--worker", case, shape, str(sequences),
-           str(prompt), str(completion), str(micro), str(repeats)]
+           str(prompt), str(completion), str(micro), str(steps)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker {case} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_interleaved(cases: list[str], shape: str, args) -> dict[str, list[dict]]:
+    """``args.repeats`` rounds; each round measures every case once (a fresh process each), the
+    order rotated by one case per round. Returns each case's per-process results."""
+    results: dict[str, list[dict]] = {case: [] for case in cases}
+    for r in range(args.repeats):
+        order = cases[r % len(cases):] + cases[:r % len(cases)]
+        for case in order:
+            res = measure(case, shape, args.sequences, args.prompt, args.completion, args.micro,
+                          args.steps)
+            results[case].append(res)
+            print(f"round {r + 1}/{args.repeats} {case:24s} step "
+                  + ", ".join(f"{t / 1e3:.2f} s" for t in res["times_ms"]), flush=True)
+    return results
+
+
+def case_row(case: str, runs: list[dict], args, label: str, run_id: str, load: str) -> dict:
+    """The results row of ``case`` from its processes' timings: ms percentiles over every timed
+    step, ``tokens_per_s`` at ms_p50 (the same statistic), the median step peak."""
+    import statistics
+
+    from benchmarks.results_io import make_row, percentiles
+
+    times = [t for r in runs for t in r["times_ms"]]
+    rate = tokens_per_s(runs[0]["tokens"], percentiles(times)[1])
+    path = runs[-1].get("update_path", "")
+    extra = (f"tokens_per_s={rate:.1f};rss_peak_mb={max(r['rss_peak_mb'] for r in runs):.0f};"
+             f"repeats={len(runs)};steps={args.steps};run={run_id};load={load};"
+             + (f"update_path={path};" if path else "") + runs[-1]["versions"])
+    op, mode = op_of(case, args.completion)
+    return make_row(op, case, mode, label, times,
+                    statistics.median(r["peak_mb"] for r in runs), extra)
 
 
 # ---------------------------------------------------------------------------- results
@@ -308,6 +363,7 @@ def write_results(rows: list[dict], csv_path: str) -> None:
     stem = os.path.splitext(csv_path)[0]
     with open(stem + ".md", "w") as f:
         f.write(render_markdown(every, "TRL GRPOTrainer policy update: TRL, Liger, prefix-rft"))
+        f.write(render_ratios(every))
     render_png(every, stem + ".png")
     print(f"appended {len(rows)} rows to {csv_path}")
 
@@ -352,8 +408,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per rollout")
     ap.add_argument("--completion", type=int, default=192, help="completion tokens per rollout")
     ap.add_argument("--micro", type=int, default=8, help="sequences per micro-batch")
-    ap.add_argument("--repeats", type=int, default=2, help="timed steps per case (after warm-up)")
-    ap.add_argument("--smoke", action="store_true", help="tiny model, 1 step, nothing written")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help=f"interleaved rounds, a fresh process per case each (ratios need "
+                         f">= {MIN_REPEATS})")
+    ap.add_argument("--steps", type=int, default=1,
+                    help="timed steps per process, after its warm-up step")
+    ap.add_argument("--smoke", action="store_true", help="tiny model and batch, nothing written")
     ap.add_argument("--out", default=os.path.join(RESULTS, "trl.csv"), help="CSV; '-' = none")
     ap.add_argument("--profile", action="store_true",
                     help="print the top ops of TRL's generate and the hf engine's; nothing else")
@@ -363,12 +423,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.worker:
         case, shape, *nums = args.worker
-        seqs, prompt, completion, micro, repeats = map(int, nums)
-        print(json.dumps(run_case(case, shape, seqs, prompt, completion, micro, repeats)))
+        seqs, prompt, completion, micro, steps = map(int, nums)
+        print(json.dumps(run_case(case, shape, seqs, prompt, completion, micro, steps)))
         return []
     shape = "smoke" if args.smoke else "cpu"
     if args.smoke:
-        args.sequences, args.prompt, args.completion, args.micro, args.repeats = 16, 8, 8, 8, 1
+        args.sequences, args.prompt, args.completion, args.micro = 16, 8, 8, 8
     if args.profile:
         import torch
 
@@ -380,21 +440,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.sequences % 8 or args.sequences % args.micro:
         raise SystemExit("--sequences must be a multiple of 8 and of --micro")
-    from benchmarks.results_io import make_row
+    if args.repeats < 1 or args.steps < 1:
+        raise SystemExit("--repeats and --steps must be >= 1")
+    return run_all(args, shape)
 
+
+def run_all(args, shape: str) -> list[dict]:
+    """Measure every case interleaved, print the rows and this run's ratios, write them."""
     h, layers, _, _, _, vocab = SHAPES[shape]
     label = (f"qwen2 h{h} l{layers} V{vocab} {args.sequences}x({args.prompt}+{args.completion}) "
              f"micro {args.micro}")
-    rows = []
-    for case in args.cases:
-        r = measure(case, shape, args.sequences, args.prompt, args.completion, args.micro,
-                    args.repeats)
-        extra = (f"tokens_per_s={r['tokens_per_s']:.1f};rss_peak_mb={r['rss_peak_mb']:.0f};"
-                 f"repeats={args.repeats};{r['versions']}")
-        op, mode = op_of(case, args.completion)
-        rows.append(make_row(op, case, mode, label, r["times_ms"], r["peak_mb"], extra))
-        print(f"{case:24s} {r['tokens_per_s']:8.1f} tok/s  step peak {r['peak_mb']:7.0f} MB  "
-              f"process peak {r['rss_peak_mb']:7.0f} MB", flush=True)
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+    load_before = os.getloadavg()[0]
+    results = measure_interleaved(list(dict.fromkeys(args.cases)), shape, args)
+    load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+    rows = [case_row(case, runs, args, label, run_id, load) for case, runs in results.items()]
+    for row in rows:
+        print(f"{row['impl']:24s} {row['extra'].split(';')[0]:>22s}  ms_p50 {row['ms_p50']:>12s}"
+              f"  step peak {float(row['peak_mb']):7.0f} MB", flush=True)
+    for r in run_ratios(rows):
+        print(f"{r['what']}: {r['speed']:.2f}x tokens/s, {r['memory']:.2f}x step peak "
+              f"({r['num']} / {r['den']}, {r['repeats']} interleaved repeats)", flush=True)
+    if len(rows) > 1 and args.repeats < MIN_REPEATS:
+        print(f"no ratios: they need --repeats >= {MIN_REPEATS}", flush=True)
     if not args.smoke and args.out != "-":
         write_results(rows, args.out)
     return rows

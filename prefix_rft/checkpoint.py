@@ -40,6 +40,7 @@ import random
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ from torch import nn
 from . import distributed as D
 from .errors import UserError, crash_point, fsync_dir, save_file, writing
 from .finite import check_weights_finite
+
+# How long a rank waits for the others to finish their part of a save before it stops: rank 0
+# writes the full model and optimizer state (minutes for a 7B model on a slow disk).
+SAVE_TIMEOUT_S = 1800.0
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -196,9 +201,10 @@ def _save_torch(obj: Any, path: Path) -> None:
 
 def _write_files(tmp: Path, model: nn.Module, optimizer: Any, scheduler: Any,
                  meta_text: str) -> None:
-    _save_torch(capture_rng_state(), tmp / f"rng_rank{D.get_rank()}.pt")
+    # the collectives first: a rank whose write fails must not leave the others in a gather
     model_state = _model_state(model)  # collective
     optim_state = _full_optimizer_state(model, optimizer) if optimizer is not None else None
+    _save_torch(capture_rng_state(), tmp / f"rng_rank{D.get_rank()}.pt")
     if optim_state is not None and _is_host_optimizer(optimizer):
         _save_torch(optim_state, tmp / f"optimizer_rank{D.get_rank()}.pt")
         optim_state = None
@@ -212,14 +218,25 @@ def _write_files(tmp: Path, model: nn.Module, optimizer: Any, scheduler: Any,
         save_file(tmp / "state.json", lambda handle: handle.write(meta_text.encode()))
 
 
+def _failure(action: Callable[[], Any]) -> BaseException | None:
+    """Run ``action``; the exception it raised (this rank's part of a save), else None."""
+    try:
+        action()
+    except Exception as err:  # noqa: BLE001 -- handed to D.agree_on_success, re-raised there
+        return err
+    return None
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     sampler_state: dict | None = None, extra: dict | None = None,
-                    keep_last: int = 0) -> Path:
+                    keep_last: int = 0, timeout_s: float = SAVE_TIMEOUT_S) -> Path:
     """Write checkpoint ``step`` atomically; keep only the newest ``keep_last`` (0 = all).
 
     ``sampler_state`` and ``extra`` must be JSON-serializable. Returns the final directory.
-    Collective under FSDP2 (call on every rank).
+    Collective under FSDP2 (call on every rank). The ranks agree after each phase (create,
+    write, publish): a failure on any rank stops every rank with the same one line (see
+    ``distributed.agree_on_success``; ``timeout_s`` bounds the wait for the slowest rank).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -232,23 +249,29 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
     meta_text = json.dumps(meta, indent=1)  # fail early on non-JSON data, before any write
     check_weights_finite(model, f"refusing to save checkpoint {final.name} (the last good "
                                 f"checkpoint is kept)")  # collective
-    if D.is_main():
-        _tidy(root)
-        with writing(root):
-            tmp.mkdir(parents=True)
-    D.barrier()
+    what = f"saving checkpoint {final.name}"
+
+    def create() -> None:
+        if D.is_main():
+            _tidy(root)
+            with writing(root):
+                tmp.mkdir(parents=True)
+
+    def publish() -> None:
+        if D.is_main():
+            with writing(root):
+                _replace_dir(tmp, final)  # re-saving a step (final save after a periodic one)
+            _prune(Path(run_dir), keep_last)
+
+    D.agree_on_success(_failure(create), what, timeout_s)
     try:
-        _write_files(tmp, model, optimizer, scheduler, meta_text)
+        D.agree_on_success(_failure(lambda: _write_files(tmp, model, optimizer, scheduler,
+                                                         meta_text)), what, timeout_s)
     except Exception:
         if D.is_main():  # e.g. disk full: give the space back, keep the older checkpoints
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    D.barrier()
-    if D.is_main():
-        with writing(root):
-            _replace_dir(tmp, final)  # re-saving a step (final save after a periodic one)
-        _prune(Path(run_dir), keep_last)
-    D.barrier()
+    D.agree_on_success(_failure(publish), what, timeout_s)
     return final
 
 
@@ -330,7 +353,7 @@ def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
 
 
 def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
-                  dtype: torch.dtype | None = None) -> Path:
+                  dtype: torch.dtype | None = None, timeout_s: float = SAVE_TIMEOUT_S) -> Path:
     """Write the model (full weights, safetensors) and tokenizer as a plain HF directory,
     loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)``. ``dtype`` (e.g.
     ``torch.bfloat16``) casts the floating-point weights (default: as trained, fp32
@@ -341,17 +364,20 @@ def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
     state = D.gather_merged_state_dict(model)  # LoRA: adapters merged into the base weights
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    if D.is_main():
-        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with writing(tmp):
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            if dtype is not None:  # config.json says what the safetensors hold (dtype="auto")
-                _set_config_dtype(tmp / "config.json", dtype)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            _replace_dir(tmp, out_dir)
-    D.barrier()
+
+    def write() -> None:
+        if D.is_main():
+            tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with writing(tmp):
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                if dtype is not None:  # config.json says what the safetensors hold
+                    _set_config_dtype(tmp / "config.json", dtype)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                _replace_dir(tmp, out_dir)
+
+    D.agree_on_success(_failure(write), f"exporting {str(out_dir)!r}", timeout_s)
     return out_dir
 
 

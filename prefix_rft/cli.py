@@ -8,6 +8,10 @@
 
 The subcommands import their implementations lazily (train needs transformers, eval may
 need vLLM), so ``prefix-rft --help`` is instant and works on a bare install.
+
+Every subcommand reports a user mistake (a bad argument, config value, path or data file, a
+full disk) as one line, ``prefix-rft <command>: error: ...``, and exits with status 2;
+``--debug`` adds the traceback. ``plan`` exits with 1 only for "does not fit".
 """
 
 from __future__ import annotations
@@ -45,17 +49,20 @@ BENCHMARKS = {
 
 
 def _split_overrides(extra: Sequence[str]) -> list[str]:
-    """``["--a.b=1", "--c.d", "2"]`` -> ``["--a.b=1", "--c.d=2"]``; other tokens are errors."""
+    """``["--a.b=1", "--c.d", "2"]`` -> ``["--a.b=1", "--c.d=2"]``; other tokens are a
+    :class:`~prefix_rft.errors.UserError`."""
+    from .errors import UserError
+
     overrides, i = [], 0
     while i < len(extra):
         token = extra[i]
         key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
         if "." not in key:
-            raise SystemExit(f"prefix-rft train: unexpected argument {token!r} "
-                             f"(overrides look like --section.field=value)")
+            raise UserError(f"unexpected argument {token!r} "
+                            f"(overrides look like --section.field=value)")
         if "=" not in token:
             if i + 1 >= len(extra):
-                raise SystemExit(f"prefix-rft train: {token} needs a value")
+                raise UserError(f"{token} needs a value")
             token, i = f"{token}={extra[i + 1]}", i + 1
         overrides.append(token)
         i += 1
@@ -67,15 +74,14 @@ def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     directory) prints one line and exits with 2; ``--debug`` adds its traceback."""
     from .errors import report_user_errors
 
-    overrides = _split_overrides(extra)
-    return report_user_errors("prefix-rft train", lambda: _train(args, overrides),
-                              debug=args.debug)
+    return report_user_errors("prefix-rft train", lambda: _train(args, extra), debug=args.debug)
 
 
-def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from .config import load_config, save_config
     from .errors import UserError
 
+    overrides = _split_overrides(extra)
     if args.resume is not None:
         overrides.append(f"--checkpoint.resume={args.resume}")
     try:
@@ -102,33 +108,70 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _delegate(module: str, function: str, argv: Sequence[str], what: str) -> int:
+    from .errors import UserError
+
     try:
         target: Callable = getattr(importlib.import_module(module), function)
     except ModuleNotFoundError as err:
         if err.name and (module == err.name or module.startswith(err.name + ".")):
-            raise SystemExit(f"prefix-rft {what}: {module} is not available ({err})") from None
+            raise UserError(f"{module} is not available ({err})") from None
         raise  # a dependency of the module is missing: show the real error
-    result = target(list(argv))
+    try:
+        result = target(list(argv))
+    except SystemExit as err:  # a module's own `raise SystemExit("message")`: a user mistake
+        if isinstance(err.code, str):
+            raise UserError(err.code) from err
+        raise
     return result if isinstance(result, int) else 0
 
 
+def _cmd_passthrough(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """eval | demo | plan: the module parses ``extra`` itself; its user mistakes (raised as
+    UserError / ValueError-derived errors) become one line and exit status 2."""
+    from .errors import report_user_errors
+
+    module, function = PASSTHROUGH[args.command][:2]
+    return report_user_errors(f"prefix-rft {args.command}",
+                              lambda: _delegate(module, function, extra, args.command),
+                              debug=args.debug)
+
+
 def _cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .errors import report_user_errors
+
     name = args.name or "kernels"
+    return report_user_errors(f"prefix-rft bench {name}", lambda: _bench(name, extra),
+                              debug=args.debug)
+
+
+def _bench(name: str, extra: Sequence[str]) -> int:
+    from .errors import UserError
+
     if name not in BENCHMARKS:
-        raise SystemExit(f"prefix-rft bench: unknown benchmark {name!r}; choose from "
-                         f"{sorted(BENCHMARKS)}")
+        raise UserError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
     module = BENCHMARKS[name]
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as err:
         if err.name in ("benchmarks", module):
-            raise SystemExit(
-                f"prefix-rft bench: cannot import {module}. The benchmarks live in the source "
-                f"tree, not in the installed package: run from a checkout, e.g.\n"
-                f"  git clone <repo> && cd prefix-rft && pip install -e '.[train,test]' && "
-                f"prefix-rft bench {name}\n  (or: python -m {module})") from None
+            raise UserError(
+                f"cannot import {module}. The benchmarks live in the source tree, not in the "
+                f"installed package: run from a checkout (git clone <repo> && cd prefix-rft && "
+                f"pip install -e '.[train,test]' && prefix-rft bench {name}), or "
+                f"python -m {module}") from None
         raise
     return _delegate(module, "main", list(extra), f"bench {name}")
+
+
+# eval | demo | plan -> (module, function, help); they own their argument parsing
+PASSTHROUGH = {
+    "eval": ("prefix_rft.evaluate", "main",
+             "avg@k / pass@k of a model on benchmark files (run `prefix-rft eval --help`)"),
+    "demo": ("prefix_rft.demo.run", "main",
+             "end-to-end Prefix-RFT on an embedded task with a tiny model, on CPU (`demo --help`)"),
+    "plan": ("prefix_rft.plan", "cli",
+             "predict a run's peak GPU memory per component and whether it fits (`plan --help`)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,17 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show the traceback of a user error too (bugs always show one)")
     train.set_defaults(handler=_cmd_train)
 
-    for name, target, helptext in (
-        ("eval", ("prefix_rft.evaluate", "main"),
-         "avg@k / pass@k of a model on benchmark files (run `prefix-rft eval --help`)"),
-        ("demo", ("prefix_rft.demo.run", "main"),
-         "end-to-end Prefix-RFT on an embedded task with a tiny model, on CPU (`demo --help`)"),
-        ("plan", ("prefix_rft.plan", "cli"),
-         "predict a run's peak GPU memory per component and whether it fits (`plan --help`)"),
-    ):
+    for name, (_, _, helptext) in PASSTHROUGH.items():
         cmd = sub.add_parser(name, help=helptext, add_help=False,
-                             description=helptext + "; arguments are passed through.")
-        cmd.set_defaults(handler=lambda args, extra, t=target, n=name: _delegate(*t, extra, n))
+                             description=helptext + "; arguments are passed through (plus "
+                                         "--debug: show a user error's traceback too).")
+        cmd.set_defaults(handler=_cmd_passthrough, debug=False)
 
     bench = sub.add_parser(
         "bench", help="benchmarks: kernels (default, CPU), gpu_kernels, rollout, train_step, "
@@ -175,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "arguments go to it (e.g. `prefix-rft bench kernels --help`).")
     bench.add_argument("name", nargs="?", default=None, metavar="{" + ",".join(BENCHMARKS) + "}",
                        help="which benchmark (default: kernels, the CPU kernel benchmark)")
+    bench.add_argument("--debug", action="store_true",
+                       help="show the traceback of a user error too (bugs always show one)")
     bench.set_defaults(handler=_cmd_bench)
     return parser
 
@@ -182,9 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # eval/demo/plan own their argument parsing: hand them everything after the command name.
-    if argv and argv[0] in ("eval", "demo", "plan"):
-        args, extra = parser.parse_args(argv[:1]), argv[1:]
+    # eval/demo/plan own their argument parsing: hand them everything after the command name
+    # (but --debug, which is the CLI's).
+    if argv and argv[0] in PASSTHROUGH:
+        args, extra = parser.parse_args(argv[:1]), [a for a in argv[1:] if a != "--debug"]
+        args.debug = "--debug" in argv[1:]
         from .backends import quiet_unused_backends
 
         quiet_unused_backends()  # none of them chooses a torchao optimizer (the demo: adamw)

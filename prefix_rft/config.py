@@ -387,7 +387,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
     The value is read as YAML (``[a, b]`` lists, ``null``), except for text fields, which
     take the text literally (an instruction may contain ``:`` or ``{}``); ``null``/``none``
-    still clear an optional text field and matching outer quotes are removed.
+    clear an optional text field (``str | None``) only: in a plain ``str`` field ``none`` is
+    a value (``data.prompt_template=none``). Matching outer quotes are removed.
     """
     import yaml
 
@@ -397,7 +398,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or "." not in key:
         raise ValueError(f"override must look like --section.field=value, got {text!r}")
     if _is_text_field(key):
-        if raw.lower() in ("null", "none", "~"):
+        optional = _field_type(*key.split(".", 1)) is not str
+        if optional and raw.lower() in ("null", "none", "~"):
             return key, None
         if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
             raw = raw[1:-1]

@@ -111,10 +111,10 @@ def check_config(cfg, choices: dict[str, tuple[str, ...]]) -> None:
         ("checkpoint.every", cfg.checkpoint.every),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("eval.every", cfg.eval.every),
         ("train.max_bad_steps", t.max_bad_steps),
-        ("eval.max_response_tokens", cfg.eval.max_response_tokens),
     ]:
         check_int(key, value, 0)
-    _check_module_options(cfg)
+    _check_module_options(cfg)  # rollout.max_response_tokens, which eval's defaults to, first
+    check_int("eval.max_response_tokens", cfg.eval.max_response_tokens, 0)
     if p.num_prefixed > r.group_size:
         raise ValueError(
             f"prefix.num_prefixed must be <= rollout.group_size ({r.group_size}), "

@@ -131,6 +131,44 @@ def all_reduce_mean(values: dict[str, float] | torch.Tensor | float) -> Any:
     return (work / dist.get_world_size()).to(values.device)
 
 
+def agree_on_success(error: BaseException | None, what: str, timeout_s: float) -> None:
+    """Collective: every rank says whether its part of ``what`` (e.g. ``"saving checkpoint
+    step_000004"``) failed; when any did, every rank raises the same one line,
+    ``"<what> failed on rank R: <that rank's message>"`` (R the lowest failing rank), as a
+    :class:`~prefix_rft.errors.UserError` when the failure is the user's to fix (a full or
+    read-only disk), else a RuntimeError; the failing rank chains its own error. A rank that
+    does not answer within ``timeout_s`` seconds stops the waiting ranks with a UserError (under
+    gloo the process then still waits at exit until that rank joins the collective or the
+    process group's timeout passes). Single process: re-raises ``error`` unchanged."""
+    from .errors import UserError, user_error_from
+
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    backend_device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    failed = torch.tensor([0.0 if error is None else 1.0], device=backend_device)
+    work = dist.all_reduce(failed, op=dist.ReduceOp.MAX, async_op=True)
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as err:  # a rank is stuck or gone; the collective cannot complete
+        raise UserError(f"{what}: another rank did not answer within {timeout_s:g} s; "
+                        f"stopping (rank {get_rank()})") from error or err
+    if float(failed.item()) == 0.0:
+        return
+    user = user_error_from(error) if error is not None else None
+    mine = None if error is None else (
+        "user" if user is not None else "bug", " ".join(str(user or error).split())
+        or type(error).__name__)
+    reports: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(reports, mine)
+    rank = next(r for r, report in enumerate(reports) if report is not None)
+    kind, message = reports[rank]
+    line = f"{what} failed on rank {rank}: {message}"
+    raise (UserError(line) if kind == "user" else RuntimeError(line)) from error
+
+
 def max_over_ranks(value: int) -> int:
     """The largest ``value`` over ranks (one collective; single process: ``value``)."""
     if not is_distributed():

@@ -208,12 +208,38 @@ def _load(args, device: str):
     return tokenizer, engine
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``prefix-rft eval`` entry point; returns 0 (argument errors exit with status 2)."""
-    args = build_parser().parse_args(argv)
+def _check_arguments(args: argparse.Namespace) -> None:
+    """The numeric options, the prompt template and the device, before any file is read
+    (a :class:`UserError` naming the option)."""
+    from .data.templates import check_template
+    from .errors import UserError
+
     if args.k < 1 or args.max_tokens < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
-        raise SystemExit("prefix-rft eval: need --k >= 1, --max-tokens >= 1, 0 < --top-p <= 1, "
-                         "--temperature >= 0")
+        raise UserError(f"need --k >= 1, --max-tokens >= 1, 0 < --top-p <= 1, --temperature "
+                        f">= 0, got {args.k}, {args.max_tokens}, {args.top_p}, "
+                        f"{args.temperature}")
+    if args.batch_questions < 1 or args.max_rows < 0:
+        raise UserError(f"need --batch-questions >= 1 and --max-rows >= 0, got "
+                        f"{args.batch_questions}, {args.max_rows}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise UserError(f"--gpu-memory-utilization must be in (0, 1], got "
+                        f"{args.gpu_memory_utilization}")
+    if args.prompt_template is not None:
+        try:
+            check_template(args.prompt_template)
+        except ValueError as err:
+            raise UserError(str(err).replace("data.prompt_template", "--prompt-template")) from None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch.cuda.is_available() is False (use --device cpu)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``prefix-rft eval`` entry point; returns 0. A user mistake raises
+    :class:`~prefix_rft.errors.UserError` (the CLI prints one line, exit status 2)."""
+    from .errors import UserError, writing
+
+    args = build_parser().parse_args(argv)
+    _check_arguments(args)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         benchmarks = {Path(p).stem: read_questions(p, data_cfg, what="--data") for p in args.data}
         tokenizer, engine = _load(args, device)
     except ValueError as err:
-        raise SystemExit(f"prefix-rft eval: {err}") from None
+        raise UserError(str(err)) from err
     results = {}
     for name, questions in benchmarks.items():
         results[name] = evaluate_questions(
@@ -235,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: avg@{args.k} {results[name][f'avg@{args.k}']:.4f}  "
               f"pass@{args.k} {results[name][f'pass@{args.k}']:.4f}", flush=True)
     out = Path(args.out) if args.out else Path(args.model) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):  # a read-only or full disk: one line, not a traceback
+        out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("no_progress",)}
     report = {"settings": settings, "results": results}
     (out / "eval_results.json").write_text(json.dumps(report, indent=1))

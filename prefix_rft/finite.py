@@ -81,6 +81,7 @@ class StepGuard:
     consecutive: int = 0
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)
+    non_finite_zeroed: int = 0  # NaN/Inf rewards + advantages set to 0 so far in this run
 
     def check(self, *, losses: list[tuple[int, float]], grad_norm: float,
               bad_advantages: int = 0) -> bool:
@@ -117,19 +118,26 @@ class StepGuard:
                 f"checkpoint is kept: lower optim.lr, check the data, or raise {field_name}")
 
 
-def zero_non_finite(values: torch.Tensor, what: str, mode: str, step: int
-                    ) -> tuple[torch.Tensor, int]:
+def zero_non_finite(values: torch.Tensor, what: str, mode: str, step: int,
+                    guard: StepGuard | None = None) -> tuple[torch.Tensor, int]:
     """``mode`` (``reward.non_finite``): ``zero`` sets the NaN/Inf entries of ``values`` (e.g.
-    rewards, advantages) to 0, printing how many; ``error`` stops the run. Returns
-    ``(values, count)``; ``step`` (0-based) names the training step."""
+    rewards, advantages, any shape) to 0; ``error`` stops the run. Returns ``(values,
+    count)``; ``step`` (0-based) names the training step. Zeroing prints one line the first
+    time in a run (``guard`` remembers it; without one, every time), saying how to stop
+    instead; the step's count goes to the metrics and the progress bar."""
     bad = ~torch.isfinite(values)
     count = int(bad.sum())
     if count and mode == "error":
         raise NonFiniteError(f"step {step + 1}: {count} non-finite {what}; stopped, the last "
                              f"good checkpoint is kept (reward.non_finite=zero sets them to 0)")
     if count:
-        if D.is_main():
-            print(f"[prefix-rft] step {step + 1}: {count} non-finite {what} set to 0 "
-                  f"(reward.non_finite=zero)", flush=True)
+        first = guard is None or guard.non_finite_zeroed == 0
+        if guard is not None:
+            guard.non_finite_zeroed += count
+        if first and D.is_main():
+            print(f"[prefix-rft] step {step + 1}: {count} non-finite {what} set to 0 and "
+                  f"training goes on (counted per step as non_finite_rewards / "
+                  f"non_finite_advantages; set reward.non_finite: error to stop instead)",
+                  flush=True)
         values = values.masked_fill(bad, 0.0)
     return values, count

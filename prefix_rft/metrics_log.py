@@ -32,6 +32,9 @@ METRICS_FILE = "metrics.jsonl"
 PROGRESS_KEYS = (("reward", "reward_mean"), ("pass", "pass_rate"),
                  ("H_cont", "entropy_continuation"), ("low", "prefix_low"), ("clip", "clip_frac"),
                  ("tok/s", "tokens_per_s"))
+# summed into one "non-finite" entry of the progress bar when a step zeroed any
+# (reward.non_finite: zero; the first one also prints a line)
+NON_FINITE_KEYS = ("non_finite_rewards", "non_finite_advantages")
 # plot file stem -> (title, metric keys drawn as lines on it)
 PLOTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "reward": ("reward", ("reward_mean", "reward_on_policy", "reward_hybrid")),
@@ -139,6 +142,9 @@ class MetricsLogger:
         if self._bar is not None:
             shown = {name: f"{row[key]:.3g}" for name, key in PROGRESS_KEYS
                      if row.get(key) is not None}
+            non_finite = sum(row.get(key) or 0 for key in NON_FINITE_KEYS)
+            if non_finite:
+                shown["non-finite"] = f"{non_finite:.0f}"
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(max(0, step - self._bar.n))
 

@@ -313,16 +313,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, extra = ap.parse_known_args(argv)
     from .cli import _split_overrides
     from .config import load_config
+    from .errors import UserError
 
     if args.gpus < 1:
-        raise SystemExit(f"prefix-rft plan: --gpus must be >= 1, got {args.gpus}")
+        raise UserError(f"--gpus must be >= 1, got {args.gpus}")
     try:
         cfg = load_config(args.config, _split_overrides(extra))
         gpu_bytes = parse_memory(args.gpu_memory) if args.gpu_memory else _default_gpu_bytes()
         model_config = args.model_config or shipped_model_config(cfg, args.config)
         text, est = plan_config(copy.deepcopy(cfg), gpu_bytes, args.gpus, model_config)
-    except ValueError as err:  # a config / argument mistake: one clean line
-        raise SystemExit(f"prefix-rft plan: {err}") from None
+    except ValueError as err:  # a config / argument mistake: one clean line, exit status 2
+        raise UserError(str(err)) from err
     if model_config and not args.model_config:
         est["model_config"] = model_config
         rel = os.path.relpath(model_config)
@@ -335,5 +336,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``prefix-rft plan``: exit status 0 when the run fits, 1 when it does not."""
+    """``prefix-rft plan``: exit status 0 when the run fits, 1 when it does not (a user
+    mistake raises :class:`~prefix_rft.errors.UserError`: status 2 from the CLI)."""
     return 0 if main(argv)["fits"] else 1

@@ -45,7 +45,7 @@ from .advantage import advantage_stats, rollout_advantages
 from .config import Config, resolve_config, validate_config
 from .data import Question
 from .entropy_mask import EntropyMask
-from .finite import zero_non_finite
+from .finite import StepGuard, zero_non_finite
 from .fused_update import fused_prefix_rft_loss, fused_sft_loss, use_fused_head
 from .loss import prefix_rft_loss, sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
@@ -120,12 +120,12 @@ def roll_out(run: Run, requests: list[RolloutRequest], meta: list) -> list[Rollo
 
 
 def score(rollouts: list[Rollout], questions: list[Question], tokenizer, cfg: Config,
-          step: int = 0) -> dict[str, float]:
+          step: int = 0, guard: StepGuard | None = None) -> dict[str, float]:
     """Rewards (math-verify) and advantages (``loss.baseline``), written into the rollouts;
     returns metrics. ``baseline: official`` gives a hybrid's prefix tokens their own advantage
     (``Rollout.prefix_advantage``), so its update batch carries ``[B, T]`` advantages.
     Non-finite rewards / advantages are zeroed and counted, or stop the run
-    (``reward.non_finite``)."""
+    (``reward.non_finite``); ``guard`` (the run's) makes the zeroing notice print once."""
     from .reward import math_rewards
 
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
@@ -133,13 +133,14 @@ def score(rollouts: list[Rollout], questions: list[Question], tokenizer, cfg: Co
                                   fallback=cfg.reward.fallback, timeout_s=cfg.reward.timeout_s,
                                   num_workers=cfg.reward.num_workers)
     reward_t, bad_rewards = zero_non_finite(torch.tensor(rewards, dtype=torch.float64),
-                                            "rewards", cfg.reward.non_finite, step)
+                                            "rewards", cfg.reward.non_finite, step, guard)
     rewards = reward_t.tolist()
     groups = torch.tensor([r.group for r in rollouts])
     prefixed = torch.tensor([r.is_prefixed for r in rollouts], dtype=torch.bool)
     adv, prefix_adv = rollout_advantages(reward_t, groups, baseline=cfg.loss.baseline,
                                          is_prefixed=prefixed)
-    adv, bad_advantages = zero_non_finite(adv, "advantages", cfg.reward.non_finite, step)
+    adv, bad_advantages = zero_non_finite(adv, "advantages", cfg.reward.non_finite, step,
+                                         guard)
     prefix_adv = torch.where(torch.isfinite(prefix_adv), prefix_adv, adv)
     for r, value, a, pa in zip(rollouts, rewards, adv.tolist(), prefix_adv.tolist()):
         r.reward, r.advantage = value, a
@@ -457,7 +458,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     t_rollout = time.perf_counter()
     # ---- reward + advantages
     run.guard.step = step
-    metrics = score(rollouts, questions, run.tokenizer, cfg, step=step)
+    metrics = score(rollouts, questions, run.tokenizer, cfg, step=step, guard=run.guard)
     ratios = [ratio for _, prefixed, ratio in meta if prefixed]
     metrics.update(prefix_low=low,
                    prefix_ratio_mean=float(np.mean(ratios)) if ratios else float("nan"))

@@ -11,6 +11,7 @@ pytest.importorskip("transformers", reason="the demo needs transformers")
 
 from prefix_rft.cli import main as cli_main  # noqa: E402
 from prefix_rft.demo import run as demo_run  # noqa: E402
+from prefix_rft.errors import UserError  # noqa: E402
 from prefix_rft.metrics_log import read_metrics  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def test_argument_errors_are_clear(argv, message, capsys):
     ("--rollout.group_size=0", "rollout.group_size must be an int >= 1, got 0"),
 ])
 def test_bad_overrides_fail_before_any_work(override, message, tmp_path):
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(UserError) as err:
         demo_run.main(["--workdir", str(tmp_path), override])
     assert message in str(err.value)
     assert not (tmp_path / "assets").exists()  # nothing was built

@@ -5,7 +5,6 @@ one AdamW step), for untied and tied lm_head/embeddings."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from prefix_rft.kernels import linear_logprob_entropy
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 import dist_worker  # noqa: E402
+from torchrun_timing import run_torchrun  # noqa: E402
 
 
 def _single_process_step(tied: bool) -> dict:
@@ -101,7 +101,7 @@ def test_fsdp2_two_ranks_match_single_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS.parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(TESTS / "dist_worker.py"), str(out), str(ckpt_root)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    proc = run_torchrun("fsdp2_step", cmd, env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = torch.load(out)
     for tied in (False, True):

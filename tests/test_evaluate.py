@@ -12,6 +12,7 @@ import pytest
 from train_helpers import shared_assets
 
 from prefix_rft.data import Question
+from prefix_rft.errors import UserError
 from prefix_rft.evaluate import evaluate_questions, main, pass_at_k, pass_ks, summarize
 from prefix_rft.rollout import RolloutEngine, RolloutSample
 
@@ -138,5 +139,5 @@ def test_eval_cli_reads_every_training_schema(tiny_assets, tmp_path):
 
 
 def test_eval_cli_rejects_missing_files(tiny_assets, tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         main(["--model", tiny_assets["model"], "--data", str(tmp_path / "nope.jsonl"), "--k", "1"])

@@ -14,7 +14,7 @@ from train_helpers import shared_assets, tiny_config
 import prefix_rft.train as train_module
 from prefix_rft.checkpoint import list_checkpoints
 from prefix_rft.errors import NonFiniteError
-from prefix_rft.metrics_log import read_metrics
+from prefix_rft.metrics_log import MetricsLogger, read_metrics
 from prefix_rft.train import train
 
 
@@ -85,13 +85,13 @@ def test_consecutive_bad_steps_stop_the_run(tiny_assets, tmp_path, monkeypatch):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
 
 
-def _poison_advantages_at(monkeypatch, step: int) -> None:
+def _poison_advantages_at(monkeypatch, *steps: int) -> None:
     real, calls = train_module.rollout_advantages, []
 
     def rollout_advantages(*args, **kwargs):
         calls.append(1)
         adv, prefix_adv = real(*args, **kwargs)
-        if len(calls) == step:
+        if len(calls) in steps:
             adv = adv.clone()
             adv[0] = float("nan")
             adv[1] = float("inf")
@@ -100,13 +100,28 @@ def _poison_advantages_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(train_module, "rollout_advantages", rollout_advantages)
 
 
-def test_non_finite_advantages_are_zeroed_and_counted(tiny_assets, tmp_path, monkeypatch):
-    _poison_advantages_at(monkeypatch, 2)
-    result = train(_config(tiny_assets, tmp_path, train__steps=2))
-    assert result["steps_done"] == 2
+def test_non_finite_advantages_are_zeroed_and_counted(tiny_assets, tmp_path, monkeypatch,
+                                                      capsys):
+    _poison_advantages_at(monkeypatch, 2, 3)
+    result = train(_config(tiny_assets, tmp_path, train__steps=3))
+    assert result["steps_done"] == 3
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["non_finite_advantages"] for r in rows] == [0, 2]
+    assert [r["non_finite_advantages"] for r in rows] == [0, 2, 2]
     assert all(r["skipped_steps"] == 0 and math.isfinite(r["loss"]) for r in rows)
+    # zeroing is not silent: one line, the first time only, naming the way to stop instead
+    notices = [line for line in capsys.readouterr().out.splitlines() if "non-finite" in line]
+    assert len(notices) == 1, notices
+    assert "step 2: 2 non-finite advantages set to 0" in notices[0]
+    assert "reward.non_finite: error" in notices[0]
+
+
+def test_progress_bar_shows_the_steps_non_finite_count(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, total_steps=2, progress=True)
+    logger.log(1, {"reward_mean": 0.5, "non_finite_rewards": 0, "non_finite_advantages": 0})
+    logger.log(2, {"reward_mean": 0.5, "non_finite_rewards": 1, "non_finite_advantages": 2})
+    logger.close()
+    bar = capsys.readouterr().err
+    assert "non-finite=3" in bar and "non-finite=0" not in bar
 
 
 def test_non_finite_advantages_can_stop_the_run(tiny_assets, tmp_path, monkeypatch):

@@ -165,6 +165,71 @@ def test_use_fused_head_keeps_trl_loss(tok_model, tmp_path):
     _assert_same(_loss_and_grads(patched, inputs), _loss_and_grads(stock, inputs))
 
 
+def _trl_loss_types() -> list[str]:
+    """The loss_type values the installed TRL lists in GRPOConfig's help text."""
+    import dataclasses
+    import re
+
+    help_text = {f.name: f for f in dataclasses.fields(GRPOConfig)}["loss_type"].metadata["help"]
+    listed = help_text.split("Supported values are", 1)[1].split(".", 1)[0]
+    return re.findall(r"'(\w+)'", listed)
+
+
+# loss types that need sequence-level importance sampling in TRL
+SEQUENCE_LEVEL_LOSSES = {"luspo": dict(importance_sampling_level="sequence")}
+
+
+def _ref_logps(trainer, inputs):
+    with torch.no_grad():
+        T = inputs["completion_ids"].size(1)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.ref_model, ids, att, T)
+    return logps
+
+
+def test_trl_lists_the_loss_types_the_readme_promises():
+    assert {"grpo", "dr_grpo", "dapo", "bnpo"} <= set(_trl_loss_types())
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", _trl_loss_types())
+def test_use_fused_head_with_every_loss_type_and_kl(tok_model, tmp_path, loss_type, beta):
+    """use_fused_head under each TRL loss, off-policy (clipping active), with and without the
+    KL term: beta > 0 gives TRL a reference model, whose head is patched too."""
+    settings = dict(loss_type=loss_type, beta=beta, **SEQUENCE_LEVEL_LOSSES.get(loss_type, {}))
+    if beta:  # TRL loads its reference model from the policy's path: give it one on disk
+        tok, model = tok_model
+        model_dir = tmp_path / "model"
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        ds = Dataset.from_dict({"prompt": PROMPTS})
+        patched, stock = (GRPOTrainer(model=str(model_dir), reward_funcs=_reward,
+                                      args=_args(tmp_path, **settings), train_dataset=ds,
+                                      processing_class=tok) for _ in range(2))
+        use_fused_head(patched)
+    else:
+        patched = use_fused_head(_trainer(GRPOTrainer, tok_model, tmp_path, **settings))
+        stock = _trainer(GRPOTrainer, tok_model, tmp_path, **settings)
+    inputs = _with_old_and_is(_batch(len(tok_model[0]), seed=4), stock)
+    inputs.pop("importance_sampling_ratio")  # no vLLM here
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()  # dapo, cispo, vespo: TRL's
+    if beta:
+        assert patched.ref_model is not None and stock.ref_model is not None
+        assert getattr(patched.ref_model, "_prefix_rft_fused_head", None) is not None
+        ours_ref, their_ref = _ref_logps(patched, inputs), _ref_logps(stock, inputs)
+        assert _rel(ours_ref, their_ref) <= 1e-5
+        # shift the reference away from the policy so the KL term has a gradient
+        ours_inputs = dict(inputs, ref_per_token_logps=ours_ref - 0.2)
+        their_inputs = dict(inputs, ref_per_token_logps=their_ref - 0.2)
+    else:
+        ours_inputs = their_inputs = inputs
+    ours, theirs = _loss_and_grads(patched, ours_inputs), _loss_and_grads(stock, their_inputs)
+    _assert_same(ours, theirs)
+    if beta:
+        assert stock._metrics["train"]["kl"][-1] > 0
+
+
 def test_short_train_runs_with_accumulation(tok_model, tmp_path):
     trainer = _trainer(PrefixRFTGRPOTrainer, tok_model, tmp_path, gradient_accumulation_steps=2,
                        per_device_train_batch_size=2)

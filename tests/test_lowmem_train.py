@@ -5,12 +5,12 @@ exact resume, merged final save), the torchao optimizers (exact resume), optimiz
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_timing import run_torchrun
 from train_helpers import shared_assets, tiny_config
 
 from prefix_rft.checkpoint import list_checkpoints
@@ -118,8 +118,7 @@ def test_torchrun_two_ranks_with_optimizer_offload_match_one_process(tiny_assets
     save_config(cfg, tmp_path / "multi.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "prefix_rft.cli", "train", "--config", str(tmp_path / "multi.yaml")]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300)
+    proc = run_torchrun("lowmem_offload", cmd, dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     for m, s in zip(_rows(tmp_path / "multi"), _rows(tmp_path / "single")):
         for key in ("reward_mean", "pass_rate", "response_len_mean"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchrun_timing import run_torchrun
 
 from prefix_rft.config import Config
 from prefix_rft.setup import Run, build_loss
@@ -173,7 +174,6 @@ def test_packed_sft_update_equals_padded(tmp_path):
 def test_fsdp2_packed_update_equals_single_process_padded(tmp_path):
     """2 CPU ranks (FSDP2, gloo), each packing its own questions, vs one process, padded."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -182,7 +182,7 @@ def test_fsdp2_packed_update_equals_single_process_padded(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tests.parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(tests / "dist_packing_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun("packing_update", cmd, env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(out)
     ref = _run(tmp_path, packing=False, budget=40, epochs=2, lr=0.5, coef=0.01)

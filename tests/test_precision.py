@@ -5,7 +5,6 @@ really runs in bf16, and plain AdamW on bf16-stored weights is refused."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from prefix_rft.precision import check_precision, precision_policy
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 import dist_worker  # noqa: E402
+from torchrun_timing import run_torchrun  # noqa: E402
 
 LR = 1e-6
 
@@ -112,7 +112,7 @@ def test_fsdp2_two_ranks_one_step_at_lr_1e6_moves_fp32_masters(model_dtype, tmp_
         [str(TESTS.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(TESTS / "precision_worker.py"), str(out), model_dtype]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_torchrun("precision_step", cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(out, weights_only=False)
     assert result["param_dtypes"] == ["torch.float32"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun_timing import run_torchrun
 from train_helpers import shared_assets, tiny_config
 
 from prefix_rft.data import read_rows
@@ -174,7 +175,6 @@ def test_torchrun_two_ranks_match_one_process(tiny_assets, tmp_path):
     rewards are identical, and the update (entropy fraction 1: no per-micro-batch mask ranking)
     gives the same gradient norm and weights."""
     import os
-    import subprocess
     import sys
 
     from safetensors.torch import load_file
@@ -190,7 +190,7 @@ def test_torchrun_two_ranks_match_one_process(tiny_assets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "prefix_rft.cli", "train", "--config", str(tmp_path / "multi.yaml")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = run_torchrun("train_loop", cmd, env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     multi_rows = read_metrics(tmp_path / "multi" / "metrics.jsonl")
     single_rows = read_metrics(tmp_path / "single" / "metrics.jsonl")

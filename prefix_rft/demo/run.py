@@ -86,8 +86,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     args, extra = parser.parse_known_args(list(argv))
     try:
         overrides = _split_overrides(extra)
-    except SystemExit as err:
-        parser.error(str(err).replace("prefix-rft train: ", ""))
+    except ValueError as err:
+        parser.error(str(err))
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:
@@ -263,16 +263,23 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``prefix-rft demo`` entry point: 0 on success, 1 when training was stopped early
-    (argument errors exit with status 2)."""
+    (argument errors exit with status 2; a user mistake raises
+    :class:`~prefix_rft.errors.UserError`, which the CLI prints as one line, status 2)."""
     import sys
+
+    from prefix_rft.errors import UserError
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         demo_config(args, overrides, asset_paths(args.workdir))
     except ValueError as err:  # a bad override or config value: one clean line, before any work
-        raise SystemExit(f"prefix-rft demo: {err}") from None
+        raise UserError(str(err)) from err
     return 0 if run_demo(args, overrides) is not None else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from prefix_rft.cli import main as cli_main
+
+    raise SystemExit(cli_main(["demo", *sys.argv[1:]]))
