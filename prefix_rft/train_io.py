@@ -35,9 +35,12 @@ def periodic_eval(run: Run) -> dict[str, float]:
 
 
 def _save(run: Run, done: int, sampler_state: dict, metrics: dict) -> Path:
+    extra = {"metrics": metrics}
+    if run.prefix_store is not None:  # source self: resumed runs draw the same prefixes
+        extra["prefix_store"] = run.prefix_store.state_dict()
     return ckpt.save_checkpoint(run.run_dir, done, model=run.model, optimizer=run.optimizer,
                                 scheduler=run.scheduler, sampler_state=sampler_state,
-                                extra={"metrics": metrics}, keep_last=run.cfg.checkpoint.keep_last)
+                                extra=extra, keep_last=run.cfg.checkpoint.keep_last)
 
 
 def _save_after_crash(run: Run, done: int, sampler_state: dict, error: BaseException) -> None:
