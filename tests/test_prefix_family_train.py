@@ -31,7 +31,7 @@ def tiny_assets(tmp_path_factory):
     return shared_assets(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def rule_reward(monkeypatch):
     def fake(responses, golds, **_):
         stats = RewardStats()
@@ -60,7 +60,7 @@ def _final(run_dir):
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_family_options_train_and_resume_exactly(tiny_assets, tmp_path, packing):
+def test_family_options_train_and_resume_exactly(tiny_assets, tmp_path, packing, rule_reward):
     reference = tmp_path / "reference"
     train(_config(tiny_assets, reference, train__packing=packing))
     ref_state, ref_store, ref_rows = _final(reference)
@@ -82,3 +82,49 @@ def test_family_options_train_and_resume_exactly(tiny_assets, tmp_path, packing)
     assert state.keys() == ref_state.keys()
     for key in ref_state:
         assert torch.equal(state[key], ref_state[key]), key
+
+
+@pytest.mark.distributed
+def test_family_options_under_torchrun_match_one_process(tiny_assets, tmp_path):
+    """``on_failure`` (a second engine call inside FSDP2's gather on every rank),
+    ``train_on_prefix: false`` and ``source: self`` (the store's additions gathered from both
+    ranks) under ``torchrun --nproc_per_node 2`` (FSDP2, gloo) equal one process: same
+    rewards, prefix shares, loss and weights. The real reward runs here (the subprocesses
+    cannot see a monkeypatch): the tiny model solves nothing alone, so every question fails and
+    gets a near-whole demonstration prefix, which does solve it; so neither a rank without a
+    failing question nor a non-empty store is exercised here (the store's content and resume
+    are checked in one process above)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from prefix_rft.config import save_config
+
+    overrides = dict(train__steps=2, rollout__max_response_tokens=24, prefix__start=1.0,
+                     prefix__end=0.95, prefix__high=1.0, loss__entropy_top_fraction=1.0,
+                     prefix__when="on_failure", prefix__train_on_prefix=False,
+                     prefix__source="self", log__plots=False, checkpoint__every=0)
+    single = train(tiny_config(tiny_assets, tmp_path / "single", **overrides))
+    save_config(tiny_config(tiny_assets, tmp_path / "multi", **overrides),
+                tmp_path / "multi.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "prefix_rft.cli", "train", "--config", str(tmp_path / "multi.yaml")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    multi_rows = read_metrics(tmp_path / "multi" / "metrics.jsonl")
+    single_rows = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    assert len(multi_rows) == len(single_rows) == 2
+    assert any(row["prefix_question_frac"] > 0 for row in single_rows)
+    for m, s in zip(multi_rows, single_rows):
+        for key in ("reward_mean", "reward_hybrid", "pass_rate", "prefix_question_frac",
+                    "self_store_size"):
+            assert m[key] == s[key], key
+        assert m["loss"] == pytest.approx(s["loss"], rel=1e-4, abs=1e-7)
+    got = load_file(str(tmp_path / "multi" / "final" / "model.safetensors"))
+    want = load_file(str(Path(single["final_model_dir"]) / "model.safetensors"))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=5e-5, msg=key)
