@@ -245,3 +245,32 @@ def test_family_options_are_validated(override, message):
 
     with pytest.raises(ValueError, match=message.replace("|", r"\|")):
         load_config(None, ["--prefix.when=on_failure", override])
+
+
+def test_self_source_keeps_rows_without_a_demonstration(tmp_path):
+    """``source: self`` runs on data without demonstrations: such rows are kept (demo_ids
+    None) and their hybrids fall back to no prefix; without it they are skipped as before."""
+    import json
+
+    from test_data import make_tokenizer
+
+    from prefix_rft.config import DataConfig
+    from prefix_rft.data import load_prompt_dataset
+    from prefix_rft.train import build_requests
+
+    path = tmp_path / "d.jsonl"
+    rows = [{"problem": "What is 2+3?", "solution": "2+3=5. \\boxed{5}", "answer": "5"},
+            {"problem": "What is 7*6?", "answer": "42"}]  # no demonstration
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = DataConfig(train_files=[str(path)])
+    tok = make_tokenizer()
+    assert len(load_prompt_dataset(cfg, tok, need_demo=True)) == 1
+    kept = load_prompt_dataset(cfg, tok, need_demo=True, demo_optional=True)
+    assert len(kept) == 2 and kept[0].demo_ids and kept[1].demo_ids is None
+    train_cfg = Config()
+    train_cfg.prefix.source, train_cfg.prefix.decay_steps, train_cfg.rollout.seed = "self", 10, 0
+    requests, meta, _ = build_requests(train_cfg, [kept[0], kept[1]], 0, 0,
+                                       SelfPrefixStore(capacity=1))
+    hybrids = [(m, r) for m, r in zip(meta, requests) if r.n == 1]
+    assert [(m[0], m[1], m[3]) for m, _ in hybrids] == [(0, True, "demonstration"), (1, False, "")]
+    assert len(hybrids[1][1].prefix_ids) == 0
