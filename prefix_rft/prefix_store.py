@@ -5,7 +5,8 @@ earlier step is kept (as token ids, so a later prefix is exactly those ids, neve
 re-encoded) and a later hybrid of the same question continues a cut of it. The store is
 bounded (``capacity`` newest responses per question), keyed by the question's dataset index,
 identical on every rank (each step's additions are gathered from all ranks) and saved in the
-checkpoint, so a resumed run draws the same prefixes as an uninterrupted one.
+checkpoint (``prefix_store.pt``, flat tensors), so a resumed run draws the same prefixes as
+an uninterrupted one.
 
     store = SelfPrefixStore(capacity=4)
     store.add(question_index=7, response_ids=[5, 9, 2])
@@ -17,6 +18,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from .checks import check_int
 
@@ -61,17 +64,29 @@ class SelfPrefixStore:
         return len(self._responses)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serializable content (question keys as strings, sorted: a stable file)."""
-        return {"capacity": self.capacity,
-                "responses": {str(q): [list(e) for e in self._responses[q]]
-                              for q in sorted(self._responses)}}
+        """Flat tensors (compact for a large store; ``torch.load(weights_only=True)``-safe):
+        ``question``/``length`` per entry (questions sorted, entries oldest first) and all
+        entries' ids concatenated in ``ids``."""
+        questions = sorted(self._responses)
+        entries = [(q, e) for q in questions for e in self._responses[q]]
+        flat = [x for _, e in entries for x in e]
+        return {"capacity": torch.tensor(self.capacity),
+                "question": torch.tensor([q for q, _ in entries], dtype=torch.long),
+                "length": torch.tensor([len(e) for _, e in entries], dtype=torch.long),
+                "ids": torch.tensor(flat, dtype=torch.long)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s content; a smaller ``capacity`` keeps the newest."""
         self._responses = {}
-        for question, entries in state.get("responses", {}).items():
-            for ids in entries:
-                self.add(int(question), ids)
+        ids = state["ids"].tolist()
+        start = 0
+        for question, length in zip(state["question"].tolist(), state["length"].tolist()):
+            self.add(question, ids[start:start + length])
+            start += length
+
+    def as_dict(self) -> dict[int, list[list[int]]]:
+        """The content, ``{question index: [response ids, oldest first]}`` (a copy)."""
+        return {q: [list(e) for e in entries] for q, entries in sorted(self._responses.items())}
 
 
 def gather_additions(additions: list[tuple[int, list[int]]]) -> list[tuple[int, list[int]]]:

@@ -282,8 +282,8 @@ def start_run(cfg: Config) -> Run:
                                     f"(resume from an earlier one)")
         start = int(meta["step"])
         sampler.load_state_dict(meta["sampler"])
-        if store is not None:
-            store.load_state_dict(meta["extra"].get("prefix_store", {}))
+        if store is not None and (resume_from / "prefix_store.pt").is_file():
+            store.load_state_dict(torch.load(resume_from / "prefix_store.pt", weights_only=True))
     engine = build_engine(cfg, model, tokenizer, device, rank)
     if resume_from is not None:
         engine.sync_from(model)

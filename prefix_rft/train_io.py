@@ -35,12 +35,14 @@ def periodic_eval(run: Run) -> dict[str, float]:
 
 
 def _save(run: Run, done: int, sampler_state: dict, metrics: dict) -> Path:
-    extra = {"metrics": metrics}
-    if run.prefix_store is not None:  # source self: resumed runs draw the same prefixes
-        extra["prefix_store"] = run.prefix_store.state_dict()
+    # source self: the store (token ids, bulky) in prefix_store.pt, so resumed runs draw the
+    # same prefixes and state.json stays small
+    objects = ({"prefix_store": run.prefix_store.state_dict()} if run.prefix_store is not None
+               else None)
     return ckpt.save_checkpoint(run.run_dir, done, model=run.model, optimizer=run.optimizer,
                                 scheduler=run.scheduler, sampler_state=sampler_state,
-                                extra=extra, keep_last=run.cfg.checkpoint.keep_last)
+                                extra={"metrics": metrics}, keep_last=run.cfg.checkpoint.keep_last,
+                                extra_objects=objects)
 
 
 def _save_after_crash(run: Run, done: int, sampler_state: dict, error: BaseException) -> None:

@@ -206,13 +206,17 @@ def test_self_store_is_bounded_seeded_and_round_trips():
     store = SelfPrefixStore(capacity=2)
     for ids in ([1, 2], [3, 4], [5, 6], [3, 4]):
         store.add(7, ids)
-    assert store.state_dict()["responses"] == {"7": [[5, 6], [3, 4]]}  # newest 2, re-added
+    assert store.as_dict() == {7: [[5, 6], [3, 4]]}  # the newest 2, a repeat moved last
     assert len(store) == 2 and store.pick(8, seed=0) is None
     assert store.pick(7, seed=1) == store.pick(7, seed=1)
     assert {tuple(store.pick(7, seed=s)) for s in range(20)} == {(5, 6), (3, 4)}
+    store.add(2, [8])
     copy = SelfPrefixStore(capacity=2)
     copy.load_state_dict(store.state_dict())
-    assert copy.state_dict() == store.state_dict()
+    assert copy.as_dict() == store.as_dict() == {2: [[8]], 7: [[5, 6], [3, 4]]}
+    smaller = SelfPrefixStore(capacity=1)
+    smaller.load_state_dict(store.state_dict())
+    assert smaller.as_dict() == {2: [[8]], 7: [[3, 4]]}
     with pytest.raises(ValueError, match="capacity"):
         SelfPrefixStore(capacity=0)
 

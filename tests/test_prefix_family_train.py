@@ -20,6 +20,7 @@ from train_helpers import shared_assets, tiny_config
 import prefix_rft.reward as reward_module
 from prefix_rft.checkpoint import list_checkpoints
 from prefix_rft.metrics_log import read_metrics
+from prefix_rft.prefix_store import SelfPrefixStore
 from prefix_rft.reward import RewardStats
 from prefix_rft.train import train
 
@@ -53,7 +54,10 @@ def _config(assets, run_dir, **overrides):
 def _final(run_dir):
     step, path = list_checkpoints(run_dir)[-1]
     assert step == 4
-    store = json.loads((path / "state.json").read_text())["extra"]["prefix_store"]
+    assert "prefix_store" not in json.loads((path / "state.json").read_text())["extra"]
+    store = SelfPrefixStore(capacity=4)
+    store.load_state_dict(torch.load(path / "prefix_store.pt", weights_only=True))
+    store = store.as_dict()
     rows = [{k: v for k, v in row.items() if k not in TIMING_KEYS and not k.endswith("_time_s")}
             for row in read_metrics(run_dir / "metrics.jsonl")]
     return torch.load(path / "model.pt", weights_only=True), store, rows
@@ -67,9 +71,9 @@ def test_family_options_train_and_resume_exactly(tiny_assets, tmp_path, packing,
     # not vacuous: some questions failed and got a prefix, some did not; the store filled
     fracs = [row["prefix_question_frac"] for row in ref_rows]
     assert 0 < sum(fracs) < len(fracs), fracs
-    assert ref_store["responses"] and ref_rows[-1]["self_store_size"] > 0
+    assert ref_store and ref_rows[-1]["self_store_size"] > 0
     assert any(row["prefix_self_frac"] > 0 for row in ref_rows)  # a stored prefix was used
-    assert all(len(e) <= ref_store["capacity"] for e in ref_store["responses"].values())
+    assert all(len(e) <= 4 for e in ref_store.values())
 
     resumed = tmp_path / "resumed"
     first = train(_config(tiny_assets, resumed, train__packing=packing,
