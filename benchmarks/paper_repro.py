@@ -33,11 +33,12 @@ cached; a failed run is recorded and retried on the next invocation.
 
 Budget (projected, not yet run in full): one 150-step training with its validation curve cost
 57 s of CPU time (224 s wall at load ~8 on the 2 cores), one test / OOD / phrasing evaluation
-2-3 s. The expert process has 56-60 trainings (8 methods x 5 seeds, 12-20 sweep runs), the
-other 74-80 (5 methods x 5 seeds x 2 variants, 24-30 sweep runs; RFT is shared), so at ~65 s
-per training on an idle core the longer process needs about 1.5 h, 1 h 40 min if every sweep
-extends twice; the assets and slices take ~2 min first. The two ablations run for the expert
-only: with them in the other variants the second process would need about 2 h 10 min. The
+2-3 s. The expert process has 80-99 trainings (11 methods x 5 seeds, 21-35 sweep runs:
+the three prefix-guided family rows have their own sweeps), the other 74-80 (5 methods x 5
+seeds x 2 variants, 24-30 sweep runs; RFT is shared), so at ~65 s per training on an idle core
+the longer (expert) process needs about 1 h 30 min - 1 h 50 min; the assets and slices take
+~2 min first. The two ablations and the family rows run for the expert only: with the
+ablations in the other variants the second process would need about 2 h 10 min. The
 report prints the measured wall time; ``--quick`` takes about a minute of CPU.
 """
 

@@ -9,6 +9,7 @@ Layout of ``run_dir/checkpoints/step_000042/``:
     scheduler.pt    LR scheduler state dict (when one is given)
     rng_rank{r}.pt  python / numpy / torch CPU / CUDA RNG states of rank r
     state.json      {"step", "world_size", "sampler", "extra"}: JSON, human-readable
+    NAME.pt         each of ``extra_objects`` (e.g. prefix_store.pt), written by rank 0
 
 A checkpoint is written into ``.tmp-step_000042`` and renamed into place only when every
 file is complete, so a kill mid-write leaves the previous checkpoint as the latest;
@@ -200,7 +201,7 @@ def _save_torch(obj: Any, path: Path) -> None:
 
 
 def _write_files(tmp: Path, model: nn.Module, optimizer: Any, scheduler: Any,
-                 meta_text: str) -> None:
+                 meta_text: str, extra_objects: dict[str, Any] | None = None) -> None:
     # the collectives first: a rank whose write fails must not leave the others in a gather
     model_state = _model_state(model)  # collective
     optim_state = _full_optimizer_state(model, optimizer) if optimizer is not None else None
@@ -214,6 +215,8 @@ def _write_files(tmp: Path, model: nn.Module, optimizer: Any, scheduler: Any,
             _save_torch(optim_state, tmp / "optimizer.pt")
         if scheduler is not None:
             _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        for name, obj in (extra_objects or {}).items():
+            _save_torch(obj, tmp / f"{name}.pt")
         # last: marks the directory complete
         save_file(tmp / "state.json", lambda handle: handle.write(meta_text.encode()))
 
@@ -230,10 +233,13 @@ def _failure(action: Callable[[], Any]) -> BaseException | None:
 def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     sampler_state: dict | None = None, extra: dict | None = None,
-                    keep_last: int = 0, timeout_s: float = SAVE_TIMEOUT_S) -> Path:
+                    keep_last: int = 0, timeout_s: float = SAVE_TIMEOUT_S,
+                    extra_objects: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` atomically; keep only the newest ``keep_last`` (0 = all).
 
-    ``sampler_state`` and ``extra`` must be JSON-serializable. Returns the final directory.
+    ``sampler_state`` and ``extra`` must be JSON-serializable; ``extra_objects`` (name ->
+    object, saved as ``name.pt`` by rank 0) hold bulk state that does not belong in
+    ``state.json``. Returns the final directory.
     Collective under FSDP2 (call on every rank). The ranks agree after each phase (create,
     write, publish): a failure on any rank stops every rank with the same one line (see
     ``distributed.agree_on_success``; ``timeout_s`` bounds the wait for the slowest rank).
@@ -266,7 +272,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
     D.agree_on_success(_failure(create), what, timeout_s)
     try:
         D.agree_on_success(_failure(lambda: _write_files(tmp, model, optimizer, scheduler,
-                                                         meta_text)), what, timeout_s)
+                                                         meta_text, extra_objects)),
+                           what, timeout_s)
     except Exception:
         if D.is_main():  # e.g. disk full: give the space back, keep the older checkpoints
             shutil.rmtree(tmp, ignore_errors=True)

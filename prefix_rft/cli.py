@@ -33,6 +33,7 @@ overrides:
 examples:
   prefix-rft train --config configs/demo.yaml --train.steps=3
   prefix-rft train --config configs/qwen2.5-math-1.5b.yaml --model.path=/models/q15 --resume auto
+  prefix-rft train --config configs/qwen2.5-math-1.5b.yaml --config configs/recipes/bread.yaml
   torchrun --nproc_per_node 8 -m prefix_rft.cli train --config configs/qwen2.5-math-7b.yaml
 """
 
@@ -188,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "torchrun every rank runs this command; rank 0 logs and writes files.",
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)  # --c.x=1 must stay an override, not become --config
-    train.add_argument("--config", "-c", default=None, metavar="FILE.yaml",
-                       help="YAML config (default: built-in defaults, see prefix_rft/config.py)")
+    train.add_argument("--config", "-c", action="append", default=None, metavar="FILE.yaml",
+                       help="YAML config (default: built-in defaults, see prefix_rft/config.py); "
+                            "repeat it to overlay, in order: --config base.yaml --config "
+                            "configs/recipes/bread.yaml")
     train.add_argument("--resume", default=None, metavar="auto|none|PATH",
                        help="auto: continue from the latest checkpoint in train.run_dir (or start "
                             "fresh); PATH: a checkpoint or run directory (= --checkpoint.resume)")

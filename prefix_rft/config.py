@@ -24,6 +24,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,7 @@ from .offload import Offload
 from .optim import OptimizerName
 from .precision import ComputeDtype, ExportDtype, WeightsDtype
 from .prefix import Schedule
+from .prefix_policy import Source, When
 from .reward.extract import Fallback
 
 Algo = Literal["sft", "rft", "prefix_rft"]  # the update: SFT, plain RFT, Prefix-RFT
@@ -73,7 +75,8 @@ class ModelConfig:
 
 @dataclass
 class PrefixConfig:
-    schedule: Schedule = "cosine"  # cosine | linear | constant (= uniform: low stays at end)
+    schedule: Schedule = "cosine"  # cosine | linear | constant (= uniform: low stays at end) |
+    # step (ratio = start for decay_steps steps, then end; no draw: QuestA's held hint share)
     start: float = 0.95  # low bound of the prefix ratio at step 0, fraction of the demonstration
     end: float = 0.05  # low bound after decay_steps, fraction
     high: float = 0.95  # upper bound of the prefix ratio, fraction
@@ -82,6 +85,14 @@ class PrefixConfig:
     beta_beta: float = 1.0
     min_prefix_tokens: int = 1  # lower clamp of the prefix length, tokens
     num_prefixed: int = 1  # hybrid rollouts per group; forced to 0 for loss.algo = rft
+    when: When = "always"  # always (every question, the paper) | on_failure (BREAD: only
+    # questions whose G on-policy rollouts all failed; their last num_prefixed failed samples
+    # are replaced in place by hybrids, so every group keeps G rows and the same normalizer)
+    train_on_prefix: bool = True  # false (QuestA, PrefixRL): the prefix conditions the
+    # continuation as part of the prompt; no loss, entropy mask or old log-prob on it
+    source: Source = "demonstration"  # demonstration | self (PrefixRL: a correct response of
+    # the policy from an earlier step; none yet -> the demonstration, else no prefix)
+    self_store_size: int = 4  # source self: newest correct responses kept per question, >= 1
 
 
 @dataclass
@@ -449,30 +460,36 @@ def validate_config(cfg: Config) -> Config:
 
 
 # ---------------------------------------------------------------- load / save
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file ``path`` (optional) <- ``--section.field=value`` overrides;
-    then sentinels are resolved and every field validated."""
+def load_config(path: str | Path | Sequence[str | Path] | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file(s) ``path`` (optional; a list is applied in order, so a recipe
+    overlay such as ``configs/recipes/bread.yaml`` after a base config sets only its own
+    fields) <- ``--section.field=value`` overrides; then sentinels are resolved and every
+    field validated."""
     cfg = Config()
-    if path is not None:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                raw = yaml.safe_load(handle)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or type(err).__name__
-            raise ValueError(f"config file {str(path)!r} is not valid YAML{where} ({problem}): "
-                             f"fix the file") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"config file {str(path)!r} is not UTF-8 text") from None
-        config_from_dict(raw, cfg)
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for one in paths:
+        config_from_dict(_read_yaml(Path(one)), cfg)
     apply_overrides(cfg, list(overrides or []))
     return validate_config(resolve_config(cfg))
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"config file {str(path)!r} is not valid YAML{where} ({problem}): "
+                         f"fix the file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

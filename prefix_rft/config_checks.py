@@ -99,6 +99,7 @@ def check_config(cfg, choices: dict[str, tuple[str, ...]]) -> None:
         ("train.steps", t.steps), ("train.prompts_per_step", t.prompts_per_step),
         ("train.ppo_epochs", t.ppo_epochs), ("train.micro_batch_tokens", t.micro_batch_tokens),
         ("data.max_prompt_tokens", d.max_prompt_tokens), ("rollout.group_size", r.group_size),
+        ("prefix.self_store_size", p.self_store_size),
         ("rollout.tensor_parallel_size", r.tensor_parallel_size), ("log.every", cfg.log.every),
         ("eval.k", cfg.eval.k),
     ]:
@@ -139,6 +140,10 @@ def check_config(cfg, choices: dict[str, tuple[str, ...]]) -> None:
     if official and p.num_prefixed >= r.group_size:
         raise ValueError(f"loss.baseline=official needs on-policy rollouts: prefix.num_prefixed "
                          f"must be < rollout.group_size ({r.group_size}), got {p.num_prefixed}")
+    if p.when == "on_failure" and p.num_prefixed >= r.group_size:  # failure is judged on them
+        raise ValueError(f"prefix.when=on_failure keeps on-policy rollouts in every group: "
+                         f"prefix.num_prefixed must be < rollout.group_size ({r.group_size}), "
+                         f"got {p.num_prefixed}")
     if t.packing and cfg.model.attn_implementation not in ("sdpa", "flash_attention_2"):
         raise ValueError(f"train.packing needs model.attn_implementation sdpa or "
                          f"flash_attention_2, got {cfg.model.attn_implementation!r}; "

@@ -302,7 +302,8 @@ def _default_gpu_bytes() -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="prefix-rft plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="run config YAML")
+    ap.add_argument("--config", required=True, action="append",
+                    help="run config YAML; repeat it to overlay a recipe (applied in order)")
     ap.add_argument("--gpu-memory", default=None,
                     help="memory per GPU, e.g. 24GiB / 80GB (default: this GPU's, else 80GiB)")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs (FSDP2 ranks), default 1")

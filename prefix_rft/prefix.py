@@ -8,6 +8,9 @@ ids ``d_1..d_D``); the policy writes the rest. Three pure steps decide ``L``:
    ``linear``: ``low_t = end + (1 − t/T)·(start − end)``; both stay at ``end`` for t ≥ T.
    ``constant`` (alias ``uniform``, the paper's uniform-sampling ablation): ``low_t = end``
    at every step, so ratios are drawn from the whole range ``[end, high]`` from step 0.
+   ``step`` (QuestA's 50 % -> 25 % hint): ``low_t = start`` for t < T, then ``end``; the
+   trainer draws no range for it -- every hybrid's ratio is ``low_t`` itself (a held ratio
+   that drops once), so ``high`` and the Beta shape do not apply.
 2. :func:`sample_prefix_ratios` -- ``ratio ~ U(low_t, high)``, generalized to
    ``low + (high − low)·Beta(α, β)`` (``U`` is ``Beta(1, 1)``). Seeded and reproducible.
 3. :func:`cut_prefix` -- ``L = clamp(int(ratio·D), min_prefix_tokens, D − 1)``; the prefix is
@@ -39,7 +42,7 @@ import torch
 from .checks import check_choice, check_int, check_number
 
 # ``constant`` and ``uniform`` are the same schedule (the uniform-sampling ablation).
-Schedule = Literal["cosine", "linear", "constant", "uniform"]
+Schedule = Literal["cosine", "linear", "constant", "uniform", "step"]
 
 
 def check_prefix_options(*, schedule: str, start: float, end: float, high: float,
@@ -72,8 +75,9 @@ def prefix_low_bound(
 
     Args:
         step: training step t >= 0.
-        schedule: ``"cosine"`` (default), ``"linear"``, or ``"constant"`` / ``"uniform"``
-            (fixed ``low_t = end``: the uniform-sampling ablation).
+        schedule: ``"cosine"`` (default), ``"linear"``, ``"constant"`` / ``"uniform"``
+            (fixed ``low_t = end``: the uniform-sampling ablation), or ``"step"`` (``start``
+            while ``step < decay_steps``, then ``end``).
         start: ``low_0``, in [0, 1].
         end: the floor reached at ``t = decay_steps`` and kept afterwards; ``end <= start``.
         decay_steps: T >= 1, steps over which ``low_t`` decays from ``start`` to ``end``.
@@ -90,6 +94,8 @@ def prefix_low_bound(
     check_int("decay_steps", decay_steps, 1)
     if schedule in ("constant", "uniform"):
         return float(end)
+    if schedule == "step":
+        return float(start if step < decay_steps else end)
     progress = min(step / decay_steps, 1.0)
     if schedule == "cosine":
         weight = 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -153,6 +159,15 @@ def sample_prefix_ratios(
         u = rng.betavariate(beta_alpha, beta_beta)
         ratios.append(min(high, max(low, low + (high - low) * u)))
     return ratios
+
+
+def step_ratios(n: int, low: float, schedule: str, **draw) -> list[float]:
+    """The ``n`` hybrids' ratios of one question: the held ratio ``low`` itself for the
+    ``step`` schedule, else :func:`sample_prefix_ratios` ``(n, low, **draw)``."""
+    if schedule == "step":
+        check_int("n", n, 0)
+        return [float(low)] * n
+    return sample_prefix_ratios(n, low, **draw)
 
 
 def prefix_length(num_demo_tokens: int, ratio: float, *, min_prefix_tokens: int = 1) -> int:

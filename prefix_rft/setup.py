@@ -42,6 +42,7 @@ from .errors import UserError
 from .finite import StepGuard, check_weights_finite
 from .loss import LossSettings, PrefixRFTLoss
 from .precision import PrecisionPolicy, precision_policy, stored_weights_dtype
+from .prefix_store import SelfPrefixStore
 from .rollout import RolloutEngine, engine_class
 
 
@@ -69,6 +70,7 @@ class Run:
     guard: StepGuard = field(default_factory=StepGuard)  # skips non-finite optimizer steps
     precision: PrecisionPolicy | None = None  # compute / weight / reduce / export dtypes;
     #   None: built from cfg and device once, here (start_run passes the one it wrapped with)
+    prefix_store: SelfPrefixStore | None = None  # prefix.source self: own correct responses
 
     def __post_init__(self) -> None:
         if self.precision is None:
@@ -249,7 +251,8 @@ def start_run(cfg: Config) -> Run:
         save_config(cfg, run_dir / "config.yaml")
     model, tokenizer = load_policy(cfg, device)
     try:
-        dataset = load_prompt_dataset(cfg.data, tokenizer, need_demo=cfg.loss.algo != "rft")
+        dataset = load_prompt_dataset(cfg.data, tokenizer, need_demo=cfg.loss.algo != "rft",
+                                      demo_optional=cfg.prefix.source == "self")
     except ValueError as err:  # the data's fault (missing file, no usable rows, ...)
         raise (err if isinstance(err, UserError) else UserError(str(err))) from err
     if D.is_main():
@@ -263,6 +266,8 @@ def start_run(cfg: Config) -> Run:
                      mp_policy=policy.fsdp_mixed_precision())
     optimizer, scheduler = build_optimizer(cfg, model)
     start = 0
+    store = (SelfPrefixStore(cfg.prefix.self_store_size) if cfg.prefix.source == "self"
+             and cfg.prefix.num_prefixed > 0 else None)
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
     if resume_from is not None:
         meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer,
@@ -271,6 +276,8 @@ def start_run(cfg: Config) -> Run:
                                     f"(resume from an earlier one)")
         start = int(meta["step"])
         sampler.load_state_dict(meta["sampler"])
+        if store is not None and (resume_from / "prefix_store.pt").is_file():
+            store.load_state_dict(torch.load(resume_from / "prefix_store.pt", weights_only=True))
     engine = build_engine(cfg, model, tokenizer, device, rank)
     if resume_from is not None:
         engine.sync_from(model)
@@ -279,4 +286,5 @@ def start_run(cfg: Config) -> Run:
                device=device, rank=rank, world=world, run_dir=run_dir,
                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                start_step=start, resumed_from=str(resume_from) if resume_from else None,
-               guard=StepGuard(max_bad_steps=cfg.train.max_bad_steps), precision=policy)
+               guard=StepGuard(max_bad_steps=cfg.train.max_bad_steps), precision=policy,
+               prefix_store=store)

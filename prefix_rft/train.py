@@ -49,7 +49,15 @@ from .finite import StepGuard, zero_non_finite
 from .fused_update import fused_prefix_rft_loss, fused_sft_loss, use_fused_head
 from .loss import prefix_rft_loss, sft_loss
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
-from .prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
+from .prefix import cut_prefix, prefix_low_bound, step_ratios
+from .prefix_policy import (
+    as_conditioning,
+    failing_groups,
+    prefix_source_ids,
+    replace_failed_in_place,
+    self_store_additions,
+)
+from .prefix_store import gather_additions
 from .preflight import preflight
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
@@ -74,13 +82,20 @@ def _request_seed(cfg: Config, step: int, position: int) -> int:
     return (cfg.rollout.seed * 1_000_003 + step * 10_007 + position * 97) % (2**31 - 1)
 
 
-def build_requests(cfg: Config, questions: list[Question], step: int, first_position: int):
+def build_requests(cfg: Config, questions: list[Question], step: int, first_position: int,
+                   store=None, hybrids_for: set[int] | None = None,
+                   on_policy_n: int | None = None):
     """``G`` rollouts per question: one on-policy request (``n = G - num_prefixed``) plus one
-    request per hybrid continuing ``cut_prefix(demo, ratio)``. Returns ``(requests, meta,
-    low)``: ``meta[i] = (question index, is_prefixed, ratio)`` per request and ``low`` the
-    step's prefix-ratio lower bound."""
+    request per hybrid continuing ``cut_prefix(source, ratio)`` (the source: the
+    demonstration, or for ``prefix.source: self`` a correct response from ``store``).
+    ``hybrids_for`` limits the hybrids to those questions (None: all) and ``on_policy_n``
+    sets the on-policy count (``prefix.when: on_failure`` asks ``G`` first, then hybrids only).
+    Returns ``(requests, meta, low)``: ``meta[i] = (question index, is_prefixed, ratio,
+    origin)`` per request (origin: ``"self"``, ``"demonstration"`` or ``""`` for on-policy)
+    and ``low`` the step's prefix-ratio lower bound."""
     r, p = cfg.rollout, cfg.prefix
     G = r.group_size
+    n_on = G - p.num_prefixed if on_policy_n is None else on_policy_n
     low = prefix_low_bound(step, schedule=p.schedule, start=p.start, end=p.end,
                            decay_steps=p.decay_steps)
     requests, meta = [], []
@@ -88,28 +103,32 @@ def build_requests(cfg: Config, questions: list[Question], step: int, first_posi
         seed = _request_seed(cfg, step, first_position + q)
         sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                     max_new_tokens=r.max_response_tokens, seed=seed)
-        if G - p.num_prefixed > 0:
-            requests.append(RolloutRequest(question.prompt_ids, (), n=G - p.num_prefixed,
-                                           sampling=sampling))
-            meta.append((q, False, 0.0))
-        ratios = sample_prefix_ratios(p.num_prefixed, low, high=p.high, beta_alpha=p.beta_alpha,
-                                      beta_beta=p.beta_beta, generator=seed)
+        if n_on > 0:
+            requests.append(RolloutRequest(question.prompt_ids, (), n=n_on, sampling=sampling))
+            meta.append((q, False, 0.0, ""))
+        if hybrids_for is not None and q not in hybrids_for:
+            continue
+        ratios = step_ratios(p.num_prefixed, low, p.schedule, high=p.high,
+                             beta_alpha=p.beta_alpha, beta_beta=p.beta_beta, generator=seed)
+        source_ids, origin = prefix_source_ids(p.source, question.index, question.demo_ids,
+                                               store, seed)
         for j, ratio in enumerate(ratios):
-            prefix = cut_prefix(question.demo_ids, ratio, min_prefix_tokens=p.min_prefix_tokens)
+            prefix = cut_prefix(source_ids, ratio, min_prefix_tokens=p.min_prefix_tokens)
             prefix = prefix[: r.max_response_tokens - 1]  # leave room for one sampled token
             hybrid = SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                       max_new_tokens=r.max_response_tokens, seed=seed + 1 + j)
             requests.append(RolloutRequest(question.prompt_ids, prefix, n=1, sampling=hybrid))
-            meta.append((q, len(prefix) > 0, ratio))
+            meta.append((q, len(prefix) > 0, ratio, origin if prefix else ""))
     return requests, meta, low
 
 
 def roll_out(run: Run, requests: list[RolloutRequest], meta: list) -> list[Rollout]:
     """Generate and flatten into :class:`Rollout` rows, grouped by question."""
     with torch.no_grad(), run.engine.generation_context(run.model), run.compute():
-        outputs = run.engine.generate(requests)
+        # every rank enters the context (FSDP2 gathers there), even with nothing to generate
+        outputs = run.engine.generate(requests) if requests else []
     rollouts = []
-    for request, (q, prefixed, _), samples in zip(requests, meta, outputs):
+    for request, (q, prefixed, *_), samples in zip(requests, meta, outputs):
         for s in samples:
             rollouts.append(Rollout(
                 prompt_ids=list(request.prompt_ids), response_ids=list(s.response_ids),
@@ -117,6 +136,41 @@ def roll_out(run: Run, requests: list[RolloutRequest], meta: list) -> list[Rollo
                 engine_logprobs=list(s.logprobs), finish_reason=s.finish_reason))
     rollouts.sort(key=lambda x: x.group)  # stable: questions contiguous, for mini-batching
     return rollouts
+
+
+def step_rollouts(run: Run, questions: list[Question], step: int, first_position: int):
+    """This step's rollouts under ``prefix.when`` (:mod:`prefix_rft.prefix_policy`).
+    Returns ``(rollouts, meta, low, metrics)``: ``prefix_question_frac`` is the share of
+    questions that got a non-empty prefix, ``prefix_self_frac`` the share of prefixes cut
+    from the policy's own stored responses."""
+    cfg, p = run.cfg, run.cfg.prefix
+    if p.when == "on_failure" and p.num_prefixed > 0:
+        from .reward import math_rewards
+
+        meta_on = build_requests(cfg, questions, step, first_position, run.prefix_store,
+                                 hybrids_for=set(), on_policy_n=cfg.rollout.group_size)
+        on_policy = roll_out(run, meta_on[0], meta_on[1])
+        texts = [run.tokenizer.decode(r.response_ids, skip_special_tokens=True)
+                 for r in on_policy]
+        rewards, _ = math_rewards(texts, [questions[r.group].answer for r in on_policy],
+                                  fallback=cfg.reward.fallback, timeout_s=cfg.reward.timeout_s,
+                                  num_workers=cfg.reward.num_workers)
+        failing = failing_groups(on_policy, rewards)
+        requests, meta, low = build_requests(cfg, questions, step, first_position,
+                                             run.prefix_store, hybrids_for=failing,
+                                             on_policy_n=0)
+        hybrids = roll_out(run, requests, meta)
+        rollouts = replace_failed_in_place(on_policy, hybrids, failing, p.num_prefixed)
+        meta = meta_on[1] + meta
+    else:
+        requests, meta, low = build_requests(cfg, questions, step, first_position,
+                                             run.prefix_store)
+        rollouts = roll_out(run, requests, meta)
+    prefixed_questions = {q for q, prefixed, *_ in meta if prefixed}
+    origins = [origin for _, prefixed, _, origin in meta if prefixed]
+    return rollouts, meta, low, {
+        "prefix_question_frac": len(prefixed_questions) / max(1, len(questions)),
+        "prefix_self_frac": origins.count("self") / len(origins) if origins else float("nan")}
 
 
 def score(rollouts: list[Rollout], questions: list[Question], tokenizer, cfg: Config,
@@ -452,14 +506,20 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     # ---- sample questions, build requests, roll out
     questions = [run.dataset[i] for i in run.sampler.next_batch(cfg.train.prompts_per_step)]
     first = D.shard_range(cfg.train.prompts_per_step).start
-    requests, meta, low = build_requests(cfg, questions, step, first)
-    rollouts = roll_out(run, requests, meta)
+    rollouts, meta, low, prefix_metrics = step_rollouts(run, questions, step, first)
     run.engine.sleep()
     t_rollout = time.perf_counter()
     # ---- reward + advantages
     run.guard.step = step
     metrics = score(rollouts, questions, run.tokenizer, cfg, step=step, guard=run.guard)
-    ratios = [ratio for _, prefixed, ratio in meta if prefixed]
+    metrics.update(prefix_metrics)
+    if run.prefix_store is not None:  # source self: this step's solutions, for later steps
+        run.prefix_store.add_all(gather_additions(
+            self_store_additions(rollouts, [question.index for question in questions])))
+        metrics["self_store_size"] = float(len(run.prefix_store))
+    if not cfg.prefix.train_on_prefix:  # scored as prefix + continuation (as when trained);
+        rollouts = [as_conditioning(r) for r in rollouts]  # the update sees the continuation
+    ratios = [ratio for _, prefixed, ratio, _ in meta if prefixed]
     metrics.update(prefix_low=low,
                    prefix_ratio_mean=float(np.mean(ratios)) if ratios else float("nan"))
     t_reward = time.perf_counter()

@@ -38,10 +38,16 @@ def periodic_eval(run: Run) -> dict[str, float]:
 
 
 def save_step(run: Run, done: int, sampler_state: dict, metrics: dict) -> Path:
-    """The resumable checkpoint after ``done`` steps (keeps ``checkpoint.keep_last``)."""
+    """The resumable checkpoint after ``done`` steps (keeps ``checkpoint.keep_last``).
+
+    ``prefix.source: self``: the store (token ids, bulky) goes in ``prefix_store.pt``, so a
+    resumed run draws the same prefixes and ``state.json`` stays small."""
+    objects = ({"prefix_store": run.prefix_store.state_dict()} if run.prefix_store is not None
+               else None)
     return ckpt.save_checkpoint(run.run_dir, done, model=run.model, optimizer=run.optimizer,
                                 scheduler=run.scheduler, sampler_state=sampler_state,
-                                extra={"metrics": metrics}, keep_last=run.cfg.checkpoint.keep_last)
+                                extra={"metrics": metrics}, keep_last=run.cfg.checkpoint.keep_last,
+                                extra_objects=objects)
 
 
 def save_after_crash(run: Run, done: int, sampler_state: dict, error: BaseException) -> None:

@@ -20,7 +20,8 @@ from prefix_rft.demo.task import is_held_out_problem, problem_chain
 from prefix_rft.metrics_log import read_metrics
 
 METHODS = ["base", "sft", "rft", "prefix_rft", "prefix_rft_official", "prefix_rft_all_tokens",
-           "prefix_rft_uniform", "sft_rft", "luffy"]
+           "prefix_rft_uniform", "sft_rft", "luffy", "prefix_rft_on_failure",
+           "prefix_rft_untrained_prefix", "prefix_rft_self"]
 
 
 # ---------------------------------------------------------------- statistics
@@ -225,6 +226,13 @@ def test_full_config_exercises_the_method():
             for m, stages in table["methods"].items() if stages}
     assert "loss.baseline=group" in sets["prefix_rft"]
     assert "loss.baseline=official" in sets["prefix_rft_official"]
+    # the prefix-guided family: one choice changed each, own sweep, the expert's table only
+    for method, option in [("prefix_rft_on_failure", "prefix.when=on_failure"),
+                           ("prefix_rft_untrained_prefix", "prefix.train_on_prefix=false"),
+                           ("prefix_rft_self", "prefix.source=self")]:
+        assert sets[method] == sets["prefix_rft"] + " " + option
+        assert table["methods"][method][0]["lr_of"] == method
+        assert method in pr.methods_of(table, "expert")
     assert table["slices"]["k"] == 8 and table["slices"]["temperature"] == 1.0
     assert "test" in table["slices"]["splits"] and "train_expert" in table["slices"]["splits"]
 

@@ -213,7 +213,7 @@ def test_check_prefix_options_accepts_the_paper_settings():
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"schedule": "step"}, "schedule must be one of cosine|linear|constant|uniform"),
+    ({"schedule": "stairs"}, "schedule must be one of cosine|linear|constant|uniform|step"),
     ({"start": 1.5}, "start must be a number in [0.0, 1.0]"),
     ({"end": 0.99}, "end must be <= start"),
     ({"high": 0.5}, "high must be >= start"),

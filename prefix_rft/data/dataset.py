@@ -35,8 +35,10 @@ class PromptDataset:
 
     def __init__(self, tables: Sequence[Sequence[dict]], tokenizer: Any, cfg: DataConfig, *,
                  need_demo: bool, sources: Sequence[str] | None = None,
-                 batch_size: int = 1024, malformed: Sequence[str] = ()):
+                 batch_size: int = 1024, malformed: Sequence[str] = (),
+                 demo_optional: bool = False):
         self.tokenizer, self.cfg, self.need_demo = tokenizer, cfg, need_demo
+        self.demo_optional = demo_optional  # keep rows without a demonstration (demo_ids None)
         self.malformed = list(malformed)  # rows the reader skipped: "file:line: problem"
         self.tables = list(tables)
         self.sources = (list(sources) if sources is not None
@@ -73,7 +75,8 @@ class PromptDataset:
         for row_index, row in enumerate(iter_rows(table, batch_size)):
             global_row = self.num_rows + row_index
             question, reason = parse_row(row, self.cfg, schema)
-            if question is not None and self.need_demo and question.demo is None:
+            if (question is not None and self.need_demo and not self.demo_optional
+                    and question.demo is None):
                 reason = "no demonstration"
             if reason is not None:
                 self._skip(reason, global_row)
@@ -121,6 +124,8 @@ class PromptDataset:
         cached = self._demo_cache.get(index)
         if cached is None:
             demo = self._question(*self._locations[index]).demo
+            if demo is None:  # demo_optional: a row kept without one
+                return None
             cached = self._demo_cache[index] = demo_token_ids(self.tokenizer, demo)
         return cached
 
@@ -135,17 +140,19 @@ class PromptDataset:
         return question
 
 
-def load_prompt_dataset(cfg: DataConfig, tokenizer: Any, *, need_demo: bool) -> PromptDataset:
+def load_prompt_dataset(cfg: DataConfig, tokenizer: Any, *, need_demo: bool,
+                        demo_optional: bool = False) -> PromptDataset:
     """Read every file of ``cfg.train_files`` and build the ``PromptDataset``.
 
-    ``need_demo``: rows without a demonstration are skipped (True for sft / prefix_rft).
+    ``need_demo``: rows without a demonstration are skipped (True for sft / prefix_rft),
+    unless ``demo_optional`` (``prefix.source: self``): such rows are kept, demo_ids None.
     """
     if not cfg.train_files:
         raise ValueError("data.train_files must list at least one file, got []")
     bad: list[str] = []  # malformed rows, skipped: "file:line: problem"
     tables = [read_rows(path, cfg.format, cfg.max_rows, bad=bad) for path in cfg.train_files]
     return PromptDataset(tables, tokenizer, cfg, need_demo=need_demo, sources=cfg.train_files,
-                         malformed=bad)
+                         malformed=bad, demo_optional=demo_optional)
 
 
 def read_questions(path: str | Path, cfg: DataConfig | None = None, *,
