@@ -249,14 +249,15 @@ def format_plan(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, est: dict
     return "\n".join(lines)
 
 
-def shipped_model_config(cfg, config_path: str | None) -> str | None:
+def shipped_model_config(cfg, config_paths: list[str] | None) -> str | None:
     """A shipped ``model_configs/<name>.json`` for ``model.path`` when that directory has no
     config.json (a fresh clone, weights not downloaded): ``<name>`` is the path's last part,
-    lower-cased, looked up beside the run config and in this checkout's ``configs/``."""
+    lower-cased, looked up beside each run config (a base and its overlays) and in this
+    checkout's ``configs/``."""
     if (Path(cfg.model.path) / "config.json").is_file():
         return None
     name = Path(str(cfg.model.path).rstrip("/")).name.lower() + ".json"
-    roots = ([Path(config_path).resolve().parent] if config_path else []) + [
+    roots = [Path(path).resolve().parent for path in config_paths or []] + [
         Path(__file__).resolve().parent.parent / "configs"]
     for root in roots:
         candidate = root / "model_configs" / name

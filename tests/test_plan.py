@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prefix_rft.errors import UserError
 from prefix_rft.memory_model import GiB, ModelShape, PlanInputs, component_bytes
 from prefix_rft.plan import main as plan_main
 from prefix_rft.plan import parse_memory
@@ -193,7 +194,7 @@ def test_plan_of_a_shipped_preset_falls_back_to_its_shipped_model_config(capsys,
     explicit = plan_main(["--config", "configs/qwen2.5-math-1.5b-24gb.yaml", "--gpu-memory",
                           "24GiB", "--model-config", str(MODEL_CONFIGS / "qwen2.5-math-1.5b.json")])
     assert est["peak"] == explicit["peak"] and "has no config.json" not in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="model.path must be a directory with a config.json"):
+    with pytest.raises(UserError, match="model.path must be a directory with a config.json"):
         plan_main(["--config", "configs/qwen2.5-math-1.5b.yaml", "--model.path=/nowhere/Foo-1B"])
 
 
