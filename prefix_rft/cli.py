@@ -88,7 +88,7 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         cfg = load_config(args.config, overrides)
     except ValueError as err:  # a config mistake (YAML syntax, key, value)
         raise UserError(str(err)) from err
-    from .backends import quiet_unused_backends
+    from .runtime.backends import quiet_unused_backends
 
     quiet_unused_backends(cfg.optim.name)  # before transformers (and through it torchao) loads
     if args.print_config:
@@ -169,7 +169,7 @@ PASSTHROUGH = {
              "avg@k / pass@k of a model on benchmark files (run `prefix-rft eval --help`)"),
     "demo": ("prefix_rft.demo.run", "main",
              "end-to-end Prefix-RFT on an embedded task with a tiny model, on CPU (`demo --help`)"),
-    "plan": ("prefix_rft.plan", "cli",
+    "plan": ("prefix_rft.planner.plan", "cli",
              "predict a run's peak GPU memory per component and whether it fits (`plan --help`)"),
 }
 
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         args, extra = parser.parse_args(argv[:1]), [a for a in argv[1:] if a != "--debug"]
         args.debug = "--debug" in argv[1:]
-        from .backends import quiet_unused_backends
+        from .runtime.backends import quiet_unused_backends
 
         quiet_unused_backends()  # none of them chooses a torchao optimizer (the demo: adamw)
     else:

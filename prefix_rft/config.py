@@ -31,16 +31,16 @@ from typing import Any, Literal
 from .advantage import Baseline
 from .checks import choices, is_choice_type
 from .data.options import DataConfig
-from .distributed import Device
 from .entropy_mask import EntropyMaskScope
 from .fused_update import HeadPath
-from .lora import DEFAULT_TARGETS
 from .loss_settings import EntropyNorm, KernelImpl
-from .offload import Offload
-from .optim import OptimizerName
-from .precision import ComputeDtype, ExportDtype, WeightsDtype
 from .prefix import Schedule
 from .reward.extract import Fallback
+from .runtime.distributed import Device
+from .runtime.lora import DEFAULT_TARGETS
+from .runtime.offload import Offload
+from .runtime.optim import OptimizerName
+from .runtime.precision import ComputeDtype, ExportDtype, WeightsDtype
 
 Algo = Literal["sft", "rft", "prefix_rft"]  # the update: SFT, plain RFT, Prefix-RFT
 Switch = Literal["auto", "true", "false"]  # auto = when installed / where it applies
@@ -120,7 +120,7 @@ class LossConfig:
 class OptimConfig:
     # adamw (torch) | adamw8bit (torchao, 8-bit moments) | adamw_bf16_sr (torchao, bf16-stored
     # weights + stochastic rounding)
-    name: OptimizerName = "adamw"  # see prefix_rft/optim.py
+    name: OptimizerName = "adamw"  # see prefix_rft/runtime/optim.py
     lr: float = 1e-6  # AdamW peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     eps: float = 1e-8  # AdamW epsilon
@@ -153,7 +153,7 @@ class TrainConfig:
     #   loss or grad norm (each is skipped); 0 = never stop
     # none | optimizer (state + step in host RAM) | params (FSDP2 CPUOffloadPolicy: params,
     # grads and state in host RAM)
-    offload: Offload = "none"  # see prefix_rft/offload.py
+    offload: Offload = "none"  # see prefix_rft/runtime/offload.py
 
 
 @dataclass

@@ -18,7 +18,7 @@ on full demonstrations with :func:`~prefix_rft.loss.sft_loss` and still rolls ou
 on-policy samples per question, only to log reward / pass rate / length like the others.
 
 What a run is made of (model, optimizer, engine, precision, seeds) is built in
-:mod:`prefix_rft.setup` into a typed :class:`~prefix_rft.setup.Run`; engine differences
+:mod:`prefix_rft.run.setup` into a typed :class:`~prefix_rft.run.setup.Run`; engine differences
 live in the engines (:mod:`prefix_rft.rollout`), the entropy-mask rule in
 :mod:`prefix_rft.entropy_mask`, the micro-batches and the forward-with-head in
 :mod:`prefix_rft.update`; :func:`micro_loss` is the one place a micro-batch's loss is computed.
@@ -39,8 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from . import distributed as D
 from .advantage import advantage_stats, rollout_advantages
 from .config import Config, resolve_config, validate_config
 from .data import Question
@@ -53,9 +51,11 @@ from .prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
 from .preflight import preflight
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
-from .runlock import RunLock
-from .setup import Run, peak_memory_gb, reset_peak_memory, start_run
-from .train_io import periodic_eval, save_after_crash, save_step
+from .run import checkpoint as ckpt
+from .run.runlock import RunLock
+from .run.setup import Run, peak_memory_gb, reset_peak_memory, start_run
+from .run.train_io import periodic_eval, save_after_crash, save_step
+from .runtime import distributed as D
 from .update import (
     MicroBatch,
     Rollout,

@@ -2,7 +2,7 @@
 
 Nothing here touches weights or a device: :func:`component_bytes` turns a :class:`ModelShape`
 (read from ``config.json``) and a :class:`PlanInputs` (the memory-relevant settings of a run)
-into bytes per component and phase. ``prefix_rft.plan`` builds the inputs from a run config,
+into bytes per component and phase. ``prefix_rft.planner.plan`` builds the inputs from a run config,
 adds the rollout engine, decides fits / doesn't and suggests changes.
 
 The model of one update step (per rank; ``N`` = FSDP2 ranks, params/grads/state sharded 1/N):

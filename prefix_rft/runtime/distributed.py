@@ -140,7 +140,7 @@ def agree_on_success(error: BaseException | None, what: str, timeout_s: float) -
     does not answer within ``timeout_s`` seconds stops the waiting ranks with a UserError (under
     gloo the process then still waits at exit until that rank joins the collective or the
     process group's timeout passes). Single process: re-raises ``error`` unchanged."""
-    from .errors import UserError, user_error_from
+    from ..errors import UserError, user_error_from
 
     if not is_distributed():
         if error is not None:
