@@ -48,27 +48,6 @@ BENCHMARKS = {
 }
 
 
-def _split_overrides(extra: Sequence[str]) -> list[str]:
-    """``["--a.b=1", "--c.d", "2"]`` -> ``["--a.b=1", "--c.d=2"]``; other tokens are a
-    :class:`~prefix_rft.errors.UserError`."""
-    from .errors import UserError
-
-    overrides, i = [], 0
-    while i < len(extra):
-        token = extra[i]
-        key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
-        if "." not in key:
-            raise UserError(f"unexpected argument {token!r} "
-                            f"(overrides look like --section.field=value)")
-        if "=" not in token:
-            if i + 1 >= len(extra):
-                raise UserError(f"{token} needs a value")
-            token, i = f"{token}={extra[i + 1]}", i + 1
-        overrides.append(token)
-        i += 1
-    return overrides
-
-
 def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     """A user mistake (config, paths, data, device, resume, NaN, disk full, a locked run
     directory) prints one line and exits with 2; ``--debug`` adds its traceback."""
@@ -78,10 +57,10 @@ def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .config import load_config, save_config
+    from .config import load_config, save_config, split_overrides
     from .errors import UserError
 
-    overrides = _split_overrides(extra)
+    overrides = split_overrides(extra)
     if args.resume is not None:
         overrides.append(f"--checkpoint.resume={args.resume}")
     try:

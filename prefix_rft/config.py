@@ -24,6 +24,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -420,6 +421,28 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 # ---------------------------------------------------------------- resolve + validate
+def split_overrides(extra: Sequence[str]) -> list[str]:
+    """Command-line overrides as :func:`apply_overrides` takes them: ``["--a.b=1", "--c.d",
+    "2"]`` -> ``["--a.b=1", "--c.d=2"]``; other tokens are a
+    :class:`~prefix_rft.errors.UserError` (the ``train``, ``plan`` and ``demo`` commands)."""
+    from .errors import UserError
+
+    overrides, i = [], 0
+    while i < len(extra):
+        token = extra[i]
+        key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
+        if "." not in key:
+            raise UserError(f"unexpected argument {token!r} "
+                            f"(overrides look like --section.field=value)")
+        if "=" not in token:
+            if i + 1 >= len(extra):
+                raise UserError(f"{token} needs a value")
+            token, i = f"{token}={extra[i + 1]}", i + 1
+        overrides.append(token)
+        i += 1
+    return overrides
+
+
 def resolve_config(cfg: Config) -> Config:
     """Fill the sentinels that point at other fields, so the saved config says what ran."""
     if cfg.data.seed is None:

@@ -80,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """Options plus the ``--section.field=value`` trainer overrides (checked, one clean error)."""
-    from ..cli import _split_overrides
+    from ..config import split_overrides
 
     parser = build_parser()
     args, extra = parser.parse_known_args(list(argv))
     try:
-        overrides = _split_overrides(extra)
+        overrides = split_overrides(extra)
     except ValueError as err:
         parser.error(str(err))
     if args.steps is not None and args.steps < 1:
