@@ -32,9 +32,9 @@ from typing import Any, Literal
 from .advantage import Baseline
 from .checks import choices, is_choice_type
 from .data.options import DataConfig
-from .entropy_mask import EntropyMaskScope
-from .fused_update import HeadPath
-from .loss_settings import EntropyNorm, KernelImpl
+from .loss.entropy_mask import EntropyMaskScope
+from .loss.fused import HeadPath
+from .loss.settings import EntropyNorm, KernelImpl
 from .prefix import Schedule
 from .reward.extract import Fallback
 from .runtime.distributed import Device
@@ -140,7 +140,7 @@ class TrainConfig:
     micro_batch_tokens: int = 16384  # token budget of one forward/backward per rank
     packing: bool = True  # one packed row per micro-batch, no padding; false: padded rows
     # lm_head + loss of the update: fused_loss = the loss's gradient computed in the head's
-    # forward (6NHV, prefix_rft/fused_update.py); autograd = per-token log-probs/entropies with
+    # forward (6NHV, prefix_rft/loss/fused.py); autograd = per-token log-probs/entropies with
     # a recomputing backward (8NHV); auto = fused_loss wherever it applies (every update today)
     head_path: HeadPath = "auto"  # auto | fused_loss | autograd
     head_chunk_mb: int = 0  # fused_loss: a token chunk's [C, V] fp32 logit buffer, MiB;

@@ -16,8 +16,8 @@ from typing import Any
 from .checks import check_choice, check_int, check_number
 from .data import check_data_options
 from .data.templates import check_template
-from .loss_settings import CONFIG_KEYS as LOSS_CONFIG_KEYS
-from .loss_settings import LossSettings, config_values
+from .loss.settings import CONFIG_KEYS as LOSS_CONFIG_KEYS
+from .loss.settings import LossSettings, config_values
 from .prefix import check_prefix_options
 from .reward import check_reward_options
 from .rollout import SamplingSettings, engine_names

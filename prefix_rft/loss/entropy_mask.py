@@ -38,8 +38,8 @@ from typing import Literal
 
 import torch
 
-from .checks import as_mask, check_choice, check_fraction, check_tensor
-from .kernels import entropy_topk_mask
+from ..checks import as_mask, check_choice, check_fraction, check_tensor
+from ..kernels import entropy_topk_mask
 
 EntropyMaskScope = Literal["micro_batch", "mini_batch"]
 
