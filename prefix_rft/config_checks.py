@@ -45,7 +45,7 @@ def _check_choices(cfg, choices: dict[str, tuple[str, ...]]) -> None:
 
 
 def _check_module_options(cfg) -> None:
-    """The options that prefix.py, loss.py and the rollout sampling settings implement."""
+    """The options that prefix.py, loss/ and the rollout sampling settings implement."""
     p, r = cfg.prefix, cfg.rollout
     _checked(check_prefix_options, schedule=("prefix.schedule", p.schedule),
              start=("prefix.start", p.start), end=("prefix.end", p.end),
