@@ -7,5 +7,5 @@
   periodic evaluation.
 * :mod:`~prefix_rft.run.runlock` -- one run per run directory.
 
-Only the loop (:mod:`prefix_rft.train`) and the demo import these.
+Only the loop (:mod:`prefix_rft.train`) imports these.
 """
