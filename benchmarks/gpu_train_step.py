@@ -5,13 +5,13 @@
 
 Per preset in ``PRESETS`` (random-init Qwen2.5-Math-1.5B shape from
 ``configs/model_configs/qwen2.5-math-1.5b.json``, built on the GPU): the preset's precision
-(stored weights, bf16 autocast), optimizer (``prefix_rft.optim.make_optimizer``) and gradient
-checkpointing, one packed micro-batch of ``--tokens`` (8 sequences, the trainer's
+(stored weights, bf16 autocast), optimizer (``prefix_rft.runtime.optim.make_optimizer``) and
+gradient checkpointing, one packed micro-batch of ``--tokens`` (8 sequences, the trainer's
 ``packing.pack`` / ``run_packed_head`` path and the fused head), one warm-up step then
 ``--repeats`` timed steps. Measured (``torch.cuda``): the step's ``max_memory_allocated``,
 what stays allocated between steps, the allocator's slack (``max_memory_reserved -
 max_memory_allocated``) and the CUDA context (device memory in use outside the allocator);
-planned: ``prefix_rft.plan`` for that exact config (``train.micro_batch_tokens`` = the
+planned: ``prefix_rft.planner.plan`` for that exact config (``train.micro_batch_tokens`` = the
 tokens; no rollout engine in this process, so its update-phase figure less the engine's).
 Each row goes to ``OUT/train_step.csv`` at once (``extra`` holds both sides and the error);
 a preset whose optimizer cannot be built here (torchao absent) is a ``skipped`` row.
@@ -44,7 +44,7 @@ GiB = 2 ** 30
 def build_model(raw: dict, device: str, dtype: torch.dtype):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from prefix_rft.varlen_attention import enable_packed_attention
+    from prefix_rft.update.varlen_attention import enable_packed_attention
 
     cfg = Qwen2Config(**{k: v for k, v in raw.items() if k != "model_type"},
                       attn_implementation="sdpa", use_cache=False)
@@ -58,8 +58,8 @@ def build_model(raw: dict, device: str, dtype: torch.dtype):
 
 
 def packed_batch(vocab: int, tokens: int, device: str, sequences: int = 8):
-    from prefix_rft.batching import Rollout
-    from prefix_rft.packing import pack
+    from prefix_rft.update.batch import Rollout
+    from prefix_rft.update.packed import pack
 
     g = torch.Generator().manual_seed(1)
     per = tokens // sequences
@@ -76,7 +76,7 @@ def step_parts(model, optimizer, batch):
     """``(forward() -> loss, backward(loss), step())`` of one update on a packed batch: the
     trainer's packed forward and fused head (log-prob + entropy), a policy-gradient loss."""
     from prefix_rft.kernels import linear_logprob_entropy
-    from prefix_rft.packing import run_packed_head
+    from prefix_rft.update.head import run_head
 
     adv = batch.advantages[batch.seq_index] if batch.advantages.numel() != len(
         batch.response_ids) else batch.advantages
@@ -85,7 +85,7 @@ def step_parts(model, optimizer, batch):
         return linear_logprob_entropy(hidden, weight, batch.response_ids, bias=bias)
 
     def forward():
-        lp, ent = run_packed_head(model, batch, head)
+        lp, ent = run_head(model, batch, head)
         return -(lp * adv).mean() - 1e-3 * ent.mean()
 
     def step():
@@ -106,9 +106,9 @@ def step_fn(model, optimizer, batch, autocast: bool):
 
 
 def planned(preset: str, tokens: int, model_json: str, dry_run: bool, gpu_bytes: float) -> dict:
-    """``prefix_rft.plan``'s figures for the preset at ``tokens`` (bytes)."""
+    """``prefix_rft.planner.plan``'s figures for the preset at ``tokens`` (bytes)."""
     from prefix_rft.config import load_config
-    from prefix_rft.plan import plan_config
+    from prefix_rft.planner.plan import plan_config
 
     over = [f"--train.micro_batch_tokens={tokens}"] + (["--train.device=cpu"] if dry_run else [])
     cfg = load_config(os.path.join(ROOT, "configs", preset), over)
@@ -118,8 +118,8 @@ def planned(preset: str, tokens: int, model_json: str, dry_run: bool, gpu_bytes:
 
 
 def measure(raw: dict, est: dict, tokens: int, repeats: int, device: str) -> dict:
-    from prefix_rft.optim import make_optimizer
-    from prefix_rft.precision import stored_weights_dtype
+    from prefix_rft.runtime.optim import make_optimizer
+    from prefix_rft.runtime.precision import stored_weights_dtype
 
     cuda = device == "cuda"
     stored = stored_weights_dtype(est["_weights"], est["_optim"])

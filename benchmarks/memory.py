@@ -18,7 +18,7 @@ phase's figure is its peak RSS minus the RSS after the warm-up step (weights, op
 state, imports: what stays between steps). Nothing computed is added to the measured side.
 glibc is told to ``mmap`` every allocation >= 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so RSS
 follows live tensors instead of heap pages the allocator keeps. The prediction is
-``prefix_rft.memory_model``'s ``phase_forward`` / ``phase_backward`` / ``grads`` /
+``prefix_rft.planner.memory_model``'s ``phase_forward`` / ``phase_backward`` / ``grads`` /
 ``phase_step`` for the same shape and settings on ``device=cpu`` (each above its
 ``resident``: no CUDA context, allocator slack or rollout engine).
 
@@ -70,7 +70,7 @@ def _rss_kib(field: str = "VmRSS") -> int:
 def predict(shape: str, case: str, tokens: int, device: str = "cpu",
             checkpointing: bool = True) -> dict:
     """The planner's figures (bytes) for one case; no CUDA context/slack."""
-    from prefix_rft.memory_model import ModelShape, PlanInputs, component_bytes
+    from prefix_rft.planner.memory_model import ModelShape, PlanInputs, component_bytes
 
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[shape]
     ms = ModelShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv,
@@ -88,9 +88,9 @@ def build(shape: str, case: str, device: str, checkpointing: bool = True):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from prefix_rft.lora import apply_lora
-    from prefix_rft.optim import make_optimizer
-    from prefix_rft.varlen_attention import enable_packed_attention
+    from prefix_rft.runtime.lora import apply_lora
+    from prefix_rft.runtime.optim import make_optimizer
+    from prefix_rft.update.varlen_attention import enable_packed_attention
 
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[shape]
     optim, dtype, r = CASES[case]

@@ -102,11 +102,11 @@ def _config(spread: str, layout: str, n: int):
 
 
 def build_run(spread: str, layout: str, n: int, shape: str):
-    """A :class:`prefix_rft.setup.Run` around a random-init Qwen2 (no engine, no data)."""
+    """A :class:`prefix_rft.run.setup.Run` around a random-init Qwen2 (no engine, no data)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from prefix_rft.setup import Run, build_loss, build_optimizer
+    from prefix_rft.run.setup import Run, build_loss, build_optimizer
     from prefix_rft.update.varlen_attention import enable_packed_attention
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]

@@ -194,12 +194,12 @@ def build_trainer_case(model, batch: dict, micro: int):
 
 
 def build_run(model, cfg, loss_fn, tmp: str):
-    """A :class:`prefix_rft.setup.Run` around the benchmark's model (no engine, no data)."""
+    """A :class:`prefix_rft.run.setup.Run` around the benchmark's model (no engine, no data)."""
     from pathlib import Path
 
     import torch
 
-    from prefix_rft.setup import Run
+    from prefix_rft.run.setup import Run
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)

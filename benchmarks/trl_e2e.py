@@ -101,7 +101,7 @@ def prefix_rft_e2e(model, sequences, prompt, completion, micro, repeats, tmp) ->
     import prefix_rft.train as T
     from prefix_rft.config import Config, resolve_config, validate_config
     from prefix_rft.data.prompts import prompt_text as templated
-    from prefix_rft.setup import start_run
+    from prefix_rft.run.setup import start_run
 
     tok = benchmark_tokenizer()
     tok.chat_template = None  # bare prompts, as TRL gets them: the question text + "\n"

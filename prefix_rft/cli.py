@@ -49,27 +49,6 @@ BENCHMARKS = {
 }
 
 
-def _split_overrides(extra: Sequence[str]) -> list[str]:
-    """``["--a.b=1", "--c.d", "2"]`` -> ``["--a.b=1", "--c.d=2"]``; other tokens are a
-    :class:`~prefix_rft.errors.UserError`."""
-    from .errors import UserError
-
-    overrides, i = [], 0
-    while i < len(extra):
-        token = extra[i]
-        key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
-        if "." not in key:
-            raise UserError(f"unexpected argument {token!r} "
-                            f"(overrides look like --section.field=value)")
-        if "=" not in token:
-            if i + 1 >= len(extra):
-                raise UserError(f"{token} needs a value")
-            token, i = f"{token}={extra[i + 1]}", i + 1
-        overrides.append(token)
-        i += 1
-    return overrides
-
-
 def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     """A user mistake (config, paths, data, device, resume, NaN, disk full, a locked run
     directory) prints one line and exits with 2; ``--debug`` adds its traceback."""
@@ -79,17 +58,17 @@ def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .config import load_config, save_config
+    from .config import load_config, save_config, split_overrides
     from .errors import UserError
 
-    overrides = _split_overrides(extra)
+    overrides = split_overrides(extra)
     if args.resume is not None:
         overrides.append(f"--checkpoint.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
     except ValueError as err:  # a config mistake (YAML syntax, key, value)
         raise UserError(str(err)) from err
-    from .backends import quiet_unused_backends
+    from .runtime.backends import quiet_unused_backends
 
     quiet_unused_backends(cfg.optim.name)  # before transformers (and through it torchao) loads
     if args.print_config:
@@ -170,7 +149,7 @@ PASSTHROUGH = {
              "avg@k / pass@k of a model on benchmark files (run `prefix-rft eval --help`)"),
     "demo": ("prefix_rft.demo.run", "main",
              "end-to-end Prefix-RFT on an embedded task with a tiny model, on CPU (`demo --help`)"),
-    "plan": ("prefix_rft.plan", "cli",
+    "plan": ("prefix_rft.planner.plan", "cli",
              "predict a run's peak GPU memory per component and whether it fits (`plan --help`)"),
 }
 
@@ -229,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         args, extra = parser.parse_args(argv[:1]), [a for a in argv[1:] if a != "--debug"]
         args.debug = "--debug" in argv[1:]
-        from .backends import quiet_unused_backends
+        from .runtime.backends import quiet_unused_backends
 
         quiet_unused_backends()  # none of them chooses a torchao optimizer (the demo: adamw)
     else:

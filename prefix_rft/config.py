@@ -32,17 +32,17 @@ from typing import Any, Literal
 from .advantage import Baseline
 from .checks import choices, is_choice_type
 from .data.options import DataConfig
-from .distributed import Device
-from .entropy_mask import EntropyMaskScope
-from .fused_update import HeadPath
-from .lora import DEFAULT_TARGETS
-from .loss_settings import EntropyNorm, KernelImpl
-from .offload import Offload
-from .optim import OptimizerName
-from .precision import ComputeDtype, ExportDtype, WeightsDtype
+from .loss.entropy_mask import EntropyMaskScope
+from .loss.fused import HeadPath
+from .loss.settings import EntropyNorm, KernelImpl
 from .prefix import Schedule
 from .prefix_policy import Source, When
 from .reward.extract import Fallback
+from .runtime.distributed import Device
+from .runtime.lora import DEFAULT_TARGETS
+from .runtime.offload import Offload
+from .runtime.optim import OptimizerName
+from .runtime.precision import ComputeDtype, ExportDtype, WeightsDtype
 
 Algo = Literal["sft", "rft", "prefix_rft"]  # the update: SFT, plain RFT, Prefix-RFT
 Switch = Literal["auto", "true", "false"]  # auto = when installed / where it applies
@@ -131,7 +131,7 @@ class LossConfig:
 class OptimConfig:
     # adamw (torch) | adamw8bit (torchao, 8-bit moments) | adamw_bf16_sr (torchao, bf16-stored
     # weights + stochastic rounding)
-    name: OptimizerName = "adamw"  # see prefix_rft/optim.py
+    name: OptimizerName = "adamw"  # see prefix_rft/runtime/optim.py
     lr: float = 1e-6  # AdamW peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     eps: float = 1e-8  # AdamW epsilon
@@ -150,7 +150,7 @@ class TrainConfig:
     micro_batch_tokens: int = 16384  # token budget of one forward/backward per rank
     packing: bool = True  # one packed row per micro-batch, no padding; false: padded rows
     # lm_head + loss of the update: fused_loss = the loss's gradient computed in the head's
-    # forward (6NHV, prefix_rft/fused_update.py); autograd = per-token log-probs/entropies with
+    # forward (6NHV, prefix_rft/loss/fused.py); autograd = per-token log-probs/entropies with
     # a recomputing backward (8NHV); auto = fused_loss wherever it applies (every update today)
     head_path: HeadPath = "auto"  # auto | fused_loss | autograd
     head_chunk_mb: int = 0  # fused_loss: a token chunk's [C, V] fp32 logit buffer, MiB;
@@ -164,7 +164,7 @@ class TrainConfig:
     #   loss or grad norm (each is skipped); 0 = never stop
     # none | optimizer (state + step in host RAM) | params (FSDP2 CPUOffloadPolicy: params,
     # grads and state in host RAM)
-    offload: Offload = "none"  # see prefix_rft/offload.py
+    offload: Offload = "none"  # see prefix_rft/runtime/offload.py
 
 
 @dataclass
@@ -431,6 +431,28 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 # ---------------------------------------------------------------- resolve + validate
+def split_overrides(extra: Sequence[str]) -> list[str]:
+    """Command-line overrides as :func:`apply_overrides` takes them: ``["--a.b=1", "--c.d",
+    "2"]`` -> ``["--a.b=1", "--c.d=2"]``; other tokens are a
+    :class:`~prefix_rft.errors.UserError` (the ``train``, ``plan`` and ``demo`` commands)."""
+    from .errors import UserError
+
+    overrides, i = [], 0
+    while i < len(extra):
+        token = extra[i]
+        key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
+        if "." not in key:
+            raise UserError(f"unexpected argument {token!r} "
+                            f"(overrides look like --section.field=value)")
+        if "=" not in token:
+            if i + 1 >= len(extra):
+                raise UserError(f"{token} needs a value")
+            token, i = f"{token}={extra[i + 1]}", i + 1
+        overrides.append(token)
+        i += 1
+    return overrides
+
+
 def resolve_config(cfg: Config) -> Config:
     """Fill the sentinels that point at other fields, so the saved config says what ran."""
     if cfg.data.seed is None:

@@ -16,12 +16,12 @@ from typing import Any
 from .checks import check_choice, check_int, check_number
 from .data import check_data_options
 from .data.templates import check_template
-from .loss_settings import CONFIG_KEYS as LOSS_CONFIG_KEYS
-from .loss_settings import LossSettings, config_values
-from .precision import check_precision, stored_weights_dtype
+from .loss.settings import CONFIG_KEYS as LOSS_CONFIG_KEYS
+from .loss.settings import LossSettings, config_values
 from .prefix import check_prefix_options
 from .reward import check_reward_options
 from .rollout import SamplingSettings, engine_names
+from .runtime.precision import check_precision, stored_weights_dtype
 
 
 def _checked(check, **fields: tuple[str, Any]) -> None:
@@ -45,7 +45,7 @@ def _check_choices(cfg, choices: dict[str, tuple[str, ...]]) -> None:
 
 
 def _check_module_options(cfg) -> None:
-    """The options that prefix.py, loss.py and the rollout sampling settings implement."""
+    """The options that prefix.py, loss/ and the rollout sampling settings implement."""
     p, r = cfg.prefix, cfg.rollout
     _checked(check_prefix_options, schedule=("prefix.schedule", p.schedule),
              start=("prefix.start", p.start), end=("prefix.end", p.end),
@@ -155,7 +155,7 @@ def check_config(cfg, choices: dict[str, tuple[str, ...]]) -> None:
 
 
 def _check_limited_gpu_options(cfg) -> None:
-    """LoRA, optimizer and offload settings (prefix_rft/lora.py, optim.py, offload.py)."""
+    """LoRA, optimizer and offload settings (prefix_rft/runtime/lora.py, optim.py, offload.py)."""
     lora = cfg.model.lora
     check_int("model.lora.r", lora.r, 0)
     check_number("model.lora.alpha", lora.alpha, 0.0, lo_open=True)

@@ -32,7 +32,7 @@ import torch
 from .checks import choices
 from .data import SCHEMAS, Question, prompt_messages, prompt_text, read_questions
 from .data.options import DataConfig
-from .distributed import Device
+from .runtime.distributed import Device
 
 
 # ---------------------------------------------------------------------------- estimators

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import distributed as D
 from .errors import NonFiniteError
+from .runtime import distributed as D
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
-from .batching import Rollout
 from .prefix_store import SelfPrefixStore
+from .update.batch import Rollout
 
 When = Literal["always", "on_failure"]  # which questions get hybrids
 Source = Literal["demonstration", "self"]  # whose response the prefix is cut from

@@ -18,9 +18,9 @@ on full demonstrations with :func:`~prefix_rft.loss.sft_loss` and still rolls ou
 on-policy samples per question, only to log reward / pass rate / length like the others.
 
 What a run is made of (model, optimizer, engine, precision, seeds) is built in
-:mod:`prefix_rft.setup` into a typed :class:`~prefix_rft.setup.Run`; engine differences
+:mod:`prefix_rft.run.setup` into a typed :class:`~prefix_rft.run.setup.Run`; engine differences
 live in the engines (:mod:`prefix_rft.rollout`), the entropy-mask rule in
-:mod:`prefix_rft.entropy_mask`, the micro-batches and the forward-with-head in
+:mod:`prefix_rft.loss.entropy_mask`, the micro-batches and the forward-with-head in
 :mod:`prefix_rft.update`; :func:`micro_loss` is the one place a micro-batch's loss is computed.
 
 Under torchrun every rank rolls out, scores and updates its own share of the questions;
@@ -39,15 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from . import distributed as D
 from .advantage import advantage_stats, rollout_advantages
 from .config import Config, resolve_config, validate_config
 from .data import Question
-from .entropy_mask import EntropyMask
 from .finite import StepGuard, zero_non_finite
-from .fused_update import fused_prefix_rft_loss, fused_sft_loss, use_fused_head
 from .loss import prefix_rft_loss, sft_loss
+from .loss.entropy_mask import EntropyMask
+from .loss.fused import fused_prefix_rft_loss, fused_sft_loss, use_fused_head
 from .metrics_log import MetricAverager, MetricsLogger, plot_metrics
 from .prefix import cut_prefix, prefix_low_bound, step_ratios
 from .prefix_policy import (
@@ -61,9 +59,11 @@ from .prefix_store import gather_additions
 from .preflight import preflight
 from .rollout import RolloutRequest, SamplingSettings, logprob_mismatch
 from .rollout.mismatch import continuation_mask_for
-from .runlock import RunLock
-from .setup import Run, peak_memory_gb, reset_peak_memory, start_run
-from .train_io import periodic_eval, save_after_crash, save_step
+from .run import checkpoint as ckpt
+from .run.runlock import RunLock
+from .run.setup import Run, peak_memory_gb, reset_peak_memory, start_run
+from .run.train_io import periodic_eval, save_after_crash, save_step
+from .runtime import distributed as D
 from .update import (
     MicroBatch,
     Rollout,
@@ -284,7 +284,7 @@ def update_micro_batches(run: Run, rows: list[Rollout], picked, *, balanced: boo
 
 def may_balance_update(cfg: Config) -> bool:
     """Whether the update's micro-batches may be token-balanced: not when the split changes the
-    entropy mask (:attr:`~prefix_rft.entropy_mask.EntropyMask.split_changes_mask`)."""
+    entropy mask (:attr:`~prefix_rft.loss.entropy_mask.EntropyMask.split_changes_mask`)."""
     return cfg.loss.algo == "sft" or not _entropy_mask(cfg).split_changes_mask
 
 
@@ -300,7 +300,7 @@ def micro_loss(run: Run, batch: MicroBatch, *, old_logprob: torch.Tensor | None,
 
     The one place the loss meets the model: one forward-with-head gives the fused kernel's
     log-probs and entropies ``[B, T]`` (packed ``[R]``), then the objective of ``loss.algo``
-    with the run's :class:`~prefix_rft.loss_settings.LossSettings` -- token NLL for ``sft``,
+    with the run's :class:`~prefix_rft.loss.settings.LossSettings` -- token NLL for ``sft``,
     :func:`~prefix_rft.loss.prefix_rft_loss` otherwise (``old_logprob`` None: exactly
     on-policy, ρ = 1; its detached log-probs go into ``seen`` for the mismatch). A new head
     path (e.g. one that computes the loss gradient inside the head) is chosen here."""
@@ -330,7 +330,7 @@ def micro_loss(run: Run, batch: MicroBatch, *, old_logprob: torch.Tensor | None,
 
 def _fused_micro_loss(run: Run, batch: MicroBatch, *, old_logprob, num_sequences, keep,
                       entropy_tokens, seen) -> tuple[torch.Tensor, dict]:
-    """:func:`micro_loss` through the fused head-and-loss (:mod:`prefix_rft.fused_update`,
+    """:func:`micro_loss` through the fused head-and-loss (:mod:`prefix_rft.loss.fused`,
     6NHV: the loss gradient is computed in the head's forward, no logit recompute)."""
     chunk_bytes = run.cfg.train.head_chunk_mb * 2**20 or None  # None: per-device default
 
@@ -375,7 +375,7 @@ def _global_continuation_tokens(run: Run, batches: list[MicroBatch]) -> int:
 def _keep_masks(run: Run, rows: list[Rollout], batches: list[MicroBatch], *,
                 first_update: bool, idle: int) -> list:
     """Each micro-batch's ``keep_prefix_mask`` when the loop ranks the mini-batch's prefix
-    tokens (:meth:`~prefix_rft.entropy_mask.EntropyMask.mini_batch_keeps`), else None each."""
+    tokens (:meth:`~prefix_rft.loss.entropy_mask.EntropyMask.mini_batch_keeps`), else None each."""
     mask = run.loss_fn.settings.entropy_mask
     if run.cfg.loss.algo == "sft":
         return [None] * len(batches)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_packing_update import G, _rollouts, _run  # noqa: E402
 
-from prefix_rft import distributed as D  # noqa: E402
+from prefix_rft.runtime import distributed as D  # noqa: E402
 from prefix_rft.train import old_logprobs, policy_update  # noqa: E402
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-import prefix_rft.checkpoint as ckpt
-from prefix_rft.distributed import destroy_distributed, get_rank, init_distributed
+import prefix_rft.run.checkpoint as ckpt
+from prefix_rft.runtime.distributed import destroy_distributed, get_rank, init_distributed
 
 TIMEOUT_S, STALL_S = 3.0, 12.0  # the save's agreement timeout; how late a stalled rank comes
 

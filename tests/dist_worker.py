@@ -16,8 +16,9 @@ import sys
 
 import torch
 
-from prefix_rft.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from prefix_rft.distributed import (
+from prefix_rft.kernels import linear_logprob_entropy
+from prefix_rft.run.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from prefix_rft.runtime.distributed import (
     all_reduce_mean,
     clip_grad_norm,
     destroy_distributed,
@@ -29,7 +30,6 @@ from prefix_rft.distributed import (
     shard_range,
     wrap_fsdp2,
 )
-from prefix_rft.kernels import linear_logprob_entropy
 
 ENTROPY_WEIGHT = 0.1  # exercise the entropy gradient as well as the log-prob one
 

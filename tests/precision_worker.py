@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from prefix_rft.distributed import (
+from prefix_rft.kernels import linear_logprob_entropy
+from prefix_rft.runtime.distributed import (
     destroy_distributed,
     forward_with_head,
     init_distributed,
@@ -22,8 +23,7 @@ from prefix_rft.distributed import (
     shard_range,
     wrap_fsdp2,
 )
-from prefix_rft.kernels import linear_logprob_entropy
-from prefix_rft.precision import precision_policy
+from prefix_rft.runtime.precision import precision_policy
 
 LR = 1e-6
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefix_rft import checkpoint as C
 from prefix_rft.errors import NonFiniteError, UserError
 from prefix_rft.metrics_log import MetricsLogger, read_metrics
-from prefix_rft.runlock import RunDirLocked, RunLock
+from prefix_rft.run import checkpoint as C
+from prefix_rft.run.runlock import RunDirLocked, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def _kill_inside(script: str, pause: str, tmp_path: Path) -> None:
 
 _RESAVE = """
 import sys, torch
-from prefix_rft import checkpoint as C
+from prefix_rft.run import checkpoint as C
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
 with torch.no_grad():
@@ -190,7 +190,7 @@ def test_second_lock_on_a_run_dir_is_refused(tmp_path):
 _HOLD = """
 import sys, time
 from prefix_rft.errors import crash_point
-from prefix_rft.runlock import RunLock
+from prefix_rft.run.runlock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 crash_point("holding-lock")
 """

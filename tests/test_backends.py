@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from prefix_rft.backends import TORCHAO_IMPORT_LOGGERS, quiet_unused_backends
+from prefix_rft.runtime.backends import TORCHAO_IMPORT_LOGGERS, quiet_unused_backends
 
 
 def _levels():

@@ -1,4 +1,4 @@
-"""prefix_rft.checkpoint: atomic save, keep-last-K, exact RNG / optimizer / scheduler
+"""prefix_rft.run.checkpoint: atomic save, keep-last-K, exact RNG / optimizer / scheduler
 restore, resume resolution, signal flag, final HF directory."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from prefix_rft import checkpoint as C
+from prefix_rft.run import checkpoint as C
 
 
 def _tiny_qwen(seed: int = 0):

@@ -93,7 +93,8 @@ def test_tensor_checks():
 def test_module_checks_accept_exactly_their_literal_values():
     """Each choice is owned by its module: the values its Literal lists are the values its
     own code accepts, and the config reads the same Literal (no second list)."""
-    from prefix_rft import advantage, config, entropy_mask, loss, prefix
+    from prefix_rft import advantage, config, loss, prefix
+    from prefix_rft.loss import entropy_mask
 
     fields = config.choice_fields()
     assert fields["loss.baseline"] == choices(advantage.Baseline)

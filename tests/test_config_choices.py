@@ -8,8 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from prefix_rft import cli
-from prefix_rft.config import Config, apply_overrides, choice_fields, load_config
+from prefix_rft.config import (
+    Config,
+    apply_overrides,
+    choice_fields,
+    load_config,
+    split_overrides,
+)
 from prefix_rft.data.read import FORMATS
 from prefix_rft.data.schemas import SCHEMAS
 from prefix_rft.data.templates import TEMPLATES
@@ -36,11 +41,11 @@ def _get(cfg: Config, key: str):
 
 @pytest.mark.parametrize("key,value", _documented_choices())
 def test_every_choice_passes_through_the_cli_parser(key, value):
-    overrides = cli._split_overrides([f"--{key}={value}"])  # what `prefix-rft train` does
+    overrides = split_overrides([f"--{key}={value}"])  # what `prefix-rft train` does
     cfg = apply_overrides(Config(), overrides)
     assert _get(cfg, key) == value
     # the space-separated spelling (--key value) reads the same
-    assert _get(apply_overrides(Config(), cli._split_overrides([f"--{key}", value])), key) == value
+    assert _get(apply_overrides(Config(), split_overrides([f"--{key}", value])), key) == value
     try:
         load_config(None, overrides)
     except ValueError as err:  # a cross-field rule may refuse the combination, never the value

@@ -1,4 +1,4 @@
-"""prefix_rft.distributed: the single-process path, and FSDP2 on 2 CPU ranks (gloo) against
+"""prefix_rft.runtime.distributed: the single-process path, and FSDP2 on 2 CPU ranks (gloo) against
 one process without FSDP on the same global batch (loss, full gradients, weights after
 one AdamW step), for untied and tied lm_head/embeddings."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefix_rft import distributed as D
 from prefix_rft.kernels import linear_logprob_entropy
+from prefix_rft.runtime import distributed as D
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -128,7 +128,7 @@ def test_fsdp2_two_ranks_match_single_process(tmp_path):
 
 
 def _check_fsdp_checkpoint_loads_in_one_process(ckpt_root):
-    from prefix_rft.checkpoint import find_latest, load_checkpoint
+    from prefix_rft.run.checkpoint import find_latest, load_checkpoint
 
     model = dist_worker.build_model(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)

@@ -111,7 +111,7 @@ def test_loop_uses_a_registered_engine_through_the_interface(recording_engine, t
 
 def test_no_engine_name_in_the_loop_or_evaluate():
     names = "|".join(rollout.engine_names())
-    for path in ("prefix_rft/train.py", "prefix_rft/evaluate.py", "prefix_rft/setup.py"):
+    for path in ("prefix_rft/train.py", "prefix_rft/evaluate.py", "prefix_rft/run/setup.py"):
         text = (ROOT / path).read_text()
         assert not re.search(rf"""["']({names})["']""", text), path
         assert "engine.name" not in text, path

@@ -12,9 +12,9 @@ import torch
 from train_helpers import shared_assets, tiny_config
 
 import prefix_rft.train as train_module
-from prefix_rft.checkpoint import list_checkpoints
 from prefix_rft.errors import NonFiniteError
 from prefix_rft.metrics_log import MetricsLogger, read_metrics
+from prefix_rft.run.checkpoint import list_checkpoints
 from prefix_rft.train import train
 
 

@@ -1,4 +1,4 @@
-"""The fused head-and-loss adapter (prefix_rft/fused_update.py) against the current path
+"""The fused head-and-loss adapter (prefix_rft/loss/fused.py) against the current path
 (:class:`PrefixRFTLoss`: per-token log-probs/entropies + autograd) and an fp64 full-logits
 reference: loss, dX, dW, the entropy mask and the metrics, padded and packed, every option."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefix_rft.entropy_mask import compute_keep_prefix_mask
-from prefix_rft.fused_update import _kept_prefix, fused_prefix_rft_loss, fused_sft_loss
 from prefix_rft.kernels import linear_logprob_entropy, linear_logprob_entropy_reference
 from prefix_rft.loss import PrefixRFTLoss, prefix_rft_loss, sft_loss
+from prefix_rft.loss.entropy_mask import compute_keep_prefix_mask
+from prefix_rft.loss.fused import _kept_prefix, fused_prefix_rft_loss, fused_sft_loss
 
 B, T, H, V, L_MAX = 5, 13, 37, 251, 16
 TOL = 1e-5  # err(fused) <= err(current path) + TOL, relative RMS vs fp64

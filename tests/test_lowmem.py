@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from prefix_rft import checkpoint as ckpt
-from prefix_rft.optim import make_optimizer
+from prefix_rft.run import checkpoint as ckpt
+from prefix_rft.runtime.optim import make_optimizer
 
 peft = pytest.importorskip("peft")
 
@@ -35,7 +35,7 @@ def _step(model, opt, seed):
 
 
 def _build(case):
-    from prefix_rft.lora import apply_lora
+    from prefix_rft.runtime.lora import apply_lora
 
     name, dtype, lora = case
     model = tiny_qwen(dtype)
@@ -73,7 +73,7 @@ def test_resume_is_bit_exact(tmp_path, case):
 
 
 def test_lora_trains_only_adapters_and_merges():
-    from prefix_rft.lora import apply_lora, merge_lora_state, scalings
+    from prefix_rft.runtime.lora import apply_lora, merge_lora_state, scalings
 
     model = tiny_qwen()
     ids = torch.randint(0, 131, (2, 10))
@@ -91,7 +91,7 @@ def test_lora_trains_only_adapters_and_merges():
     merged = merge_lora_state(model.state_dict(), scalings(model))
     plain = tiny_qwen(seed=1)
     plain.load_state_dict(merged)  # strict: exactly the plain model's keys
-    from prefix_rft.distributed import gather_merged_state_dict
+    from prefix_rft.runtime.distributed import gather_merged_state_dict
 
     synced = gather_merged_state_dict(model, rank0_only=False)  # what vLLM's sync receives
     assert synced.keys() == merged.keys()
@@ -102,7 +102,7 @@ def test_lora_trains_only_adapters_and_merges():
 
 
 def test_lora_rejects_bad_settings():
-    from prefix_rft.lora import apply_lora
+    from prefix_rft.runtime.lora import apply_lora
 
     with pytest.raises(ValueError, match="model.lora.r"):
         apply_lora(tiny_qwen(), r=0, alpha=8)
@@ -114,7 +114,7 @@ def test_lora_rejects_bad_settings():
 def test_host_optimizer_equals_on_device(name):
     if name != "adamw":
         pytest.importorskip("torchao")
-    from prefix_rft.offload import HostOptimizer
+    from prefix_rft.runtime.offload import HostOptimizer
 
     a = tiny_qwen()
     b = copy.deepcopy(a)

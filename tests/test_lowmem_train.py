@@ -13,9 +13,9 @@ import torch
 from torchrun_timing import run_torchrun
 from train_helpers import shared_assets, tiny_config
 
-from prefix_rft.checkpoint import list_checkpoints
 from prefix_rft.config import resolve_config, save_config, validate_config
 from prefix_rft.metrics_log import read_metrics
+from prefix_rft.run.checkpoint import list_checkpoints
 from prefix_rft.train import train
 
 TIMING = {"time", "tokens_per_s", "peak_mem_gb"}

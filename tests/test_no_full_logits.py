@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from prefix_rft.config import Config, resolve_config, validate_config
 from prefix_rft.loss import PrefixRFTLoss
-from prefix_rft.setup import Run, build_optimizer
+from prefix_rft.run.setup import Run, build_optimizer
 from prefix_rft.train import old_logprobs, policy_update
 from prefix_rft.update import Rollout
 

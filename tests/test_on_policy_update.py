@@ -8,7 +8,7 @@ import torch
 from train_helpers import shared_assets, tiny_config
 
 import prefix_rft.train as T
-from prefix_rft.setup import start_run
+from prefix_rft.run.setup import start_run
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import torch
 from torchrun_timing import run_torchrun
 
 from prefix_rft.config import Config
-from prefix_rft.setup import Run, build_loss
+from prefix_rft.run.setup import Run, build_loss
 from prefix_rft.train import old_logprobs, policy_update, sft_update
 from prefix_rft.update import Rollout
 from prefix_rft.update.varlen_attention import enable_packed_attention

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from prefix_rft.errors import UserError
-from prefix_rft.memory_model import GiB, ModelShape, PlanInputs, component_bytes
-from prefix_rft.plan import main as plan_main
-from prefix_rft.plan import parse_memory
+from prefix_rft.planner.memory_model import GiB, ModelShape, PlanInputs, component_bytes
+from prefix_rft.planner.plan import main as plan_main
+from prefix_rft.planner.plan import parse_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = ROOT / "configs" / "model_configs"
@@ -39,7 +39,7 @@ def test_param_counts_match_the_real_module(name):
 
 def test_lora_param_count_matches_peft():
     pytest.importorskip("peft")
-    from prefix_rft.lora import apply_lora
+    from prefix_rft.runtime.lora import apply_lora
 
     config = json.loads((MODEL_CONFIGS / "qwen2.5-math-1.5b.json").read_text())
     config.update(num_hidden_layers=2)
@@ -69,7 +69,7 @@ def test_state_and_sharding_arithmetic():
 def test_optimizer_state_bytes_as_predicted(name):
     if name != "adamw":
         pytest.importorskip("torchao")
-    from prefix_rft.optim import make_optimizer, state_bytes
+    from prefix_rft.runtime.optim import make_optimizer, state_bytes
 
     dtype = torch.bfloat16 if name == "adamw_bf16_sr" else torch.float32
     params = [torch.nn.Parameter(torch.randn(64, 512, dtype=dtype)),  # 8-bit (>= 4096, % 256)
@@ -88,7 +88,7 @@ def test_optimizer_state_bytes_as_predicted(name):
 
 
 def test_make_optimizer_rejects_bad_input():
-    from prefix_rft.optim import make_optimizer
+    from prefix_rft.runtime.optim import make_optimizer
 
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="optim.name"):
@@ -167,7 +167,7 @@ def test_cli_plan_exit_status(capsys):
 
 def test_packed_micro_batches_hold_no_attention_mask():
     from prefix_rft.config import load_config
-    from prefix_rft.plan import inputs_from_config
+    from prefix_rft.planner.plan import inputs_from_config
 
     path = str(ROOT / "configs" / "qwen2.5-math-1.5b.yaml")
     model = str(MODEL_CONFIGS / "qwen2.5-math-1.5b.json")
@@ -201,7 +201,7 @@ def test_plan_of_a_shipped_preset_falls_back_to_its_shipped_model_config(capsys,
 def test_engines_report_their_own_memory_terms(monkeypatch):
     """plan asks the engine class (RolloutEngine.memory_terms), not a branch per engine name."""
     from prefix_rft import rollout
-    from prefix_rft.plan import EngineInputs, estimate
+    from prefix_rft.planner.plan import EngineInputs, estimate
     from prefix_rft.rollout.hf import HFEngine
     from prefix_rft.rollout.vllm import VLLMEngine
 

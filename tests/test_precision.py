@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from prefix_rft.kernels import linear_logprob_entropy
-from prefix_rft.precision import check_precision, precision_policy
+from prefix_rft.runtime.precision import check_precision, precision_policy
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))

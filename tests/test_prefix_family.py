@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from prefix_rft.advantage import rollout_advantages
-from prefix_rft.batching import Rollout, collate
 from prefix_rft.config import Config
 from prefix_rft.prefix import prefix_low_bound, step_ratios
 from prefix_rft.prefix_policy import (
@@ -20,9 +19,10 @@ from prefix_rft.prefix_policy import (
     self_store_additions,
 )
 from prefix_rft.prefix_store import SelfPrefixStore
-from prefix_rft.setup import Run, build_loss
+from prefix_rft.run.setup import Run, build_loss
 from prefix_rft.train import policy_update
-from prefix_rft.varlen_attention import enable_packed_attention
+from prefix_rft.update.batch import Rollout, collate
+from prefix_rft.update.varlen_attention import enable_packed_attention
 
 
 # ---------------------------------------------------------------- step schedule

@@ -18,10 +18,10 @@ import torch
 from train_helpers import shared_assets, tiny_config
 
 import prefix_rft.reward as reward_module
-from prefix_rft.checkpoint import list_checkpoints
 from prefix_rft.metrics_log import read_metrics
 from prefix_rft.prefix_store import SelfPrefixStore
 from prefix_rft.reward import RewardStats
+from prefix_rft.run.checkpoint import list_checkpoints
 from prefix_rft.train import train
 
 TIMING_KEYS = {"time", "tokens_per_s", "peak_mem_gb"}

@@ -139,7 +139,7 @@ def test_sft_one_step_with_bad_rows_skipped(tiny_assets, tmp_path, capsys):
     (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert row["nll_per_token"] > 0 and math.isfinite(row["loss"]) and row["grad_norm"] > 0
     assert "reward_mean" in row and "pass_rate" in row  # still rolled out for logging
-    from prefix_rft.checkpoint import find_latest
+    from prefix_rft.run.checkpoint import find_latest
 
     state = torch.load(find_latest(result["run_dir"]) / "model.pt", weights_only=True)
     assert any(not torch.equal(state[k], initial[k]) for k in initial)

@@ -179,7 +179,7 @@ def test_cli_yaml_syntax_error(tmp_path, capsys):
 
 
 def test_cli_second_run_on_a_locked_dir(tiny_assets, tmp_path, capsys):
-    from prefix_rft.runlock import RunLock
+    from prefix_rft.run.runlock import RunLock
 
     with RunLock(tmp_path / "run"):
         rc, lines = _cli(_base_args(tiny_assets, tmp_path / "run"), capsys)
@@ -252,7 +252,7 @@ def test_two_concurrent_runs_and_a_killed_one(tiny_assets, tmp_path, capsys):
     finally:
         first.kill()
         first.wait()
-    from prefix_rft.checkpoint import list_checkpoints
+    from prefix_rft.run.checkpoint import list_checkpoints
 
     assert list_checkpoints(run_dir) == []  # only a .tmp- directory was left
     rc, lines = _cli(args + ["--resume", "auto"], capsys)

@@ -53,7 +53,7 @@ class StatefulSampler:
 
     def next_batch(self, batch_size: int) -> list[int]:
         """This rank's share of the next global batch of ``batch_size`` indices."""
-        from ..distributed import shard_range
+        from ..runtime.distributed import shard_range
 
         batch = self.next_global_batch(batch_size)
         share = shard_range(len(batch), self.rank, self.world_size)

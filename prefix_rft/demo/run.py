@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefix_rft.demo.task import DEMONSTRATORS
+from .task import DEMONSTRATORS
 
 # configs/demo.yaml of the source tree (the project is installed editable from a clone).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -80,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """Options plus the ``--section.field=value`` trainer overrides (checked, one clean error)."""
-    from prefix_rft.cli import _split_overrides
+    from ..config import split_overrides
 
     parser = build_parser()
     args, extra = parser.parse_known_args(list(argv))
     try:
-        overrides = _split_overrides(extra)
+        overrides = split_overrides(extra)
     except ValueError as err:
         parser.error(str(err))
     if args.steps is not None and args.steps < 1:
@@ -112,7 +112,7 @@ def asset_paths(workdir: str) -> dict[str, str]:
 
 def demo_config(args: argparse.Namespace, overrides: list[str], paths: dict[str, Any]):
     """``--config`` with the paths pointed at the workdir, then the user's overrides."""
-    from prefix_rft.config import load_config
+    from ..config import load_config
 
     run_dir = os.path.join(args.workdir, "run")
     ours = [f"--model.path={paths['model']}", f"--data.train_files=[{paths['train']}]",
@@ -133,7 +133,7 @@ def evaluate_model(model_dir: str, questions: list, args, cfg, label: str) -> di
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefix_rft.evaluate import evaluate_questions
+    from ..evaluate import evaluate_questions
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -191,9 +191,9 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] |
     (None when training was stopped early; it can be resumed)."""
     import torch
 
-    from prefix_rft.data import read_questions
-    from prefix_rft.demo.base import DemoSettings, prepare_demo, quick_settings
-    from prefix_rft.train import train
+    from ..data import read_questions
+    from ..train import train
+    from .base import DemoSettings, prepare_demo, quick_settings
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     :class:`~prefix_rft.errors.UserError`, which the CLI prints as one line, status 2)."""
     import sys
 
-    from prefix_rft.errors import UserError
+    from ..errors import UserError
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -280,6 +280,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from prefix_rft.cli import main as cli_main
+    from ..cli import main as cli_main
 
     raise SystemExit(cli_main(["demo", *sys.argv[1:]]))

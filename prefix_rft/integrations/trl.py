@@ -42,19 +42,19 @@ hybrid rollouts) and the fused-head forward protocol (:mod:`prefix_rft.integrati
 
 from __future__ import annotations
 
-from prefix_rft.integrations.trl_compat import SUPPORTED_TRL, check_trl_version
+from .trl_compat import SUPPORTED_TRL, check_trl_version
 
 TRL_VERSION = check_trl_version()
 
 import torch  # noqa: E402  (after the version check, which must fail before TRL imports)
 from trl import GRPOTrainer  # noqa: E402
 
-from prefix_rft.integrations.trl_head import add_prefix_rft_head  # noqa: E402
-from prefix_rft.integrations.trl_prefix import (  # noqa: E402
+from ..loss import prefix_rft_loss  # noqa: E402
+from .trl_head import add_prefix_rft_head  # noqa: E402
+from .trl_prefix import (  # noqa: E402
     make_prefix_rollout_func,
     prefix_mask_from_lengths,
 )
-from prefix_rft.loss import prefix_rft_loss  # noqa: E402
 
 __all__ = ["PrefixRFTGRPOTrainer", "use_fused_head", "check_grpo_settings", "SUPPORTED_TRL",
            "TRL_VERSION", "add_prefix_rft_head", "make_prefix_rollout_func"]

@@ -22,7 +22,7 @@ import types
 
 import torch
 
-from prefix_rft.kernels import linear_logprob_entropy
+from ..kernels import linear_logprob_entropy
 
 # Config attributes that change the logits (soft-capping, scaling); the fused kernel computes
 # plain ``hidden @ W.T / temperature`` and refuses models that set any of them.

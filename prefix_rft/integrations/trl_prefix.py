@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from prefix_rft.prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
+from ..prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
 
 
 def _check_trainer(trainer) -> None:
@@ -79,8 +79,8 @@ def make_prefix_rollout_func(
     demo_ids: dict[str, list[int]] = {}
 
     def rollout_func(prompts: list, trainer) -> dict:
-        from prefix_rft.rollout.base import RolloutRequest, SamplingSettings
-        from prefix_rft.rollout.hf import HFEngine
+        from ..rollout.base import RolloutRequest, SamplingSettings
+        from ..rollout.hf import HFEngine
 
         _check_trainer(trainer)
         G = trainer.num_generations if trainer.model.training else trainer.num_generations_eval

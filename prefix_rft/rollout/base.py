@@ -242,7 +242,7 @@ class RolloutEngine(ABC):
         Default, for engines holding their own copy: gather the full state dict (every rank
         has its own engine, so every rank gathers; LoRA adapters merged into their base
         weights), :meth:`wake`, :meth:`load_weights`."""
-        from ..distributed import gather_merged_state_dict
+        from ..runtime.distributed import gather_merged_state_dict
 
         state = gather_merged_state_dict(model, rank0_only=False)  # LoRA merged into W
         self.wake()

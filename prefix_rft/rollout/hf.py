@@ -136,7 +136,7 @@ class HFEngine(RolloutEngine):
         """KV cache and fp32 logits (+ sampling copy) of ``eng.rows`` sequences; the live
         policy is sampled, so it needs a whole-model copy only when FSDP2 gathers it or
         autocast caches bf16 casts of the fp32 masters. Nothing is held during the update."""
-        from prefix_rft.memory_model import kv_bytes_per_token
+        from ..planner.memory_model import kv_bytes_per_token
 
         c = 2 if inp.compute_bf16 else 4
         kv = eng.rows * eng.seq_tokens * kv_bytes_per_token(shape, c)
@@ -154,7 +154,7 @@ class HFEngine(RolloutEngine):
 
     def generation_context(self, model: torch.nn.Module):
         """Under FSDP2, the policy's weights gathered once for the whole generate call."""
-        from ..distributed import unsharded
+        from ..runtime.distributed import unsharded
 
         return unsharded(model)
 

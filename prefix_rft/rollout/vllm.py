@@ -210,7 +210,7 @@ class VLLMEngine(RolloutEngine):
         """vLLM's budget (``gpu_memory_utilization x GPU``): its own weight copy, its
         activation profile and CUDA graphs (``OVERHEAD_GIB``), the rest KV cache. Asleep
         during the update it keeps ``ASLEEP_GIB``; awake (``sleep_level: 0``, or on CPU) all."""
-        from prefix_rft.memory_model import GiB, kv_bytes_per_token
+        from ..planner.memory_model import GiB, kv_bytes_per_token
 
         c = 2 if inp.compute_bf16 else 4
         budget = eng.gpu_memory_utilization * gpu_bytes

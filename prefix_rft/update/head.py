@@ -4,9 +4,9 @@
 
 ``resp_hidden`` is ``[B, T, H]`` for a right-padded :class:`~prefix_rft.update.batch.UpdateBatch`
 (the states at ``response_index``) and ``[R, H]`` for a packed
-:class:`~prefix_rft.update.packed.PackedBatch` (its ``R`` response states, no padding). The head
-runs inside :func:`prefix_rft.distributed.forward_with_head`, so under FSDP2 the lm_head weight
-is the gathered one and no ``[tokens x vocab]`` tensor exists; its dtypes are
+:class:`~prefix_rft.update.packed.PackedBatch` (its ``R`` response states, no padding). The
+head runs inside :func:`prefix_rft.runtime.distributed.forward_with_head`, so under FSDP2 the
+lm_head weight is the gathered one and no ``[tokens x vocab]`` tensor exists; its dtypes are
 :func:`head_inputs`'. What the head computes (log-probs and entropies, a loss) is the caller's.
 """
 
@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from ..distributed import forward_with_head
+from ..runtime.distributed import forward_with_head
 from .batch import MicroBatch
 from .packed import PackedBatch
 from .varlen_attention import packed_forward
@@ -29,7 +29,7 @@ Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], HeadResult]
 
 
 class Policy(Protocol):
-    """What the idle forwards need of a run (:class:`prefix_rft.setup.Run` is one)."""
+    """What the idle forwards need of a run (:class:`prefix_rft.run.setup.Run` is one)."""
 
     model: torch.nn.Module
     pad_id: int

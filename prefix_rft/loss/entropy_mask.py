@@ -38,8 +38,8 @@ from typing import Literal
 
 import torch
 
-from .checks import as_mask, check_choice, check_fraction, check_tensor
-from .kernels import entropy_topk_mask
+from ..checks import as_mask, check_choice, check_fraction, check_tensor
+from ..kernels import entropy_topk_mask
 
 EntropyMaskScope = Literal["micro_batch", "mini_batch"]
 
@@ -63,7 +63,7 @@ def compute_keep_prefix_mask(
     Candidates are ``prefix_mask & response_mask``. Give ``[B, T]`` tensors for one batch, or
     equal-length lists of ``[B_k, T_k]`` tensors (the micro-batches of one mini-batch, widths
     may differ) to rank all of them jointly -- the ``mini_batch`` scope. Packed micro-batches
-    (:mod:`prefix_rft.packing`) give ``[R_k]`` tensors instead; layouts may be mixed.
+    (:mod:`prefix_rft.update.packed`) give ``[R_k]`` tensors instead; layouts may be mixed.
 
     Returns:
         bool ``[B, T]`` (or a list of bool ``[B_k, T_k]``), True on kept prefix tokens.

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from .checks import (
+from ..checks import (
     as_mask,
     check_choice,
     check_float_tensor,

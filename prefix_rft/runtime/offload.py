@@ -22,7 +22,7 @@
 
 Checkpoints: ``state_dict()`` is the inner (host) optimizer's, keyed by position in this
 rank's parameter list (FSDP2: this rank's shards), so it resumes with the same number of
-ranks; ``prefix_rft.checkpoint`` writes it per rank.
+ranks; ``prefix_rft.run.checkpoint`` writes it per rank.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ predicts, per rank, the two phases of a step that compete for the card:
 * **update**: stored params (fp32 masters or bf16), gradients, optimizer state (per
   ``optim.name``), bf16 compute copies, activations under gradient checkpointing at
   ``train.micro_batch_tokens``, the fused head's workspace, optimizer-step temporaries
-  (``prefix_rft.memory_model``), plus what the rollout engine keeps while the update runs
+  (``prefix_rft.planner.memory_model``), plus what the rollout engine keeps while the update runs
   (each engine reports its own terms, ``RolloutEngine.memory_terms``: vLLM asleep keeps
   ``VLLMEngine.ASLEEP_GIB``, with ``rollout.sleep_level: 0`` its whole budget);
 * **rollout**: params + optimizer state (they stay), plus the engine: vLLM's
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..runtime.lora import DEFAULT_TARGETS
 from .memory_model import (
-    LORA_TARGETS,
     GiB,
     ModelShape,
     PlanInputs,
@@ -65,11 +65,11 @@ class EngineInputs:
 def _lora_settings(cfg) -> tuple[int, tuple[str, ...], float]:
     lora = getattr(cfg.model, "lora", None)
     if lora is None:
-        return 0, LORA_TARGETS, 0.0
+        return 0, DEFAULT_TARGETS, 0.0
     get = (lambda k, d: lora.get(k, d)) if isinstance(lora, dict) else (
         lambda k, d: getattr(lora, k, d))
     r = int(get("r", 0) or 0)
-    return r, tuple(get("target_modules", None) or LORA_TARGETS), float(get("dropout", 0.0))
+    return r, tuple(get("target_modules", None) or DEFAULT_TARGETS), float(get("dropout", 0.0))
 
 
 def inputs_from_config(cfg, gpus: int = 1, model_config: str | None = None
@@ -113,7 +113,7 @@ def inputs_from_config(cfg, gpus: int = 1, model_config: str | None = None
 
 def _engine(shape: ModelShape, inp: PlanInputs, eng: EngineInputs, gpu_bytes: float) -> dict:
     """The rollout engine's own memory terms (``RolloutEngine.memory_terms``)."""
-    from .rollout import engine_class
+    from ..rollout import engine_class
 
     return engine_class(eng.engine).memory_terms(shape, inp, eng, gpu_bytes)
 
@@ -258,7 +258,7 @@ def shipped_model_config(cfg, config_paths: list[str] | None) -> str | None:
         return None
     name = Path(str(cfg.model.path).rstrip("/")).name.lower() + ".json"
     roots = [Path(path).resolve().parent for path in config_paths or []] + [
-        Path(__file__).resolve().parent.parent / "configs"]
+        Path(__file__).resolve().parents[2] / "configs"]
     for root in roots:
         candidate = root / "model_configs" / name
         if candidate.is_file():
@@ -313,14 +313,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "configs/model_configs/qwen2.5-math-1.5b.json)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args, extra = ap.parse_known_args(argv)
-    from .cli import _split_overrides
-    from .config import load_config
-    from .errors import UserError
+    from ..config import load_config, split_overrides
+    from ..errors import UserError
 
     if args.gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {args.gpus}")
     try:
-        cfg = load_config(args.config, _split_overrides(extra))
+        cfg = load_config(args.config, split_overrides(extra))
         gpu_bytes = parse_memory(args.gpu_memory) if args.gpu_memory else _default_gpu_bytes()
         model_config = args.model_config or shipped_model_config(cfg, args.config)
         text, est = plan_config(copy.deepcopy(cfg), gpu_bytes, args.gpus, model_config)

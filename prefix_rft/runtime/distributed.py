@@ -140,7 +140,7 @@ def agree_on_success(error: BaseException | None, what: str, timeout_s: float) -
     does not answer within ``timeout_s`` seconds stops the waiting ranks with a UserError (under
     gloo the process then still waits at exit until that rank joins the collective or the
     process group's timeout passes). Single process: re-raises ``error`` unchanged."""
-    from .errors import UserError, user_error_from
+    from ..errors import UserError, user_error_from
 
     if not is_distributed():
         if error is not None:
@@ -221,7 +221,7 @@ def forward_with_head(model: nn.Module, head_fn: Callable, input_ids: torch.Tens
     Equivalent to ``head_fn(model.model(input_ids, ...).last_hidden_state,
     model.lm_head.weight, model.lm_head.bias)`` on an unwrapped model. Returns what
     ``head_fn`` returns; its gradient reaches every parameter. ``model_kwargs`` go to the
-    decoder (e.g. the ``cu_seq_lens_q`` of a packed batch, :mod:`prefix_rft.packing`).
+    decoder (e.g. the ``cu_seq_lens_q`` of a packed batch, :mod:`prefix_rft.update.packed`).
     """
     method = getattr(model, HIDDEN_FORWARD, None)
     if method is None:  # not wrapped: call the plain function on the model

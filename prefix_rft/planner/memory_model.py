@@ -2,7 +2,7 @@
 
 Nothing here touches weights or a device: :func:`component_bytes` turns a :class:`ModelShape`
 (read from ``config.json``) and a :class:`PlanInputs` (the memory-relevant settings of a run)
-into bytes per component and phase. ``prefix_rft.plan`` builds the inputs from a run config,
+into bytes per component and phase. ``prefix_rft.planner.plan`` builds the inputs from a run config,
 adds the rollout engine, decides fits / doesn't and suggests changes.
 
 The model of one update step (per rank; ``N`` = FSDP2 ranks, params/grads/state sharded 1/N):
@@ -36,6 +36,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.lora import DEFAULT_TARGETS
+from ..runtime.offload import Offload
+from ..runtime.optim import OPTIMIZERS, OptimizerName
+
 GiB = 2**30
 # Values per token that one Qwen2/Llama decoder layer's forward saves for its backward (SDPA):
 # 9 x H (both RMSNorms' normalized input and output, rotary q, the attention output and its
@@ -48,9 +52,6 @@ SAVED_H, SAVED_KV, SAVED_I = 9, 2, 4
 # checkpointing on at the fit shapes act-8L-256 (1.17, per-layer backward hooks) and
 # act-12L-320 (1.25). tests/test_plan.py checks shapes not used to fit anything.
 RECOMPUTE = 1.2
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw_bf16_sr")
-OFFLOADS = ("none", "optimizer", "params")
 # Chunked torch head path (CPU): [1024, 8192] fp32 tiles, three alive in the forward and five
 # in the backward (measured on CPU: the head's backward is the update's peak at the fit shape).
 # The Triton path (CUDA) holds no tiles in the forward and one [T, CHUNK_V] dz buffer in the
@@ -135,11 +136,11 @@ class PlanInputs:
     device: str = "cuda"  # cuda | cpu (cpu: fp32 everywhere, no context/allocator terms)
     weight_bytes: int = 4  # stored trainable weights: 4 fp32 masters | 2 bf16-stored
     compute_bf16: bool = False  # bf16 compute (autocast / FSDP2 mixed precision)
-    optim: str = "adamw"  # adamw | adamw8bit | adamw_bf16_sr
+    optim: OptimizerName = "adamw"
     lora_r: int = 0  # 0 = full fine-tuning
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     lora_dropout: float = 0.0
-    offload: str = "none"  # none | optimizer | params
+    offload: Offload = "none"
     gradient_checkpointing: bool = True
     attention_mask_bytes: int = 0  # padded [B, 1, T, T] bool mask of a micro-batch, bytes
     fsdp: bool = False  # wrapped with FSDP2 (world > 1 or offload == params)

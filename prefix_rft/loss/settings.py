@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .checks import check_choice, check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from .entropy_mask import EntropyMask, EntropyMaskScope, check_entropy_mask_options
 
 KernelImpl = Literal["auto", "torch", "triton"]  # fused log-prob/entropy kernel

@@ -14,13 +14,14 @@ Per response token t of rollout i (advantage ``A_i`` per rollout, or ``A_{i,t}``
 ``num_entropy_tokens`` is the continuation-token count of the whole mini-batch (default: this
 call's), so ``token_mean`` is the authors' (and LUFFY's) token-mean entropy bonus. The kept prefix
 tokens are the top ``entropy_top_fraction`` of the batch's prefix tokens by (detached)
-entropy H_t -- the rule lives in :mod:`prefix_rft.entropy_mask`; the others stay in the sum
+entropy H_t -- the rule lives in :mod:`prefix_rft.loss.entropy_mask`; the others stay in the sum
 with advantage 0 -- they add nothing, but the normalizer is a constant (Dr. GRPO), not a count.
 
-Modules: the policy loss and :class:`PrefixRFTLoss` here; :mod:`prefix_rft.entropy_mask`
-(which prefix tokens keep their advantage), :mod:`prefix_rft.loss_metrics` (logged values),
-:mod:`prefix_rft.sft_loss`, :mod:`prefix_rft.update.split`; all importable from here. The
-options are one frozen :class:`~prefix_rft.loss_settings.LossSettings`.
+Modules: the policy loss and :class:`PrefixRFTLoss` here; :mod:`prefix_rft.loss.entropy_mask`
+(which prefix tokens keep their advantage), :mod:`prefix_rft.loss.metrics` (logged values),
+:mod:`prefix_rft.loss.sft`, :mod:`prefix_rft.update.split`; all importable from here. The
+options are one frozen :class:`~prefix_rft.loss.settings.LossSettings`;
+:mod:`prefix_rft.loss.fused` computes the same loss through the fused head-and-loss.
 
 Entry points:
 
@@ -44,7 +45,7 @@ which needs its entropies before the first backward: run a no-grad pass per micr
 (:meth:`PrefixRFTLoss.token_logprob_entropy` under no_grad, or reuse the entropies of the
 old-log-prob pass, which equal the current policy's on the first update of a step), call
 :func:`compute_keep_prefix_mask` on the list of micro-batch tensors (the trainer does this in
-:meth:`prefix_rft.entropy_mask.EntropyMask.mini_batch_keeps`), and hand each micro-batch its
+:meth:`prefix_rft.loss.entropy_mask.EntropyMask.mini_batch_keeps`), and hand each micro-batch its
 slice as ``keep_prefix_mask``. With ``mini_batch`` scope, micro-batch
 accumulation equals the full-batch gradient exactly; with ``micro_batch`` it does only when
 ``entropy_top_fraction == 1``.
@@ -54,7 +55,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import (
+from ..checks import (
     as_mask,
     check_float_tensor,
     check_int,
@@ -62,12 +63,12 @@ from .checks import (
     check_number,
     check_tensor,
 )
+from ..kernels import linear_logprob_entropy
+from ..update.split import split_micro_batches
 from .entropy_mask import compute_keep_prefix_mask
-from .kernels import linear_logprob_entropy
-from .loss_metrics import policy_metrics
-from .loss_settings import EntropyNorm, KernelImpl, LossSettings, check_loss_options
-from .sft_loss import sft_loss
-from .update.split import split_micro_batches
+from .metrics import policy_metrics
+from .settings import EntropyNorm, KernelImpl, LossSettings, check_loss_options
+from .sft import sft_loss
 
 __all__ = ["EntropyNorm", "KernelImpl", "LOG_RATIO_CLAMP", "LossSettings", "PrefixRFTLoss",
            "check_loss_options", "compute_keep_prefix_mask", "prefix_rft_loss", "sft_loss",
@@ -125,7 +126,7 @@ def prefix_rft_loss(
         entropy: ``[B, T]`` token entropies; detached for the mask, differentiated for the
             entropy bonus. May be None when neither needs it (fraction 1 or a given
             ``keep_prefix_mask``, and ``entropy_coef == 0``); entropy metrics are then 0.
-        settings: the loss's :class:`~prefix_rft.loss_settings.LossSettings` (clip range, dual
+        settings: the loss's :class:`~prefix_rft.loss.settings.LossSettings` (clip range, dual
             clip, entropy mask, entropy bonus and its normalizer ``entropy_norm``: ``"dr_grpo"``
             ÷ num_sequences·max_response_tokens as the policy term, ``"token_mean"`` ÷
             ``num_entropy_tokens``). The trainer passes the one it built from the config.
@@ -150,7 +151,7 @@ def prefix_rft_loss(
 
     Returns:
         ``(loss, metrics)``: scalar fp32 loss; metrics of Python floats (see
-        :func:`prefix_rft.loss_metrics.policy_metrics`).
+        :func:`prefix_rft.loss.metrics.policy_metrics`).
 
     Example::
 
@@ -291,7 +292,7 @@ class PrefixRFTLoss(torch.nn.Module):
     **Temperature.** Log-probs and entropies are those of the logits divided by
     ``temperature``; ``old_logprob`` must use the same temperature (the rollout's).
 
-    Args (constructor): ``settings`` -- a :class:`~prefix_rft.loss_settings.LossSettings`
+    Args (constructor): ``settings`` -- a :class:`~prefix_rft.loss.settings.LossSettings`
     (``max_response_tokens``, clip range, dual clip, entropy mask and its scope, entropy bonus
     and its normalizer, ``temperature``, kernel ``impl``) -- or its fields as keywords, e.g.
     ``PrefixRFTLoss(max_response_tokens=1024, impl="torch")``. With ``entropy_mask_scope=
@@ -302,7 +303,7 @@ class PrefixRFTLoss(torch.nn.Module):
     ``response_mask [B, T]``, ``prefix_mask [B, T]``, ``lm_head_bias [V]`` or None; keyword
     ``num_sequences``, ``loss_scale``, ``keep_prefix_mask``, ``importance_weights``,
     ``num_entropy_tokens`` as in :func:`prefix_rft_loss`.
-    Packed layout (:mod:`prefix_rft.packing`, no padding): ``hidden [R, H]`` and ``[R]``
+    Packed layout (:mod:`prefix_rft.update.packed`, no padding): ``hidden [R, H]`` and ``[R]``
     per-token tensors for the ``R`` response tokens back to back, ``advantages [B]`` (or
     ``[R]``) and ``seq_index [R]``.
     Returns ``(loss scalar fp32, metrics dict[str, float])``.

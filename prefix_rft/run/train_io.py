@@ -1,6 +1,6 @@
 """What the loop writes and measures besides its steps: a step's checkpoint, the save after a
 crash, and the periodic held-out evaluation (``eval.files``). Its own concern (I/O of a run,
-through :mod:`prefix_rft.checkpoint` and :mod:`prefix_rft.evaluate`), so the loop in
+through :mod:`prefix_rft.run.checkpoint` and :mod:`prefix_rft.evaluate`), so the loop in
 :mod:`prefix_rft.train` calls three named steps instead of spelling them out."""
 
 from __future__ import annotations
@@ -8,17 +8,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ..data import read_questions
+from ..errors import UserError
+from ..runtime import distributed as D
 from . import checkpoint as ckpt
-from . import distributed as D
-from .data import read_questions
-from .errors import UserError
 from .setup import Run
 
 
 def periodic_eval(run: Run) -> dict[str, float]:
     """``eval.files`` scored with the rollout engine: ``eval/<file stem>/avg@k`` and ``pass@k``.
     Every rank evaluates every question (same seeds), so FSDP2 ranks stay in step."""
-    from .evaluate import evaluate_questions
+    from ..evaluate import evaluate_questions
 
     cfg, e, out = run.cfg, run.cfg.eval, {}
     # Any schema and format, detected per file; field names, instruction and system prompt

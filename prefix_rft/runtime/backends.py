@@ -1,16 +1,17 @@
 """Optional back-ends: this project imports each only where a config chooses it.
 
-==================  ===============================================  ============================
-back-end            imported by                                      when
-==================  ===============================================  ============================
-torchao             :func:`prefix_rft.optim.make_optimizer`          ``optim.name`` adamw8bit or
-                                                                     adamw_bf16_sr
-liger-kernel        :func:`prefix_rft.setup.apply_liger`             ``model.liger`` true (auto:
-                                                                     on CUDA, when installed)
-flash-attn          transformers, for ``model.attn_implementation``  flash_attention_2
-vLLM                :mod:`prefix_rft.rollout.vllm`                   ``rollout.engine: vllm``
-peft                :mod:`prefix_rft.lora` (via ``setup``)           ``model.lora.r > 0``
-==================  ===============================================  ============================
+===========  ======================================================  =========================
+back-end     imported by                                             when
+===========  ======================================================  =========================
+torchao      :func:`prefix_rft.runtime.optim.make_optimizer`         ``optim.name`` adamw8bit
+                                                                     or adamw_bf16_sr
+liger-kernel :func:`prefix_rft.run.setup.apply_liger`                ``model.liger`` true
+                                                                     (auto: on CUDA, when
+                                                                     installed)
+flash-attn   transformers, for ``model.attn_implementation``         flash_attention_2
+vLLM         :mod:`prefix_rft.rollout.vllm`                          ``rollout.engine: vllm``
+peft         :mod:`prefix_rft.runtime.lora` (via ``run.setup``)      ``model.lora.r > 0``
+===========  ======================================================  =========================
 
 One import is not ours: transformers imports torchao whenever it is installed (its quantizer
 registry, on the first model import), and torchao then logs a warning per C extension that

@@ -15,7 +15,7 @@ token; the Dr. GRPO normalizer ``num_sequences · max_response_tokens`` and ``lo
 become the per-token ``loss_weight``; the entropy bonus (``dr_grpo`` or ``token_mean``) an
 ``entropy_weight`` on continuation tokens.
 
-**The entropy mask (today's rule exactly,** :mod:`prefix_rft.entropy_mask`\\ **).** The mask
+**The entropy mask (today's rule exactly,** :mod:`prefix_rft.loss.entropy_mask`\\ **).** The mask
 must be known before the fused pass. A given ``keep_prefix_mask`` (``mini_batch`` scope: the
 trainer ranks the mini-batch first, from the old-log-prob pass's entropies on the first
 update or a no-grad pass later) is used as is; fraction 1 keeps every prefix token;
@@ -24,7 +24,7 @@ otherwise (``micro_batch`` scope) a no-grad
 (2·N_prefix·H·V FLOPs, prefix tokens are a small share) gives the current policy's entropies
 of those tokens -- the same values the loss's own forward gives them -- and
 :func:`~prefix_rft.kernels.entropy_topk_mask` ranks them in row-major order, as
-:meth:`~prefix_rft.entropy_mask.EntropyMask.keep` does.
+:meth:`~prefix_rft.loss.entropy_mask.EntropyMask.keep` does.
 
 Metrics are :func:`~prefix_rft.loss.prefix_rft_loss`'s, computed on the fused pass's detached
 per-token log-probs and entropies (elementwise ``[N]`` work), with ``loss`` the fused value.
@@ -39,9 +39,9 @@ from typing import Literal
 
 import torch
 
-from .checks import as_mask
-from .kernels import linear_logprob_entropy, linear_policy_loss
-from .loss import prefix_rft_loss, sft_loss
+from ..checks import as_mask
+from ..kernels import linear_logprob_entropy, linear_policy_loss
+from . import prefix_rft_loss, sft_loss
 
 # auto: the fused head-and-loss wherever the update's loss is the policy loss or the SFT NLL
 # (always, today); fused_loss: force it; autograd: the generic log-prob/entropy autograd path.
@@ -102,7 +102,7 @@ def _row_sequences(valid, seq_index):
 def _kept_prefix(settings, hidden_rows, weight, bias, labels, prefix_rows, keep_rows,
                  row_seq=None):
     """Kept prefix tokens among the ``[N]`` rows (see the module docstring): the rule is
-    :meth:`~prefix_rft.entropy_mask.EntropyMask.keep`; this only supplies the entropies, from
+    :meth:`~prefix_rft.loss.entropy_mask.EntropyMask.keep`; this only supplies the entropies, from
     a no-grad pass over the prefix rows alone."""
     mask = settings.entropy_mask
     entropy = None

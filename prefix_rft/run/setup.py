@@ -13,7 +13,7 @@
   :mod:`prefix_rft.rollout`).
 * :func:`build_loss` -- the fused :class:`~prefix_rft.loss.PrefixRFTLoss` from ``loss.*``.
 * :func:`precision` -- the run's precision policy, built once and held by :class:`Run`
-  (:mod:`prefix_rft.precision`): ``model.dtype: bf16`` (or ``auto`` on CUDA) is bf16 compute
+  (:mod:`prefix_rft.runtime.precision`): ``model.dtype: bf16`` (or ``auto`` on CUDA) is bf16 compute
   over fp32 masters (FSDP2 ``MixedPrecisionPolicy`` under torchrun, ``torch.autocast`` in one
   process); bf16-stored weights only with ``model.weights_dtype: bf16`` + a stochastic-rounding
   optimizer.
@@ -34,16 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import Config, save_config
+from ..data import PromptDataset, StatefulSampler, load_prompt_dataset
+from ..errors import UserError
+from ..finite import StepGuard, check_weights_finite
+from ..loss import LossSettings, PrefixRFTLoss
+from ..prefix_store import SelfPrefixStore
+from ..rollout import RolloutEngine, engine_class
+from ..runtime import distributed as D
+from ..runtime.precision import PrecisionPolicy, precision_policy, stored_weights_dtype
 from . import checkpoint as ckpt
-from . import distributed as D
-from .config import Config, save_config
-from .data import PromptDataset, StatefulSampler, load_prompt_dataset
-from .errors import UserError
-from .finite import StepGuard, check_weights_finite
-from .loss import LossSettings, PrefixRFTLoss
-from .precision import PrecisionPolicy, precision_policy, stored_weights_dtype
-from .prefix_store import SelfPrefixStore
-from .rollout import RolloutEngine, engine_class
 
 
 @dataclass
@@ -117,12 +117,12 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
     apply_liger(cfg, model, device)
     lora = cfg.model.lora
     if lora.r:
-        from .lora import apply_lora
+        from ..runtime.lora import apply_lora
 
         apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                    target_modules=tuple(lora.target_modules))
     if cfg.train.packing:
-        from .update.varlen_attention import enable_packed_attention
+        from ..update.varlen_attention import enable_packed_attention
 
         enable_packed_attention(model)  # sdpa -> its packed variant; flash-attn as is
     if cfg.model.gradient_checkpointing:
@@ -162,11 +162,12 @@ def optimizer_steps_per_step(cfg: Config) -> int:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module):
-    """``optim.name`` (:func:`prefix_rft.optim.make_optimizer`) over the trainable parameters,
-    in host RAM when ``train.offload: optimizer`` (:class:`prefix_rft.offload.HostOptimizer`),
-    + a per-optimizer-step LR schedule: linear warmup, then constant or cosine."""
-    from .offload import HostOptimizer
-    from .optim import make_optimizer
+    """``optim.name`` (:func:`prefix_rft.runtime.optim.make_optimizer`) over the trainable
+    parameters, in host RAM when ``train.offload: optimizer``
+    (:class:`prefix_rft.runtime.offload.HostOptimizer`), + a per-optimizer-step LR schedule:
+    linear warmup, then constant or cosine."""
+    from ..runtime.offload import HostOptimizer
+    from ..runtime.optim import make_optimizer
 
     o = cfg.optim
 
@@ -205,7 +206,7 @@ def build_loss(cfg: Config) -> PrefixRFTLoss:
 
 # ---------------------------------------------------------------------------- precision
 def precision(cfg: Config, device: torch.device) -> PrecisionPolicy:
-    """The run's compute / weight / reduce / export dtypes (:mod:`prefix_rft.precision`)."""
+    """The run's compute / weight / reduce / export dtypes (:mod:`prefix_rft.runtime.precision`)."""
     weights = stored_weights_dtype(cfg.model.weights_dtype, cfg.optim.name)
     return precision_policy(cfg.model.dtype, weights, cfg.checkpoint.export_dtype, device,
                             cfg.optim.name)

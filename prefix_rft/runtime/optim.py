@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from .checks import choices
+from ..checks import choices
 
 OptimizerName = Literal["adamw", "adamw8bit", "adamw_bf16_sr"]  # optim.name (table above)
 OPTIMIZERS = choices(OptimizerName)

@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed as D
-from .errors import UserError, crash_point, fsync_dir, save_file, writing
-from .finite import check_weights_finite
+from ..errors import UserError, crash_point, fsync_dir, save_file, writing
+from ..finite import check_weights_finite
+from ..runtime import distributed as D
 
 # How long a rank waits for the others to finish their part of a save before it stops: rank 0
 # writes the full model and optimizer state (minutes for a 7B model on a slow disk).
@@ -134,7 +134,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
 
 # ---------------------------------------------------------------- save / load
 def _is_host_optimizer(optimizer: Any) -> bool:
-    from .offload import HostOptimizer
+    from ..runtime.offload import HostOptimizer
 
     return isinstance(optimizer, HostOptimizer)
 
@@ -143,7 +143,7 @@ def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full model state; under LoRA only the adapters (the frozen base is
     ``model.path``'s, reloaded at resume)."""
     state = D.gather_full_state_dict(model)  # collective
-    from .lora import has_lora
+    from ..runtime.lora import has_lora
 
     if has_lora(model):
         state = {k: v for k, v in state.items() if ".lora_" in k}
@@ -283,7 +283,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
 
 
 def _load_model_state(model: nn.Module, path: Path) -> None:
-    from .lora import has_lora
+    from ..runtime.lora import has_lora
 
     partial = has_lora(model)  # LoRA checkpoints hold the adapters only
     if not D.is_fsdp(model):
