@@ -200,18 +200,25 @@ def render_png(rows: Sequence[dict], png_path: str, title: str,
 def write_results(rows: Sequence[dict], csv_path: str, title: str, *,
                   panels: Sequence[Panel] | None = None, png: bool = True,
                   png_title: str | None = None,
-                  png_rows: Callable[[list[dict]], list[dict]] | None = None) -> list[dict]:
+                  png_rows: Callable[[list[dict]], list[dict]] | None = None,
+                  markdown: Callable[[list[dict]], str] | None = None,
+                  render: Callable[[list[dict], str], None] | None = None) -> list[dict]:
     """Append ``rows`` to ``csv_path``, then render every row of it to ``<stem>.md`` and (when
     ``png``) ``<stem>.png`` (:func:`render_png` with ``panels``, titled ``png_title`` or
     ``title``, of ``png_rows(every row)`` when given; no PNG when that selects nothing).
+    A script whose table or chart is its own passes ``markdown(rows) -> text`` (instead of
+    :func:`render_markdown`) or ``render(rows, png_path)`` (instead of :func:`render_png`).
     Returns all rows."""
     append_rows(csv_path, rows)
     every = read_rows(csv_path)
     stem = os.path.splitext(csv_path)[0]
     with open(stem + ".md", "w") as f:
-        f.write(render_markdown(every, title))
+        f.write(markdown(every) if markdown else render_markdown(every, title))
     plotted = png_rows(every) if png_rows else every
     if png and plotted:
-        render_png(plotted, stem + ".png", png_title or title, panels)
+        if render:
+            render(plotted, stem + ".png")
+        else:
+            render_png(plotted, stem + ".png", png_title or title, panels)
     print(f"appended {len(rows)} rows to {csv_path} ({stem}.md{', .png' if png else ''})")
     return every
