@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 CASES = ("gemm6_bare", "fused6_torch", "autograd8_torch")
@@ -99,11 +97,12 @@ def time_interleaved(n, h, v, repeats) -> dict[str, list[float]]:
 
 def peak_extra_mb(case, n, h, v) -> float:
     """The case once in a fresh subprocess: peak RSS minus RSS after building its inputs."""
-    cmd = [sys.executable, "-m", "benchmarks.cpu_fused_head", "--worker", case,
-           "--n", str(n), "--h", str(h), "--v", str(v), "--threads", str(_threads())]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mb"]
+    from benchmarks.results_io import run_case_in_subprocess
+
+    return run_case_in_subprocess(
+        "benchmarks.cpu_fused_head", ["--worker", case, "--n", str(n), "--h", str(h),
+                                      "--v", str(v), "--threads", str(_threads())]
+    )["peak_extra_mb"]
 
 
 def _worker(case, n, h, v) -> dict:
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.worker:
         print(json.dumps(_worker(args.worker, args.n, args.h, args.v)))
         return []
-    from benchmarks.results_io import append_rows, make_row, read_rows, render_markdown
+    from benchmarks.results_io import make_row, write_results
 
     shape = f"N={args.n},H={args.h},V={args.v}"
     load = os.getloadavg()[0]
@@ -161,10 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f" of gemm6  peak +{mem[case] or 0:.0f} MB", flush=True)
     if args.out != "-":
         path = args.out or os.path.join(RESULTS, "cpu_fused_head.csv")
-        append_rows(path, rows)
-        with open(os.path.splitext(path)[0] + ".md", "w") as f:
-            f.write(render_markdown(read_rows(path), "CPU: fused head-and-loss vs bare GEMMs"))
-        print(f"appended to {path}")
+        write_results(rows, path, "CPU: fused head-and-loss vs bare GEMMs", png=False)
     return rows
 
 

@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 IMPLS = ("naive", "torch")
@@ -83,14 +81,6 @@ def run_case(impl: str, mode: str, n: int, h: int, v: int, repeats: int) -> dict
             "peak_extra_mb": max(peak - rss_before, 0) / 2**20}
 
 
-def measure_in_subprocess(impl, mode, n, h, v, repeats) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.cpu_kernels", "--worker", impl, mode,
-           "--n", str(n), "--h", str(h), "--v", str(v), "--repeats", str(repeats)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="prefix-rft bench",
                                      description="CPU benchmark of the fused kernel (torch impl) "
@@ -108,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(run_case(*args.worker, args.n, args.h, args.v, args.repeats)))
         return []
 
-    from benchmarks.results_io import append_rows, make_row, read_rows, render_markdown, render_png
+    from benchmarks.results_io import make_row, run_case_in_subprocess, write_results
 
     shape = f"N={args.n},H={args.h},V={args.v}"
     print(f"CPU kernel benchmark, {shape}, fp32, {args.repeats} timed calls per case "
@@ -116,7 +106,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = {}
     for mode in MODES:
         for impl in IMPLS:
-            r = measure_in_subprocess(impl, mode, args.n, args.h, args.v, args.repeats)
+            r = run_case_in_subprocess(
+                "benchmarks.cpu_kernels",
+                ["--worker", impl, mode, "--n", str(args.n), "--h", str(args.h),
+                 "--v", str(args.v), "--repeats", str(args.repeats)])
             results[(impl, mode)] = r
             p50 = sorted(r["times_ms"])[len(r["times_ms"]) // 2]
             print(f"  {mode:8s} {impl:6s} p50 {p50:9.1f} ms   peak +{r['peak_extra_mb']:8.1f} MB",
@@ -136,13 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"  {mode:8s} time {t:5.2f}x (target <= 1.5x)   peak memory {m:6.1%} (target <= 10%)")
     if args.out != "-":
         csv_path = args.out or os.path.join(RESULTS, "cpu_kernels.csv")
-        append_rows(csv_path, rows)
-        md = render_markdown(read_rows(csv_path), "CPU kernel benchmark (torch impl vs naive)")
-        with open(os.path.splitext(csv_path)[0] + ".md", "w") as f:
-            f.write(md)
-        render_png(read_rows(csv_path), os.path.splitext(csv_path)[0] + ".png",
-                   "CPU: linear->logprob+entropy, torch impl vs naive")
-        print(f"\nappended to {csv_path}")
+        write_results(rows, csv_path, "CPU kernel benchmark (torch impl vs naive)",
+                      png_title="CPU: linear->logprob+entropy, torch impl vs naive")
     return rows
 
 

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -190,16 +189,14 @@ def measure(shape: str, case: str, tokens: int, device: str = "cpu",
             checkpointing: bool = True) -> dict:
     """One case in a fresh subprocess (so its peak is its own); adds the prediction and the
     error of each phase (``err_<phase>`` = predicted / measured - 1)."""
+    from benchmarks.results_io import run_case_in_subprocess
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "benchmarks.memory", "--worker", shape, case, str(tokens),
-           device, "1" if checkpointing else "0"]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory benchmark worker failed ({case}, {shape}):\n"
-                           f"{out.stderr[-3000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_case_in_subprocess(
+        "benchmarks.memory", ["--worker", shape, case, str(tokens), device,
+                              "1" if checkpointing else "0"], env=env, cwd=root)
     pred = predict(shape, case, tokens, device, checkpointing)
     result["predicted"] = {"forward": pred["phase_forward"], "backward": pred["phase_backward"],
                            "grads": pred["grads"], "step": pred["phase_step"],
@@ -213,7 +210,8 @@ def measure(shape: str, case: str, tokens: int, device: str = "cpu",
 
 
 def write_results(results: list[dict], csv_path: str, device_note: str) -> None:
-    from benchmarks.results_io import append_rows, make_row, read_rows
+    from benchmarks.results_io import make_row
+    from benchmarks.results_io import write_results as write
 
     rows = []
     for r in results:
@@ -228,13 +226,8 @@ def write_results(results: list[dict], csv_path: str, device_note: str) -> None:
         rows.append(make_row("update_step_memory", r["case"], "fwd+bwd+step",
                              f"{r['shape']} T={r['tokens']}", [r["step_s"] * 1e3],
                              r["peak_bytes"] / 2**20, extra))
-    append_rows(csv_path, rows)
-    every = read_rows(csv_path)
-    stem = os.path.splitext(csv_path)[0]
-    with open(stem + ".md", "w") as f:
-        f.write(render_markdown(every, device_note))
-    render_png(every, stem + ".png")
-    print(f"appended {len(rows)} rows to {csv_path}")
+    write(rows, csv_path, "Update-step peak memory",
+          markdown=lambda every: render_markdown(every, device_note), render=render_png)
 
 
 def _extra(row: dict) -> dict:

@@ -72,18 +72,27 @@ def require_kernels():
 
 def run_case_in_subprocess(module: str, args: Sequence[str], *, threads: int | None = None,
                            nice: bool = False, env: dict | None = None,
-                           cwd: str = REPO_ROOT) -> dict:
+                           cwd: str | None = REPO_ROOT, check: bool = True) -> dict:
     """``python -m module *args`` in a fresh process (its peak memory and imports are its own);
-    returns its last stdout line parsed as JSON. ``threads`` pins OMP/MKL threads; ``nice``
-    lowers its priority; a failure raises with the end of its stderr."""
+    returns its last stdout line parsed as JSON. ``module`` ending in ``.py`` runs that file by
+    path instead (with ``cwd=None``, from the caller's directory, so an installed prefix_rft is
+    not shadowed by the source checkout). ``threads`` pins OMP/MKL threads; ``nice`` lowers its
+    priority; a failure raises with the end of its stderr, or with ``check=False`` prints that
+    and returns ``{"failed": its last stderr line}`` (``;`` made ``,``, for an ``extra``)."""
     full_env = dict(os.environ if env is None else env)
     if threads is not None:
         full_env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = (["nice"] if nice else []) + [sys.executable, "-m", module, *args]
+    target = [module] if module.endswith(".py") else ["-m", module]
+    cmd = (["nice"] if nice else []) + [sys.executable, *target, *args]
     out = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"benchmark case {module} {' '.join(args)} failed "
-                           f"(exit {out.returncode}):\n{out.stderr[-3000:]}")
+        what = f"benchmark case {os.path.basename(module)} {' '.join(args)}"
+        if check:
+            raise RuntimeError(f"{what} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        print(f"{what} failed:\n{out.stderr[-3000:]}", flush=True)
+        tail = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        return {"failed": (tail[-1] if tail else f"exit {out.returncode}")
+                .replace(";", ",")[:160]}
     lines = out.stdout.strip().splitlines()
     if not lines:
         raise RuntimeError(f"benchmark case {module} {' '.join(args)} printed nothing")
@@ -189,15 +198,27 @@ def render_png(rows: Sequence[dict], png_path: str, title: str,
 
 
 def write_results(rows: Sequence[dict], csv_path: str, title: str, *,
-                  panels: Sequence[Panel] | None = None, png: bool = True) -> list[dict]:
+                  panels: Sequence[Panel] | None = None, png: bool = True,
+                  png_title: str | None = None,
+                  png_rows: Callable[[list[dict]], list[dict]] | None = None,
+                  markdown: Callable[[list[dict]], str] | None = None,
+                  render: Callable[[list[dict], str], None] | None = None) -> list[dict]:
     """Append ``rows`` to ``csv_path``, then render every row of it to ``<stem>.md`` and (when
-    ``png``) ``<stem>.png`` (:func:`render_png` with ``panels``). Returns all rows."""
+    ``png``) ``<stem>.png`` (:func:`render_png` with ``panels``, titled ``png_title`` or
+    ``title``, of ``png_rows(every row)`` when given; no PNG when that selects nothing).
+    A script whose table or chart is its own passes ``markdown(rows) -> text`` (instead of
+    :func:`render_markdown`) or ``render(rows, png_path)`` (instead of :func:`render_png`).
+    Returns all rows."""
     append_rows(csv_path, rows)
     every = read_rows(csv_path)
     stem = os.path.splitext(csv_path)[0]
     with open(stem + ".md", "w") as f:
-        f.write(render_markdown(every, title))
-    if png:
-        render_png(every, stem + ".png", title, panels)
+        f.write(markdown(every) if markdown else render_markdown(every, title))
+    plotted = png_rows(every) if png_rows else every
+    if png and plotted:
+        if render:
+            render(plotted, stem + ".png")
+        else:
+            render_png(plotted, stem + ".png", png_title or title, panels)
     print(f"appended {len(rows)} rows to {csv_path} ({stem}.md{', .png' if png else ''})")
     return every

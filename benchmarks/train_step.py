@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -166,30 +165,22 @@ def measure(impl, shape, batch, seq, repeats, device, subprocess_isolation: bool
         return run_case(impl, shape, batch, seq, repeats, device)
     # By path, from the caller's directory: `-m` from the repository root would put the
     # source checkout ahead of an installed prefix_rft.
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, shape, str(batch),
-           str(seq), str(repeats), device]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        tail = [line for line in out.stderr.strip().splitlines() if line.strip()]
-        print(f"worker {impl} {batch}x{seq} failed:\n{out.stderr[-3000:]}", flush=True)
-        reason = (tail[-1] if tail else f"exit {out.returncode}").replace(";", ",")[:160]
-        return {"impl": impl, "oom": False, "failed": reason, "tokens": batch * seq}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from benchmarks.results_io import run_case_in_subprocess
+
+    r = run_case_in_subprocess(os.path.abspath(__file__),
+                               ["--worker", impl, shape, str(batch), str(seq), str(repeats),
+                                device], cwd=None, check=False)
+    if r.get("failed"):
+        return {"impl": impl, "oom": False, "failed": r["failed"], "tokens": batch * seq}
+    return r
 
 
 def write_results(rows: list[dict], csv_path: str) -> None:
-    from benchmarks.results_io import append_rows, read_rows, render_markdown, render_png
+    from benchmarks.results_io import write_results as write
 
-    append_rows(csv_path, rows)
-    every = read_rows(csv_path)
-    stem = os.path.splitext(csv_path)[0]
-    with open(stem + ".md", "w") as f:
-        f.write(render_markdown(every,
-                                "Policy-update step: fused hidden-state loss vs full logits"))
-    timed = [r for r in every if r["ms_p50"] not in ("", "nan")]
-    if timed:
-        render_png(timed, stem + ".png", "train step (fwd+bwd+AdamW), p50 ms")
-    print(f"appended {len(rows)} rows to {csv_path}")
+    write(rows, csv_path, "Policy-update step: fused hidden-state loss vs full logits",
+          png_title="train step (fwd+bwd+AdamW), p50 ms",
+          png_rows=lambda every: [r for r in every if r["ms_p50"] not in ("", "nan")])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

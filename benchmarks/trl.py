@@ -44,8 +44,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 from benchmarks.trl_e2e import E2E_CASES, GEN_CASES
@@ -311,14 +309,12 @@ def versions() -> str:
 def measure(case, shape, sequences, prompt, completion, micro, steps) -> dict:
     """One case in a fresh subprocess (its own peak RSS, its own imports): a warm-up step, then
     ``steps`` timed steps."""
-    cmd = [sys.executable, "-m", "benchmarks.trl", "--worker", case, shape, str(sequences),
-           str(prompt), str(completion), str(micro), str(steps)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from benchmarks.results_io import run_case_in_subprocess
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker {case} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_case_in_subprocess(
+        "benchmarks.trl", ["--worker", case, shape, str(sequences), str(prompt),
+                           str(completion), str(micro), str(steps)], env=env)
 
 
 def measure_interleaved(cases: list[str], shape: str, args) -> dict[str, list[dict]]:
@@ -356,16 +352,13 @@ def case_row(case: str, runs: list[dict], args, label: str, run_id: str, load: s
 
 # ---------------------------------------------------------------------------- results
 def write_results(rows: list[dict], csv_path: str) -> None:
-    from benchmarks.results_io import append_rows, read_rows, render_markdown
+    from benchmarks.results_io import render_markdown
+    from benchmarks.results_io import write_results as write
 
-    append_rows(csv_path, rows)
-    every = read_rows(csv_path)
-    stem = os.path.splitext(csv_path)[0]
-    with open(stem + ".md", "w") as f:
-        f.write(render_markdown(every, "TRL GRPOTrainer policy update: TRL, Liger, prefix-rft"))
-        f.write(render_ratios(every))
-    render_png(every, stem + ".png")
-    print(f"appended {len(rows)} rows to {csv_path}")
+    title = "TRL GRPOTrainer policy update: TRL, Liger, prefix-rft"
+    write(rows, csv_path, title,
+          markdown=lambda every: render_markdown(every, title) + render_ratios(every),
+          render=render_png)
 
 
 def render_png(rows: list[dict], png_path: str) -> None:
@@ -376,6 +369,8 @@ def render_png(rows: list[dict], png_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from benchmarks.results_io import extra_value
+
     shape = rows[-1]["shape"]
     latest = {r["impl"]: r for r in rows if r["shape"] == shape}
     ops = [op for op in ("grpo_update", "grpo_step", "generate")
@@ -383,8 +378,7 @@ def render_png(rows: list[dict], png_path: str) -> None:
     fig, axes = plt.subplots(len(ops), 2, figsize=(10, 2.2 + 1.6 * len(ops)), squeeze=False)
     for row_axes, op in zip(axes, ops):
         names = [c for c in CASES if c in latest and latest[c]["op"] == op]
-        tps = [float(dict(kv.split("=", 1) for kv in latest[c]["extra"].split(";"))
-                     ["tokens_per_s"]) for c in names]
+        tps = [extra_value(latest[c], "tokens_per_s") for c in names]
         mem = [float(latest[c]["peak_mb"] or 0) for c in names]
         for ax, ys, label in ((row_axes[0], tps, f"{op}: tokens/s (higher is better)"),
                               (row_axes[1], mem, f"{op}: peak RSS, MB (lower is better)")):
