@@ -15,6 +15,8 @@ RATIOS = (
     ("drop-in vs TRL's own head (policy update)", "trl_prefix_rft", "trl"),
     ("drop-in vs TRL + Liger's GRPO loss (policy update)", "trl_prefix_rft", "trl_liger"),
     ("this trainer's update vs TRL's (policy update)", "prefix_rft_trainer", "trl"),
+    ("this trainer's update vs TRL + Liger's GRPO loss (policy update)", "prefix_rft_trainer",
+     "trl_liger"),
     ("this trainer's update vs the drop-in (policy update)", "prefix_rft_trainer",
      "trl_prefix_rft"),
     ("old-log-prob pass cost: trainer without vs with it", "prefix_rft_trainer",

@@ -99,11 +99,11 @@ def test_family_options_under_torchrun_match_one_process(tiny_assets, tmp_path):
     failing question nor a non-empty store is exercised here (the store's content and resume
     are checked in one process above)."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
+    from torchrun_timing import run_torchrun
 
     from prefix_rft.config import save_config
 
@@ -117,7 +117,7 @@ def test_family_options_under_torchrun_match_one_process(tiny_assets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "prefix_rft.cli", "train", "--config", str(tmp_path / "multi.yaml")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun("family_loop", cmd, env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     multi_rows = read_metrics(tmp_path / "multi" / "metrics.jsonl")
     single_rows = read_metrics(tmp_path / "single" / "metrics.jsonl")

@@ -35,6 +35,7 @@ MEASURED: dict[str, tuple[float, float]] = {
     "precision_step": (31.5, 7.7),  # (call) tests/test_precision.py, slower dtype (bf16)
     "train_loop": (36.3, 7.7),  # (call) tests/test_train_e2e.py, 2 steps of the real loop
     "lowmem_offload": (41.5, 7.7),  # (call) tests/test_lowmem_train.py, optimizer offload
+    "family_loop": (12.1, 0.39),  # tests/test_prefix_family_train.py (2026-12-07, idle machine)
 }
 
 
