@@ -103,14 +103,15 @@ def record_launch(family: str, kernel: str, dtype: str, overrides: dict | None =
     return jit, args, kwargs
 
 
-def compile_one(family: str, kernel: str, dtype: str, overrides: dict | None = None) -> dict:
-    """Compile one launch for ``family``'s arch; returns its resource usage."""
+def compile_recorded(family: str, jit, args, kwargs) -> dict:
+    """Compile a recorded launch (``jit`` with its ``args``/``kwargs``) for ``family``'s arch
+    through the real Triton JIT; returns ``{"regs", "spill", "smem", "compiled"}`` (regs -1
+    when ptxas did not report them)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    jit, args, kwargs = record_launch(family, kernel, dtype, overrides)
     target = GPUTarget("cuda", ARCHS[family], 32)
     backend = make_backend(target)
     binder = create_function_from_signature(jit.signature, jit.params, backend)
@@ -126,14 +127,22 @@ def compile_one(family: str, kernel: str, dtype: str, overrides: dict | None = N
     regs = re.search(r"Used (\d+) registers", text)
     stores = re.search(r"(\d+) bytes spill stores", text)
     loads = re.search(r"(\d+) bytes spill loads", text)
+    return {"regs": int(regs.group(1)) if regs else -1,
+            "spill": (int(stores.group(1)) if stores else -1) + (int(loads.group(1)) if loads
+                                                                 else 0),
+            "smem": int(compiled.metadata.shared), "compiled": compiled}
+
+
+def compile_one(family: str, kernel: str, dtype: str, overrides: dict | None = None) -> dict:
+    """Compile one launch for ``family``'s arch; returns its resource usage."""
+    jit, args, kwargs = record_launch(family, kernel, dtype, overrides)
+    res = compile_recorded(family, jit, args, kwargs)
     cfg = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "GROUP", "num_"))}
     return {
         "family": family, "kernel": kernel, "dtype": dtype,
         "config": ",".join(f"{k}={v}" for k, v in cfg.items()),
-        "regs": int(regs.group(1)) if regs else -1,
-        "spill": (int(stores.group(1)) if stores else -1) + (int(loads.group(1)) if loads else 0),
-        "smem": int(compiled.metadata.shared),
-        "wgmma": "wgmma" in compiled.asm["ptx"],
+        "regs": res["regs"], "spill": res["spill"], "smem": res["smem"],
+        "wgmma": "wgmma" in res["compiled"].asm["ptx"],
     }
 
 

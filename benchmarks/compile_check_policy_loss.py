@@ -13,16 +13,13 @@ spilled bytes, shared memory. No GPU needed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
-import re
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.compile_check import ARCHS, SMEM_LIMIT, _Recorder  # noqa: E402
+from benchmarks.compile_check import ARCHS, SMEM_LIMIT, _Recorder, compile_recorded  # noqa: E402
 
 CHUNK, VOCAB = 1760, 151936
 VARIANTS = {  # name: (bias, entropy bonus, dual clip, importance weights, nll)
@@ -65,33 +62,11 @@ def record_launch(dtype_name: str, variant: str):
 
 
 def compile_one(family: str, dtype_name: str, variant: str) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
     jit, args, kwargs = record_launch(dtype_name, variant)
-    target = GPUTarget("cuda", ARCHS[family], 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(jit.signature, jit.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound,
-                                                           specialization, options)
-    triton.knobs.nvidia.dump_ptxas_log = True
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
-    text = log.getvalue()
-    regs = re.search(r"Used (\d+) registers", text)
-    stores = re.search(r"(\d+) bytes spill stores", text)
-    loads = re.search(r"(\d+) bytes spill loads", text)
+    res = compile_recorded(family, jit, args, kwargs)
     return {"family": family, "dtype": dtype_name, "variant": variant,
             "config": f"BLOCK_V={kwargs['BLOCK_V']},num_warps={kwargs['num_warps']}",
-            "regs": int(regs.group(1)) if regs else -1,
-            "spill": (int(stores.group(1)) if stores else -1) + (int(loads.group(1)) if loads
-                                                                 else 0),
-            "smem": int(compiled.metadata.shared)}
+            "regs": res["regs"], "spill": res["spill"], "smem": res["smem"]}
 
 
 def main(argv=None) -> int:
