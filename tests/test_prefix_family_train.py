@@ -1,7 +1,7 @@
 """The prefix-guided family through the training loop on CPU: ``prefix.when: on_failure``,
-``train_on_prefix: false``, ``source: self`` and the ``step`` schedule together, and their
-exact resume: 4 uninterrupted steps == 2 steps, stop, resume, 2 more (weights, every
-non-timing metric and the ``self`` store's content identical).
+``train_on_prefix: false``, ``source: self`` and the ``step`` schedule, together and each
+alone, and their exact resume: 4 uninterrupted steps == 2 steps, stop, resume, 2 more
+(weights, every non-timing metric and the ``self`` store's content identical).
 
 Two questions, both in every step, so questions come back and can use their stored responses.
 The tiny model solves nothing, so the reward is replaced by a deterministic rule on the
@@ -41,23 +41,51 @@ def rule_reward(monkeypatch):
     monkeypatch.setattr(reward_module, "math_rewards", fake)
 
 
+# Every family option at once; OPTIONS_ALONE keeps one of them and today's defaults for the rest.
+ALL_OPTIONS = dict(prefix__schedule="step", prefix__start=0.5, prefix__end=0.25,
+                   prefix__decay_steps=2, prefix__when="on_failure",
+                   prefix__train_on_prefix=False, prefix__source="self")
+DEFAULTS = dict(prefix__schedule="cosine", prefix__when="always", prefix__train_on_prefix=True,
+                prefix__source="demonstration")
+OPTIONS_ALONE = {
+    "when_on_failure": dict(DEFAULTS, prefix__when="on_failure"),
+    "untrained_prefix": dict(DEFAULTS, prefix__train_on_prefix=False),
+    "source_self": dict(DEFAULTS, prefix__source="self"),
+    "step_schedule": dict(DEFAULTS, prefix__schedule="step", prefix__start=0.5,
+                          prefix__end=0.25, prefix__decay_steps=2),
+}
+
+
 def _config(assets, run_dir, **overrides):
-    base = dict(train__steps=4, prefix__schedule="step", prefix__start=0.5, prefix__end=0.25,
-                prefix__decay_steps=2, prefix__when="on_failure", prefix__train_on_prefix=False,
-                prefix__source="self", rollout__max_response_tokens=24,
-                train__mini_batch_size=1, checkpoint__every=0, data__max_rows=2,
-                model__gradient_checkpointing=False, log__plots=False)
+    base = dict(train__steps=4, rollout__max_response_tokens=24, train__mini_batch_size=1,
+                checkpoint__every=0, data__max_rows=2, model__gradient_checkpointing=False,
+                log__plots=False, **ALL_OPTIONS)
     base.update(overrides)
     return tiny_config(assets, run_dir, **base)
+
+
+def _assert_resume_exact(assets, tmp_path, ref_state, ref_store, ref_rows, **overrides):
+    resumed = tmp_path / "resumed"
+    first = train(_config(assets, resumed, train__max_steps_per_run=2, **overrides))
+    assert first["stopped_early"] and first["steps_done"] == 2
+    train(_config(assets, resumed, checkpoint__resume="auto", **overrides))
+    state, store, rows = _final(resumed)
+    assert store == ref_store
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows == ref_rows
+    assert state.keys() == ref_state.keys()
+    for key in ref_state:
+        assert torch.equal(state[key], ref_state[key]), key
 
 
 def _final(run_dir):
     step, path = list_checkpoints(run_dir)[-1]
     assert step == 4
     assert "prefix_store" not in json.loads((path / "state.json").read_text())["extra"]
-    store = SelfPrefixStore(capacity=4)
-    store.load_state_dict(torch.load(path / "prefix_store.pt", weights_only=True))
-    store = store.as_dict()
+    store = {}  # prefix_store.pt is written only for ``source: self``
+    if (path / "prefix_store.pt").is_file():
+        loaded = SelfPrefixStore(capacity=4)
+        loaded.load_state_dict(torch.load(path / "prefix_store.pt", weights_only=True))
+        store = loaded.as_dict()
     rows = [{k: v for k, v in row.items() if k not in TIMING_KEYS and not k.endswith("_time_s")}
             for row in read_metrics(run_dir / "metrics.jsonl")]
     return torch.load(path / "model.pt", weights_only=True), store, rows
@@ -75,17 +103,27 @@ def test_family_options_train_and_resume_exactly(tiny_assets, tmp_path, packing,
     assert any(row["prefix_self_frac"] > 0 for row in ref_rows)  # a stored prefix was used
     assert all(len(e) <= 4 for e in ref_store.values())
 
-    resumed = tmp_path / "resumed"
-    first = train(_config(tiny_assets, resumed, train__packing=packing,
-                          train__max_steps_per_run=2))
-    assert first["stopped_early"] and first["steps_done"] == 2
-    train(_config(tiny_assets, resumed, train__packing=packing, checkpoint__resume="auto"))
-    state, store, rows = _final(resumed)
-    assert store == ref_store
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows == ref_rows
-    assert state.keys() == ref_state.keys()
-    for key in ref_state:
-        assert torch.equal(state[key], ref_state[key]), key
+    _assert_resume_exact(tiny_assets, tmp_path, ref_state, ref_store, ref_rows,
+                         train__packing=packing)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS_ALONE))
+def test_each_family_option_alone_resumes_exactly(tiny_assets, tmp_path, option, rule_reward):
+    """One option at a time (packed path; the padded one is covered above with all of them):
+    an option whose resume depends on state another option also restores (the ``self`` store,
+    the schedule's step) is not hidden behind it."""
+    overrides = OPTIONS_ALONE[option]
+    reference = tmp_path / "reference"
+    train(_config(tiny_assets, reference, **overrides))
+    ref_state, ref_store, ref_rows = _final(reference)
+    fracs = [row["prefix_question_frac"] for row in ref_rows]
+    if option == "when_on_failure":  # some questions got a prefix, some did not
+        assert 0 < sum(fracs) < len(fracs), fracs
+    if option == "source_self":  # the store filled and a stored prefix was used
+        assert ref_store and any(row["prefix_self_frac"] > 0 for row in ref_rows)
+    else:
+        assert not ref_store
+    _assert_resume_exact(tiny_assets, tmp_path, ref_state, ref_store, ref_rows, **overrides)
 
 
 @pytest.mark.distributed
