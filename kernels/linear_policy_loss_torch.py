@@ -5,17 +5,22 @@ three GEMMs and no recompute (6NHV FLOPs in all, against 8NHV for the generic
 log-prob/entropy autograd path, whose backward recomputes the logits)::
 
     z      = x_c @ W.T (+ b), / T                  # [C, V] fp32, GEMM 1 (2 C H V)
-    logp   = log_softmax(z)                         # in place
-    lp     = logp[y];  g_lp, g_H = d loss/d lp, d loss/d H   # :func:`policy_token_terms`
-    per block of rows (cache-sized): p = exp(logp);  H = -sum(p * logp)
-        dz = (g_lp (onehot_y - p) - g_H p (logp + H)) / T     # in logp's place
+    per block of rows (cache-sized), everything in place of z's rows:
+        z -= max(z);  e = exp(z);  s = sum(e)      # the block's only exp
+        lp = z[y] - log s;  H = log s - sum(e z) / s
+        g_lp, g_H = d loss/d lp, d loss/d H        # :func:`policy_token_terms`
+        dz = (g_lp (onehot_y - p) - g_H p (logp + H)) / T,  p = e / s,  logp = z - log s
     dX_c   = dz @ W                                 # GEMM 2
     dW    += dz.T @ x_c;  db += dz.sum(0)           # GEMM 3
 
 The PPO/NLL derivative ``g_lp`` needs ``lp`` only and ``g_H`` is the given entropy weight, so
-both are known before ``H``. Working memory: one ``[C, V]`` fp32 buffer (``chunk_bytes``)
-and a ``[rows, V]`` block of ``p`` (:data:`BLOCK_BYTES`), plus the fp32 ``dW`` (``[V, H]``)
-the autograd.Function keeps until its backward. :func:`policy_token_terms` is the per-token
+both are known inside the block, and the softmax's ``exp`` is computed once per logit (a
+``log_softmax`` over the chunk followed by ``p = exp(logp)`` computed it twice: on one CPU
+thread those ``[C, V]`` passes, not the GEMMs, were the gap to the bare GEMMs). ``H`` uses the
+max-shifted logits, so its two terms are both O(log V) and do not cancel. Working memory: one
+``[C, V]`` fp32 buffer (``chunk_bytes``) and a ``[rows, V]`` block of ``e``
+(:data:`BLOCK_BYTES`), plus the fp32 ``dW`` (``[V, H]``) the autograd.Function keeps until
+its backward. :func:`policy_token_terms` is the per-token
 loss and its derivatives; the Triton pass (``linear_policy_loss_triton.py``) computes the same
 quantities in its kernel.
 """
@@ -109,37 +114,53 @@ def take_rows(tok: TokenInputs, idx: torch.Tensor) -> TokenInputs:
     return TokenInputs(*(None if t is None else t[idx] for t in tok))
 
 
-def _chunk_logsoftmax(x, w32, b_scaled, inv_t, buf):
-    """``log_softmax((x @ W.T + b) / T)`` computed in ``buf``."""
+def _chunk_logits(x, w32, b_scaled, inv_t, buf):
+    """``(x @ W.T + b) / T`` computed in ``buf`` (the input is scaled, not the ``[C, V]``
+    result)."""
     xs = x * inv_t if inv_t != 1.0 else x
     if b_scaled is None:
-        torch.mm(xs, w32.T, out=buf)
-    else:
-        torch.addmm(b_scaled, xs, w32.T, out=buf)
-    return torch.log_softmax(buf, 1, out=buf)
+        return torch.mm(xs, w32.T, out=buf)
+    return torch.addmm(b_scaled, xs, w32.T, out=buf)
 
 
-def _entropy_and_dz(logp, g_lp, g_h, labels, inv_t, block_rows, want_dz):
-    """Per block of rows: ``p = exp(logp)``, ``H = -sum(p logp)``, then (``want_dz``) ``dz``
-    written over ``logp``. Returns ``H [C]``; ``logp`` holds ``dz`` afterwards if wanted."""
-    c = logp.shape[0]
-    ent = torch.empty(c, dtype=logp.dtype, device=logp.device)
-    g_lp_t = g_lp * inv_t
-    g_h_t = None if g_h is None else g_h * inv_t
+def _softmax_terms_and_dz(z, labels, tok: TokenInputs, opts: LossOptions, inv_t: float,
+                          block_rows: int, e_buf, want_dz: bool):
+    """Per block of rows of the chunk's logits ``z [C, V]``: the softmax statistics, ``lp``,
+    ``H``, the token terms and (``want_dz``) ``dz`` written over ``z``.
+
+    Returns ``(lp [C], H [C], loss fp64 scalar)``; ``loss`` is the chunk's policy loss minus
+    its entropy bonus. ``e_buf`` is a ``[block_rows, V]`` scratch buffer."""
+    c = z.shape[0]
+    lp_out = torch.empty(c, dtype=z.dtype, device=z.device)
+    ent_out = torch.empty(c, dtype=z.dtype, device=z.device)
+    total = torch.zeros((), dtype=torch.float64, device=z.device)
     for r0 in range(0, c, block_rows):
         r1 = min(r0 + block_rows, c)
-        lb = logp[r0:r1]
-        p = torch.exp(lb)
-        ent[r0:r1] = h = -torch.linalg.vecdot(p, lb)
+        rows = torch.arange(r1 - r0, device=z.device)
+        zb, e, y = z[r0:r1], e_buf[:r1 - r0], labels[r0:r1]
+        zb.sub_(zb.amax(1, keepdim=True))
+        torch.exp(zb, out=e)
+        s = e.sum(1)
+        log_s = s.log()
+        h = log_s - torch.linalg.vecdot(e, zb) / s
+        lp = zb[rows, y] - log_s
+        lp_out[r0:r1], ent_out[r0:r1] = lp, h
+        tok_b = TokenInputs(*(None if t is None else t[r0:r1] for t in tok))
+        contribution, g_lp, g_h = policy_token_terms(lp, tok_b, opts)
+        if tok_b.entropy_weight is not None:
+            contribution = contribution - tok_b.entropy_weight * h
+        total += contribution.double().sum()
         if not want_dz:
             continue
-        if g_h_t is None:  # dz = -g_lp p (+ g_lp at the label)
-            torch.mul(p, -g_lp_t[r0:r1, None], out=lb)
-        else:  # dz = p (-g_lp - g_H (logp + H))
-            lb.add_(h[:, None]).mul_(-g_h_t[r0:r1, None]).sub_(g_lp_t[r0:r1, None]).mul_(p)
-    if want_dz:
-        logp[torch.arange(c, device=logp.device), labels] += g_lp_t
-    return ent
+        g_lp_t = g_lp * inv_t
+        if g_h is None:  # dz = -g_lp p (+ g_lp at the label)
+            torch.mul(e, (-g_lp_t / s)[:, None], out=zb)
+        else:  # dz = p (-g_lp - g_H (logp + H)) = e (a z + b), p = e / s, logp = z - log s
+            a = -g_h * inv_t / s
+            b = (-g_lp_t - g_h * inv_t * (h - log_s)) / s
+            zb.mul_(a[:, None]).add_(b[:, None]).mul_(e)
+        zb[rows, y] += g_lp_t
+    return lp_out, ent_out, total
 
 
 @torch.no_grad()
@@ -166,21 +187,18 @@ def torch_policy_loss_fwd(hidden, weight, bias, labels, tok: TokenInputs, opts: 
     valid_idx = (labels != ignore_index).nonzero().squeeze(-1)
     rows, block_rows = chunk_rows(vocab, chunk_bytes), chunk_rows(vocab, BLOCK_BYTES)
     buf = torch.empty(min(rows, valid_idx.numel()), vocab, dtype=f32, device=dev)
+    e_buf = torch.empty(min(block_rows, buf.shape[0]), vocab, dtype=f32, device=dev)
     for c0 in range(0, valid_idx.numel(), rows):
         idx = valid_idx[c0:c0 + rows]
         c, x, y = idx.numel(), hidden[idx].float(), labels[idx]
-        logp = _chunk_logsoftmax(x, w32, b_scaled, inv_t, buf[:c])
-        lp = logp[torch.arange(c, device=dev), y]
-        tok_c = take_rows(tok, idx)
-        contribution, g_lp, g_h = policy_token_terms(lp, tok_c, opts)
-        ent = _entropy_and_dz(logp, g_lp, g_h, y, inv_t, block_rows, any_grad)
+        z = _chunk_logits(x, w32, b_scaled, inv_t, buf[:c])
+        lp, ent, chunk_loss = _softmax_terms_and_dz(z, y, take_rows(tok, idx), opts, inv_t,
+                                                    block_rows, e_buf, any_grad)
         lp_out[idx], ent_out[idx] = lp, ent
-        if tok_c.entropy_weight is not None:
-            contribution = contribution - tok_c.entropy_weight * ent
-        total += contribution.double().sum()
+        total += chunk_loss
         if not any_grad:
             continue
-        dz = logp
+        dz = z
         if dx is not None:
             dx[idx] = (dz @ w32).to(hidden.dtype)
         if dw is not None:
