@@ -5,6 +5,8 @@ vs the three bare GEMMs it is made of vs the generic log-prob/entropy autograd p
                                                          # tokens: their response tokens, one
                                                          # micro-batch), H=256, V=151936, 1 thread
     python -m benchmarks.cpu_fused_head --n 96 --v 5003 --repeats 1 --out -   # smoke
+    python -m benchmarks.cpu_fused_head --cases fused6_torch --repeats 5 --no-memory
+                                                         # the <= 1.1x check alone (~8 min)
 
 Cases, timed interleaved (case A, B, C, then again, ``repeats`` rounds; one warm-up round):
 
@@ -82,9 +84,9 @@ def build_case(case: str, n: int, h: int, v: int):
     return step
 
 
-def time_interleaved(n, h, v, repeats) -> dict[str, list[float]]:
-    steps = {case: build_case(case, n, h, v) for case in CASES}
-    times = {case: [] for case in CASES}
+def time_interleaved(n, h, v, repeats, cases=CASES) -> dict[str, list[float]]:
+    steps = {case: build_case(case, n, h, v) for case in cases}
+    times = {case: [] for case in cases}
     for r in range(repeats + 1):
         for case, step in steps.items():
             t0 = time.perf_counter()
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after a warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                        help="cases to time (gemm6_bare, the reference of every ratio, is "
+                             "always added)")
     parser.add_argument("--out", default=None, help="CSV (default results/cpu_fused_head.csv; "
                                                     "'-' writes nothing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -145,15 +150,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load = os.getloadavg()[0]
     print(f"CPU fused head-and-loss benchmark, {shape}, fp32, {args.threads} thread(s), "
           f"load {load:.2f}", flush=True)
-    times = time_interleaved(args.n, args.h, args.v, args.repeats)
+    cases = [c for c in CASES if c in args.cases or c == "gemm6_bare"]
+    times = time_interleaved(args.n, args.h, args.v, args.repeats, cases)
     mem = {c: None if args.no_memory else peak_extra_mb(c, args.n, args.h, args.v)
-           for c in CASES}
+           for c in cases}
     p50 = {c: sorted(t)[len(t) // 2] for c, t in times.items()}
+    load_after = os.getloadavg()[0]
     rows = []
-    for case in CASES:
-        extra = (f"vs_gemm6={p50[case] / p50['gemm6_bare']:.3f};"
-                 f"vs_autograd8={p50[case] / p50['autograd8_torch']:.3f};"
-                 f"threads={args.threads};load={load:.2f};interleaved_rounds={args.repeats}")
+    for case in cases:
+        vs_autograd8 = (f"vs_autograd8={p50[case] / p50['autograd8_torch']:.3f};"
+                        if "autograd8_torch" in p50 else "")
+        extra = (f"vs_gemm6={p50[case] / p50['gemm6_bare']:.3f};{vs_autograd8}"
+                 f"threads={args.threads};load={load:.2f}-{load_after:.2f};"
+                 f"interleaved_rounds={args.repeats}")
         rows.append(make_row("fused_head_loss", case, "fwd+bwd", shape, times[case], mem[case],
                              extra))
         print(f"  {case:16s} p50 {p50[case] / 1e3:8.2f} s  x{p50[case] / p50['gemm6_bare']:.3f}"
