@@ -75,11 +75,7 @@ def run_ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def render_ratios(rows: list[dict]) -> str:
-    """A Markdown section with the latest run's ratios (or why there are none)."""
-    run = latest_run(rows)
-    if not run:
-        return "\n## Ratios\n\nNo run with a run id yet (rows from before ratios were kept).\n"
+def _ratio_section(run: list[dict], ratios: list[dict]) -> list[str]:
     run_id = extra_fields(run[-1])["run"]
     lines = [f"\n## Ratios of run {run_id}", "",
              f"From this run's rows only (cases interleaved, >= {MIN_REPEATS} timed repeats, "
@@ -87,10 +83,30 @@ def render_ratios(rows: list[dict]) -> str:
              f"{run[-1].get('device', '')}, load {extra_fields(run[-1]).get('load', '?')}.", "",
              "| ratio | cases | speed (tokens/s) | step peak memory | repeats |",
              "|---|---|---|---|---|"]
-    ratios = run_ratios(run)
     lines += [f"| {r['what']} | {r['num']} / {r['den']} | {r['speed']:.2f}x | "
               f"{r['memory']:.2f}x | {r['repeats']} |" for r in ratios]
     if not ratios:
         lines.append(f"| (none: this run has no pair of cases with >= {MIN_REPEATS} repeats) "
                      f"| | | | |")
+    return lines
+
+
+def render_ratios(rows: list[dict]) -> str:
+    """A Markdown section per run that states a ratio, newest first (each from its own rows
+    only); the latest run's section alone when none does (or why there are none)."""
+    run = latest_run(rows)
+    if not run:
+        return "\n## Ratios\n\nNo run with a run id yet (rows from before ratios were kept).\n"
+    by_run: dict[str, list[dict]] = {}
+    for row in rows:
+        run_id = extra_fields(row).get("run")
+        if run_id:
+            by_run.setdefault(run_id, []).append(row)
+    lines = []
+    for run_rows in reversed(list(by_run.values())):
+        ratios = run_ratios(run_rows)
+        if ratios:
+            lines += _ratio_section(run_rows, ratios)
+    if not lines:
+        lines = _ratio_section(run, [])
     return "\n".join(lines) + "\n"

@@ -88,3 +88,23 @@ def test_no_ratio_across_runs_or_below_three_repeats(monkeypatch):
     with pytest.raises(ValueError, match="exactly one run"):
         run_ratios([two[0], three[1]])
     assert latest_run(two + three) == three
+
+
+def test_every_run_with_a_ratio_gets_its_own_section(monkeypatch):
+    """Two runs (e.g. the update cases, then the generation cases): each run's ratios are
+    stated under its own heading, newest first; a run below three repeats states none."""
+    from benchmarks import trl
+    from benchmarks.trl_report import render_ratios
+
+    monkeypatch.setattr(trl, "measure", _fake_measure([]))
+    monkeypatch.setattr(trl.time, "strftime", lambda fmt: "run-a")
+    first = trl.main(["--smoke", "--repeats", "3", "--cases", "trl", "trl_prefix_rft"])
+    monkeypatch.setattr(trl.time, "strftime", lambda fmt: "run-b")
+    short = trl.main(["--smoke", "--repeats", "2", "--cases", "trl", "trl_prefix_rft"])
+    monkeypatch.setattr(trl.time, "strftime", lambda fmt: "run-c")
+    second = trl.main(["--smoke", "--repeats", "3", "--cases", "trl", "prefix_rft_trainer"])
+    text = render_ratios(first + short + second)
+    assert text.index("Ratios of run run-c") < text.index("Ratios of run run-a")
+    assert "run-b" not in text
+    assert text.count("| drop-in vs TRL's own head") == 1
+    assert text.count("| this trainer's update vs TRL's") == 1
