@@ -46,3 +46,20 @@ def test_reuse_without_a_finished_run_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no finished demo"):
         demo_seeds.main(["--reuse", "--seeds", "3", "--workdir", str(tmp_path),
                          "--out", str(tmp_path / "x")])
+
+
+def test_readme_demo_figures_are_the_committed_results():
+    """The README's demo table quotes ``benchmarks/results/demo_seeds.csv``."""
+    import csv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with open(root / "benchmarks" / "results" / "demo_seeds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["seed"]) for r in rows] == [0, 1, 2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    stats = demo_seeds.summary(rows)
+    for before, after in (("base_avg8", "after_avg8"), ("base_pass8", "after_pass8")):
+        for key in (before, after):
+            mean, lo, hi = stats[key]
+            assert f"{mean:.1f} ({lo:.1f}–{hi:.1f})" in readme, key
