@@ -31,15 +31,13 @@ Resume: see ``benchmarks/paper_runner.py`` (runs and evaluations cached under
 ``{workdir}/cache``; two processes can share it). Re-running the same command skips what is
 cached; a failed run is recorded and retried on the next invocation.
 
-Budget (projected, not yet run in full): one 150-step training with its validation curve cost
-57 s of CPU time (224 s wall at load ~8 on the 2 cores), one test / OOD / phrasing evaluation
-2-3 s. The expert process has 80-99 trainings (11 methods x 5 seeds, 21-35 sweep runs:
-the three prefix-guided family rows have their own sweeps), the other 74-80 (5 methods x 5
-seeds x 2 variants, 24-30 sweep runs; RFT is shared), so at ~65 s per training on an idle core
-the longer (expert) process needs about 1 h 30 min - 1 h 50 min; the assets and slices take
-~2 min first. The two ablations and the family rows run for the expert only: with the
-ablations in the other variants the second process would need about 2 h 10 min. The
-report prints the measured wall time; ``--quick`` takes about a minute of CPU.
+Budget (measured on 2026-12-07, ``benchmarks/results/paper_table.md``'s header): 173
+trainings took 166 min of process time and 389 evaluations 28 min, so at most about 1 h 40 min on
+an idle 2-core machine (one single-thread process per core), plus ~2 min for the assets and
+slices; that run took 101 min of wall time while a test suite and the demo shared the cores
+part of the way. The two ablations and the family rows run for the expert only: with the
+ablations in the other variants the second process would need about 2 h 10 min.
+``--quick`` takes about a minute of CPU.
 """
 
 from __future__ import annotations
