@@ -65,11 +65,13 @@ def _args(tmp_path, **overrides):
     return GRPOConfig(**{**base, **overrides})
 
 
-def _trainer(cls, tok_model, tmp_path, **overrides):
+def _trainer(cls, tok_model, tmp_path, init=None, **overrides):
+    """``cls`` on the tiny model; ``init``: extra constructor arguments, ``overrides``:
+    GRPOConfig fields."""
     tok, model = tok_model
     ds = Dataset.from_dict({"prompt": PROMPTS})
     return cls(model=copy.deepcopy(model), reward_funcs=_reward, args=_args(tmp_path, **overrides),
-               train_dataset=ds, processing_class=tok)
+               train_dataset=ds, processing_class=tok, **(init or {}))
 
 
 def _batch(vocab, B=4, P=5, T=7, seed=0):
@@ -314,6 +316,27 @@ def test_prefix_rollout_func_starts_hybrids_from_demonstration_prefixes(tok_mode
             assert n == 0
 
 
+@pytest.mark.parametrize("step, ratio", [(0, 0.5), (3, 0.25)])
+def test_step_schedule_holds_the_ratio_itself(tok_model, tmp_path, step, ratio):
+    """``schedule="step"``: the hybrid's ratio is ``start`` before ``decay_steps``, then
+    ``end``, with no draw (QuestA's 50 % -> 25 %), as ``prefix.schedule: step``; the default
+    draw would give other lengths at ``high=0.9``."""
+    from prefix_rft.integrations.trl import make_prefix_rollout_func
+
+    tok = tok_model[0]
+    trainer = _trainer(PrefixRFTGRPOTrainer, tok_model, tmp_path, num_generations=2,
+                       max_completion_length=40)
+    trainer.state.global_step = step
+    rollout = make_prefix_rollout_func(DEMOS, num_prefixed=1, schedule="step", start=0.5,
+                                       end=0.25, decay_steps=2, high=0.9)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    out = rollout(prompts, trainer)
+    for i in range(0, len(prompts), 2):
+        demo = tok(DEMOS[prompts[i]], add_special_tokens=False)["input_ids"]
+        assert out["prefix_len"][i] == max(1, int(ratio * len(demo)))
+        assert out["prefix_len"][i + 1] == 0
+
+
 def test_hybrid_train_logs_prefix_metrics(tok_model, tmp_path):
     from prefix_rft.integrations.trl import make_prefix_rollout_func
 
@@ -330,3 +353,30 @@ def test_hybrid_train_logs_prefix_metrics(tok_model, tmp_path):
     assert all(h["prefix/prefix_token_frac"] > 0 for h in logs)
     # top half of the prefix tokens by entropy (rounded up), not all of them
     assert all(0.4 < h["prefix/kept_prefix_frac"] < 0.75 for h in logs)
+
+
+def test_untrained_prefix_equals_trl_with_the_prefix_masked_out(tok_model, tmp_path):
+    """``train_on_prefix=False``: the hybrid's prefix tokens get no loss (and no gradient); the
+    result equals stock TRL on the same batch with those tokens taken out of its loss mask. With ``train_on_prefix=True`` the same batch gives another loss (the test can
+    fail)."""
+    untrained = _trainer(PrefixRFTGRPOTrainer, tok_model, tmp_path,
+                         init={"train_on_prefix": False})
+    trained = _trainer(PrefixRFTGRPOTrainer, tok_model, tmp_path)
+    trained.entropy_top_fraction = 1.0  # every prefix token trained: the difference is plain
+    theirs = _trainer(GRPOTrainer, tok_model, tmp_path)
+    inputs = _batch(len(tok_model[0]), seed=3)
+    prefix_mask = torch.zeros_like(inputs["completion_mask"], dtype=torch.bool)
+    prefix_mask[0, :3] = prefix_mask[2, :2] = True  # two hybrids
+    hybrid = dict(inputs, prefix_mask=prefix_mask)
+    # TRL's tool_mask takes tokens out of the loss while they stay attended to (the prefix
+    # conditions the continuation); zeroing completion_mask would also hide them from it
+    masked = dict(inputs, tool_mask=(~prefix_mask).long())
+    ours = _loss_and_grads(untrained, hybrid)
+    _assert_same(ours, _loss_and_grads(theirs, masked))
+    assert _rel(_loss_and_grads(trained, hybrid)[0], ours[0]) > 1e-3
+    assert not any(k.startswith("prefix/") for k in untrained._metrics["train"])
+
+
+def test_train_on_prefix_must_be_a_bool(tok_model, tmp_path):
+    with pytest.raises(ValueError, match="train_on_prefix"):
+        _trainer(PrefixRFTGRPOTrainer, tok_model, tmp_path, init={"train_on_prefix": "no"})

@@ -6,7 +6,9 @@ Two drop-ins, for ``trl>=1.15,<1.17`` (checked on import, see
 * :class:`PrefixRFTGRPOTrainer` -- a ``GRPOTrainer`` whose per-token log-probs and entropies
   come from the fused kernel over hidden states (no ``[tokens x vocab]`` logits) and whose
   Dr. GRPO loss is :func:`prefix_rft.loss.prefix_rft_loss`. Same constructor as
-  ``GRPOTrainer`` plus ``entropy_top_fraction``, ``clip_c`` and ``impl``; keeps TRL's
+  ``GRPOTrainer`` plus ``entropy_top_fraction``, ``clip_c``, ``impl`` and
+  ``train_on_prefix`` (``False``: hybrid prefixes condition the continuation but get no
+  loss, as ``prefix.train_on_prefix: false`` in this project's trainer); keeps TRL's
   metrics (``entropy``, ``clip_ratio/*``) and adds ``prefix/*`` ones when the batch carries a
   ``prefix_mask``::
 
@@ -119,14 +121,17 @@ class PrefixRFTGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, entropy_top_fraction: float = 0.2, clip_c: float | None = None,
-                 impl: str = "auto", **kwargs):
+                 impl: str = "auto", train_on_prefix: bool = True, **kwargs):
         grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         if grpo_args is None:
             raise ValueError("args: PrefixRFTGRPOTrainer needs an explicit GRPOConfig with "
                              "loss_type='dr_grpo' and beta=0")
         check_grpo_settings(grpo_args)
         super().__init__(*args, **kwargs)
+        if not isinstance(train_on_prefix, bool):
+            raise ValueError(f"train_on_prefix must be True or False, got {train_on_prefix!r}")
         self.entropy_top_fraction, self.clip_c = entropy_top_fraction, clip_c
+        self.train_on_prefix = train_on_prefix
         use_fused_head(self, impl=impl)
 
     # TRL-internal hooks (trl 1.15-1.16): the batch builder and the loss.
@@ -159,6 +164,11 @@ class PrefixRFTGRPOTrainer(GRPOTrainer):
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         prefix_mask = inputs.get("prefix_mask")
+        if prefix_mask is not None and not self.train_on_prefix:
+            # QuestA / PrefixRL: the prefix conditions the continuation, gets no loss and no
+            # entropy-mask work; the continuation keeps the sequence's advantage
+            mask = mask * (~prefix_mask).to(mask.dtype)
+            prefix_mask = None
         if prefix_mask is None:
             prefix_mask = torch.zeros_like(completion_ids, dtype=torch.bool)
         weights = None
@@ -173,7 +183,8 @@ class PrefixRFTGRPOTrainer(GRPOTrainer):
             num_sequences=completion_ids.size(0) * accumulation, importance_weights=weights,
         )
         self._log_loss_metrics(mode, logprob, inputs, mask, entropy, metrics,
-                               has_prefix=inputs.get("prefix_mask") is not None)
+                               has_prefix=inputs.get("prefix_mask") is not None
+                               and self.train_on_prefix)
         return loss
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..prefix import cut_prefix, prefix_low_bound, sample_prefix_ratios
+from ..prefix import cut_prefix, prefix_low_bound, step_ratios
 
 
 def _check_trainer(trainer) -> None:
@@ -60,7 +60,9 @@ def make_prefix_rollout_func(
             rollouts only.
         num_prefixed: hybrid rollouts per group (< ``num_generations``).
         schedule, start, end, decay_steps: the prefix-ratio lower bound ``low_t``
-            (:func:`prefix_rft.prefix.prefix_low_bound`; steps are optimizer steps).
+            (:func:`prefix_rft.prefix.prefix_low_bound`; steps are optimizer steps);
+            ``"step"`` holds the ratio itself at ``start`` then ``end`` (no draw), as
+            ``prefix.schedule: step``.
         high: upper end of the ratio draw.
         min_prefix_tokens: shortest prefix, tokens.
         seed: seeds the ratio draws and the engine's sampling (offset by the step).
@@ -108,7 +110,7 @@ def make_prefix_rollout_func(
                 demo_ids[prompt] = tok(demo, add_special_tokens=False)["input_ids"]
             d_ids = demo_ids.get(prompt, [])
             k = num_prefixed if len(d_ids) > 1 else 0
-            ratios = sample_prefix_ratios(k, low, high=high, generator=gen) + [None] * (G - k)
+            ratios = step_ratios(k, low, schedule, high=high, generator=gen) + [None] * (G - k)
             for ratio in ratios:
                 prefix = []
                 if ratio is not None:  # the engine needs room for >= 1 generated token
