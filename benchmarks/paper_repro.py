@@ -2,6 +2,9 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --parallel 2  # everything, resumable
     OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --quick       # smoke test of every stage
+    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro --table-config \
+        benchmarks/paper_repro_self.yaml --out benchmarks/results/paper_table_self
+                                     # ``source: self`` over two passes (after the full run)
 
 ``--parallel 2`` builds the task, base model and slices, then runs the variants in two
 single-thread child processes sharing the cache (``--variants expert`` and ``--variants

@@ -357,8 +357,8 @@ def test_hybrid_train_logs_prefix_metrics(tok_model, tmp_path):
 
 def test_untrained_prefix_equals_trl_with_the_prefix_masked_out(tok_model, tmp_path):
     """``train_on_prefix=False``: the hybrid's prefix tokens get no loss (and no gradient); the
-    result equals stock TRL on the same batch with those tokens taken out of its loss mask. With ``train_on_prefix=True`` the same batch gives another loss (the test can
-    fail)."""
+    result equals stock TRL on the same batch with those tokens taken out of its loss mask.
+    With ``train_on_prefix=True`` the same batch gives another loss (the test can fail)."""
     untrained = _trainer(PrefixRFTGRPOTrainer, tok_model, tmp_path,
                          init={"train_on_prefix": False})
     trained = _trainer(PrefixRFTGRPOTrainer, tok_model, tmp_path)

@@ -384,3 +384,23 @@ def test_a_run_locked_by_a_live_process_is_waited_for_not_trained(tmp_path, monk
     monkeypatch.setattr(paper_runner.time, "sleep", lambda _: None)
     assert runner._train_stage("k", tmp_path / "run", "label", None)["model_dir"] == "X"
     assert trained == [1] and not lock.exists()
+
+
+def test_self_table_shares_every_setting_but_its_rows_with_the_main_table():
+    """benchmarks/paper_repro_self.yaml measures ``source: self`` over two passes on the main
+    comparison's task, base model, sweep and budget (so they come from the same cache): every
+    section but the rows must equal benchmarks/paper_repro.yaml's, and its two-pass rows must
+    differ from each other only in the prefix source."""
+    main = pr.load_config("benchmarks/paper_repro.yaml")
+    two_pass = pr.load_config("benchmarks/paper_repro_self.yaml")
+    for key in ("base_config", "workdir", "seeds", "assets", "slices", "budget", "common",
+                "eval"):
+        assert two_pass[key] == main[key], key
+    for key in ("seed", "select", "factor", "max_extensions"):
+        assert two_pass["sweep"][key] == main["sweep"][key], key
+    assert two_pass["sweep"]["lrs"]["prefix_rft"] == main["sweep"]["lrs"]["prefix_rft"]
+    assert two_pass["methods"]["prefix_rft"] == main["methods"]["prefix_rft"]
+    ref, self_row = (two_pass["methods"][m][0]["set"] for m in ("prefix_rft_2pass",
+                                                                "prefix_rft_self_2pass"))
+    assert sorted(set(self_row) - set(ref)) == ["prefix.source=self"] and set(ref) <= set(self_row)
+    assert "data.max_rows=300" in ref  # 150 steps x 4 questions = two passes over 300
