@@ -404,3 +404,24 @@ def test_self_table_shares_every_setting_but_its_rows_with_the_main_table():
                                                                 "prefix_rft_self_2pass"))
     assert sorted(set(self_row) - set(ref)) == ["prefix.source=self"] and set(ref) <= set(self_row)
     assert "data.max_rows=300" in ref  # 150 steps x 4 questions = two passes over 300
+
+
+def test_readme_comparison_figures_are_the_committed_report():
+    """Every row of the README's results table (test all / solvable / unsolvable, expert) is a
+    row of ``benchmarks/results/paper_table.md``'s expert accuracy table."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("**Results** (`benchmarks/results/paper_table"):
+                     readme.index("**What holds here")]
+    report = (root / "benchmarks" / "results" / "paper_table.md").read_text(encoding="utf-8")
+    expert = report[report.index("## Variant `expert`"):report.index("## Variant `systematic`")]
+    accuracy = expert[expert.index("### Accuracy"):expert.index("### Paired")]
+    report_cells = {tuple(c.strip() for c in line.split("|")[2:5])
+                    for line in accuracy.splitlines() if line.startswith("| ")}
+    readme_rows = [tuple(c.strip() for c in line.split("|")[2:5])
+                   for line in section.splitlines() if line.startswith("| ") and "±" in line]
+    assert len(readme_rows) == 9
+    for cells in readme_rows:
+        assert cells in report_cells, cells
