@@ -110,7 +110,7 @@ def policy_token_terms(lp: torch.Tensor, tok: TokenInputs, opts: LossOptions
     return w * token_loss, w * d_lp, g_h
 
 
-def take_rows(tok: TokenInputs, idx: torch.Tensor) -> TokenInputs:
+def take_rows(tok: TokenInputs, idx: torch.Tensor | slice) -> TokenInputs:
     return TokenInputs(*(None if t is None else t[idx] for t in tok))
 
 
@@ -145,7 +145,7 @@ def _softmax_terms_and_dz(z, labels, tok: TokenInputs, opts: LossOptions, inv_t:
         h = log_s - torch.linalg.vecdot(e, zb) / s
         lp = zb[rows, y] - log_s
         lp_out[r0:r1], ent_out[r0:r1] = lp, h
-        tok_b = TokenInputs(*(None if t is None else t[r0:r1] for t in tok))
+        tok_b = take_rows(tok, slice(r0, r1))
         contribution, g_lp, g_h = policy_token_terms(lp, tok_b, opts)
         if tok_b.entropy_weight is not None:
             contribution = contribution - tok_b.entropy_weight * h

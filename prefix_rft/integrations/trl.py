@@ -127,9 +127,9 @@ class PrefixRFTGRPOTrainer(GRPOTrainer):
             raise ValueError("args: PrefixRFTGRPOTrainer needs an explicit GRPOConfig with "
                              "loss_type='dr_grpo' and beta=0")
         check_grpo_settings(grpo_args)
-        super().__init__(*args, **kwargs)
         if not isinstance(train_on_prefix, bool):
             raise ValueError(f"train_on_prefix must be True or False, got {train_on_prefix!r}")
+        super().__init__(*args, **kwargs)
         self.entropy_top_fraction, self.clip_c = entropy_top_fraction, clip_c
         self.train_on_prefix = train_on_prefix
         use_fused_head(self, impl=impl)
@@ -164,6 +164,7 @@ class PrefixRFTGRPOTrainer(GRPOTrainer):
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         prefix_mask = inputs.get("prefix_mask")
+        has_prefix = prefix_mask is not None and self.train_on_prefix
         if prefix_mask is not None and not self.train_on_prefix:
             # QuestA / PrefixRL: the prefix conditions the continuation, gets no loss and no
             # entropy-mask work; the continuation keeps the sequence's advantage
@@ -183,8 +184,7 @@ class PrefixRFTGRPOTrainer(GRPOTrainer):
             num_sequences=completion_ids.size(0) * accumulation, importance_weights=weights,
         )
         self._log_loss_metrics(mode, logprob, inputs, mask, entropy, metrics,
-                               has_prefix=inputs.get("prefix_mask") is not None
-                               and self.train_on_prefix)
+                               has_prefix=has_prefix)
         return loss
 
     @torch.no_grad()
