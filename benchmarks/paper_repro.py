@@ -66,12 +66,28 @@ KEYS = ("base_config", "workdir", "variants", "seeds", "assets", "slices", "swee
         "common", "methods", "reference", "eval")
 
 
-def load_config(path: str | Path, quick: bool = False) -> dict[str, Any]:
-    """The table config; with ``quick`` its ``quick`` section replaces the fields it names."""
+def _read_table(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--table-config: {str(path)!r} does not exist")
-    table = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def load_config(path: str | Path, quick: bool = False) -> dict[str, Any]:
+    """The table config; with ``quick`` its ``quick`` section replaces the fields it names.
+
+    ``extends: PATH`` (relative to the repository root) takes every top-level field of that
+    table config except its ``quick`` section, then this file's fields replace the ones they
+    name: a table that changes only its rows shares the task, budget and cache of its parent."""
+    table = _read_table(path)
+    parent = table.pop("extends", None)
+    if parent is not None:
+        inherited = _read_table(REPO_ROOT / parent)
+        if "extends" in inherited:
+            raise ValueError(f"table config {str(path)!r}: extends {parent!r}, which extends "
+                             "another table (one level only)")
+        inherited.pop("quick", None)
+        table = {**inherited, **table}
     quick_section = table.pop("quick", None) or {}
     if quick:
         table.update(quick_section)

@@ -425,3 +425,18 @@ def test_readme_comparison_figures_are_the_committed_report():
     assert len(readme_rows) == 9
     for cells in readme_rows:
         assert cells in report_cells, cells
+
+
+def test_extends_takes_the_parent_fields_and_refuses_two_levels(tmp_path):
+    parent = tmp_path / "parent.yaml"
+    parent.write_text(open("benchmarks/paper_repro.yaml").read())
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {parent}\nseeds: [7]\n")
+    table = pr.load_config(child)
+    assert table["seeds"] == [7]
+    assert table["budget"] == pr.load_config(parent)["budget"]
+    assert pr.load_config(child, quick=True)["seeds"] == [7]  # the parent's quick is not taken
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text(f"extends: {child}\n")
+    with pytest.raises(ValueError, match="one level only"):
+        pr.load_config(grandchild)
