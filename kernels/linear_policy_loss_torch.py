@@ -15,14 +15,25 @@ log-prob/entropy autograd path, whose backward recomputes the logits)::
 
 The PPO/NLL derivative ``g_lp`` needs ``lp`` only and ``g_H`` is the given entropy weight, so
 both are known inside the block, and the softmax's ``exp`` is computed once per logit (a
-``log_softmax`` over the chunk followed by ``p = exp(logp)`` computed it twice: on one CPU
-thread those ``[C, V]`` passes, not the GEMMs, were the gap to the bare GEMMs). ``H`` uses the
-max-shifted logits, so its two terms are both O(log V) and do not cancel. Working memory: one
-``[C, V]`` fp32 buffer (``chunk_bytes``) and a ``[rows, V]`` block of ``e``
-(:data:`BLOCK_BYTES`), plus the fp32 ``dW`` (``[V, H]``) the autograd.Function keeps until
-its backward. :func:`policy_token_terms` is the per-token
-loss and its derivatives; the Triton pass (``linear_policy_loss_triton.py``) computes the same
-quantities in its kernel.
+``log_softmax`` over the chunk followed by ``p = exp(logp)`` computed it twice). ``H`` uses the
+max-shifted logits, so its two terms are both O(log V) and do not cancel.
+
+Row passes. On CPU the per-row work runs in native code where a C compiler is found
+(``cpu_softmax_rows.c``, built on first use, :func:`_native_terms_and_dz`): one read of the
+chunk for the row maxima, one for ``exp``, the sums and (no entropy bonus) ``e`` stored over
+``z``. Without an entropy bonus ``dz = (-g_lp / s) e + g_lp onehot_y``, so the per-row scale is
+applied to the small ``[C, H]`` operands of GEMMs 2 and 3 and the label term is a gather and a
+scatter-add of ``C`` rows (:func:`_add_chunk_grads`): no pass writes ``dz``. With the bonus a
+second native pass writes ``dz`` (it needs the logits, so ``exp`` runs twice there). The
+plain-torch block loop (:func:`_softmax_terms_and_dz`) is the fallback (no compiler, CUDA
+tensors, ``PREFIX_RFT_NATIVE_CPU=0``) and computes the same quantities: on one CPU thread its six
+``[C, V]`` passes cost about 12% of the chunk's GEMMs, the native ones 5-7%.
+
+Working memory: one ``[C, V]`` fp32 buffer (``chunk_bytes``), with the torch passes also a
+``[rows, V]`` block of ``e`` (:data:`BLOCK_BYTES`), plus the fp32 ``dW`` (``[V, H]``) the
+autograd.Function keeps until its backward. :func:`policy_token_terms` is the per-token loss and
+its derivatives; the Triton pass (``linear_policy_loss_triton.py``) computes the same quantities
+in its kernel.
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from . import cpu_softmax_rows as native_rows
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps the log-ratio to +-20 before exp (as prefix_rft.loss does)
 # the [C, V] fp32 logit buffer of one token chunk: CPU keeps it small (peak RSS; the W stream
@@ -163,6 +176,70 @@ def _softmax_terms_and_dz(z, labels, tok: TokenInputs, opts: LossOptions, inv_t:
     return lp_out, ent_out, total
 
 
+def _native_terms_and_dz(lib, z, labels, tok: TokenInputs, opts: LossOptions, inv_t: float,
+                         want_dz: bool):
+    """:func:`_softmax_terms_and_dz` with the native row passes (``cpu_softmax_rows.c``).
+
+    Returns ``(lp [C], H [C], loss fp64 scalar, folded)``. Without an entropy bonus ``dz`` is
+    ``coeff[:, None] * e`` plus ``label_grad`` at each row's label (``e = exp(z - max)``, left
+    in ``z``), so ``folded = (coeff, label_grad)`` and the caller folds the per-row scale and the
+    label term into its GEMMs (no pass writes ``dz``). With the bonus ``dz`` needs the logits
+    too: a second native pass writes it over ``z`` and ``folded`` is None."""
+    rows = torch.arange(z.shape[0], device=z.device)
+    z_label = z[rows, labels]  # before z is overwritten
+    bonus = tok.entropy_weight is not None
+    fold = want_dz and not bonus
+    m, s, d = native_rows.row_stats(lib, z, store_exp=fold)
+    log_s = s.log()
+    h = log_s - d / s
+    lp = z_label - m - log_s
+    contribution, g_lp, g_h = policy_token_terms(lp, tok, opts)
+    if bonus:
+        contribution = contribution - tok.entropy_weight * h
+    total = contribution.double().sum()
+    if not want_dz:
+        return lp, h, total, None
+    g_lp_t = g_lp * inv_t
+    if fold:  # dz = -g_lp p + g_lp onehot = (-g_lp / s) e + g_lp onehot
+        return lp, h, total, (-g_lp_t / s, g_lp_t)
+    a = -g_h * inv_t / s
+    b = (-g_lp_t - g_h * inv_t * (h - log_s)) / s
+    native_rows.row_dz(lib, z, m, a, b)
+    z[rows, labels] += g_lp_t
+    return lp, h, total, None
+
+
+def _row_pass_lib(device: torch.device):
+    """The native row passes' library where they apply (CPU), else None (torch passes)."""
+    return native_rows.load() if device.type == "cpu" else None
+
+
+def _add_chunk_grads(z, folded, x, y, idx, w32, dx, dw, db) -> None:
+    """GEMMs 2 and 3 of one chunk: ``dX[idx] = dz @ W``, ``dW += dz.T @ x``, ``db += dz.sum(0)``.
+
+    ``folded`` None: ``z`` holds ``dz``. Else ``z`` holds ``e`` and ``dz = coeff * e`` plus
+    ``label_grad`` at each row's label: the scale rides on the small ``[C, H]`` operands and
+    the label term is a gather / scatter-add of ``C`` rows (no ``[C, V]`` pass)."""
+    if folded is None:
+        if dx is not None:
+            dx[idx] = (z @ w32).to(dx.dtype)
+        if dw is not None:
+            dw.addmm_(z.T, x)
+        if db is not None:
+            db += z.sum(0)
+        return
+    coeff, label_grad = folded
+    if dx is not None:
+        dx_c = (z @ w32).mul_(coeff[:, None]).add_(w32[y] * label_grad[:, None])
+        dx[idx] = dx_c.to(dx.dtype)
+    if dw is not None:
+        dw.addmm_(z.T, x * coeff[:, None])
+        dw.index_add_(0, y, x * label_grad[:, None])
+    if db is not None:
+        db.addmv_(z.T, coeff)
+        db.index_add_(0, y, label_grad)
+
+
 @torch.no_grad()
 def torch_policy_loss_fwd(hidden, weight, bias, labels, tok: TokenInputs, opts: LossOptions,
                           ignore_index: int, needs: tuple[bool, bool, bool],
@@ -186,25 +263,25 @@ def torch_policy_loss_fwd(hidden, weight, bias, labels, tok: TokenInputs, opts: 
     b_scaled = None if bias is None else bias.float() * inv_t
     valid_idx = (labels != ignore_index).nonzero().squeeze(-1)
     rows, block_rows = chunk_rows(vocab, chunk_bytes), chunk_rows(vocab, BLOCK_BYTES)
+    lib = _row_pass_lib(dev)
     buf = torch.empty(min(rows, valid_idx.numel()), vocab, dtype=f32, device=dev)
-    e_buf = torch.empty(min(block_rows, buf.shape[0]), vocab, dtype=f32, device=dev)
+    e_buf = None if lib is not None else torch.empty(min(block_rows, buf.shape[0]), vocab,
+                                                     dtype=f32, device=dev)
     for c0 in range(0, valid_idx.numel(), rows):
         idx = valid_idx[c0:c0 + rows]
         c, x, y = idx.numel(), hidden[idx].float(), labels[idx]
         z = _chunk_logits(x, w32, b_scaled, inv_t, buf[:c])
-        lp, ent, chunk_loss = _softmax_terms_and_dz(z, y, take_rows(tok, idx), opts, inv_t,
-                                                    block_rows, e_buf, any_grad)
+        if lib is not None:
+            lp, ent, chunk_loss, folded = _native_terms_and_dz(
+                lib, z, y, take_rows(tok, idx), opts, inv_t, any_grad)
+        else:
+            lp, ent, chunk_loss = _softmax_terms_and_dz(z, y, take_rows(tok, idx), opts, inv_t,
+                                                        block_rows, e_buf, any_grad)
+            folded = None
         lp_out[idx], ent_out[idx] = lp, ent
         total += chunk_loss
-        if not any_grad:
-            continue
-        dz = z
-        if dx is not None:
-            dx[idx] = (dz @ w32).to(hidden.dtype)
-        if dw is not None:
-            dw.addmm_(dz.T, x)
-        if db is not None:
-            db += dz.sum(0)
+        if any_grad:
+            _add_chunk_grads(z, folded, x, y, idx, w32, dx, dw, db)
     return (total.float(), lp_out, ent_out, dx,
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))

@@ -88,9 +88,14 @@ def build_kwargs(opt, hidden, weight, labels):
 
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("chunk_bytes", [2**30, 7 * 507 * 4])  # one chunk / 7-row chunks
-def test_torch_path_matches_fp64(option, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("row_passes", ["native", "torch"])
+def test_torch_path_matches_fp64(option, chunk_bytes, row_passes, monkeypatch):
     import prefix_rft.kernels.linear_policy_loss_torch as torch_path
 
+    if row_passes == "torch":  # the plain-torch passes (no compiler, or switched off)
+        monkeypatch.setattr(torch_path, "_row_pass_lib", lambda device: None)
+    elif torch_path._row_pass_lib(torch.device("cpu")) is None:
+        pytest.skip("no native CPU row passes here (tests/test_cpu_softmax_rows.py says why)")
     monkeypatch.setattr(torch_path, "BLOCK_BYTES", 3 * 507 * 4)  # 3-row softmax blocks
     hidden, weight, labels, bias = make_problem(63, 123, 507, with_bias=option == "nll")
     kw = build_kwargs(OPTIONS[option], hidden, weight, labels)
