@@ -46,7 +46,7 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
 def cache_dir() -> str:
-    """``$PREFIX_RFT_CACHE/native``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` + prefix_rft/native."""
+    """``$PREFIX_RFT_CACHE/native``, else ``${XDG_CACHE_HOME:-~/.cache}/prefix_rft/native``."""
     root = os.environ.get("PREFIX_RFT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prefix_rft")
     return os.path.join(root, "native")
