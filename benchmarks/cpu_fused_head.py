@@ -13,7 +13,10 @@ Cases, timed interleaved (case A, B, C, then again, ``repeats`` rounds; one warm
 * ``gemm6_bare`` -- the floor: per token chunk of the fused path's size, ``z = x_c @ W.T``,
   ``dz @ W`` and ``dW += dz.T @ x_c`` on preallocated buffers, nothing else (6NHV FLOPs);
 * ``fused6_torch`` -- :func:`prefix_rft.kernels.linear_policy_loss` (``impl="torch"``), PPO
-  clip + dual clip, old log-probs, then ``loss.backward()``;
+  clip + dual clip, old log-probs, then ``loss.backward()`` (native CPU row passes where a C
+  compiler is found, as in training);
+* ``fused6_torch_rows`` -- the same with the plain-torch row passes (the fallback without a
+  compiler, ``PREFIX_RFT_NATIVE_CPU=0``);
 * ``autograd8_torch`` -- the trainer's ``head_path: autograd``:
   :func:`~prefix_rft.kernels.linear_logprob_entropy` + the same per-token loss in torch, then
   ``backward()`` (its backward recomputes the logits: 8NHV).
@@ -27,13 +30,32 @@ building its inputs (the extra memory the computation needs). Rows go to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import time
 
-CASES = ("gemm6_bare", "fused6_torch", "autograd8_torch")
+CASES = ("gemm6_bare", "fused6_torch", "fused6_torch_rows", "autograd8_torch")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@contextlib.contextmanager
+def _row_passes(native: bool):
+    """The fused path's row passes for one call: native (where built) or plain torch."""
+    import torch
+
+    import prefix_rft.kernels.linear_policy_loss_torch as fused_torch
+
+    chosen = fused_torch._row_pass_lib
+    if native and chosen(torch.device("cpu")) is None:
+        raise SystemExit("the native CPU row passes did not build (see the logged reason)")
+    if not native:
+        fused_torch._row_pass_lib = lambda device: None
+    try:
+        yield
+    finally:
+        fused_torch._row_pass_lib = chosen
 
 
 def build_case(case: str, n: int, h: int, v: int):
@@ -70,10 +92,11 @@ def build_case(case: str, n: int, h: int, v: int):
 
     def step():
         hidden.grad = weight.grad = None
-        if case == "fused6_torch":
-            loss, _, _ = linear_policy_loss(hidden, weight, labels, advantages=adv,
-                                            old_logprob=old, loss_weight=weight_t, impl="torch",
-                                            **opts)
+        if case.startswith("fused6_torch"):
+            with _row_passes(native=case == "fused6_torch"):
+                loss, _, _ = linear_policy_loss(hidden, weight, labels, advantages=adv,
+                                                old_logprob=old, loss_weight=weight_t,
+                                                impl="torch", **opts)
         else:
             lp, _ = linear_logprob_entropy(hidden, weight, labels, impl="torch")
             ratio = torch.exp((lp - old).clamp(-20, 20))
@@ -160,7 +183,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for case in cases:
         vs_autograd8 = (f"vs_autograd8={p50[case] / p50['autograd8_torch']:.3f};"
                         if "autograd8_torch" in p50 else "")
+        per_round = "/".join(f"{t / b:.3f}" for t, b in zip(times[case], times["gemm6_bare"]))
         extra = (f"vs_gemm6={p50[case] / p50['gemm6_bare']:.3f};{vs_autograd8}"
+                 f"per_round_vs_gemm6={per_round};"
                  f"threads={args.threads};load={load:.2f}-{load_after:.2f};"
                  f"interleaved_rounds={args.repeats}")
         rows.append(make_row("fused_head_loss", case, "fwd+bwd", shape, times[case], mem[case],
