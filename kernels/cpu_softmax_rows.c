@@ -64,6 +64,7 @@ static inline void row_sums(float *z, int64_t v, float m, int store_exp, double 
     for (int64_t j0 = 0; j0 < v; j0 += BLOCK) {
         int64_t j1 = j0 + BLOCK < v ? j0 + BLOCK : v;
         float bs = 0.0f, bd = 0.0f;
+        /* two copies of the loop, so neither carries a masked store */
         if (store_exp) {
 #pragma omp simd reduction(+ : bs, bd)
             for (int64_t j = j0; j < j1; j++) {

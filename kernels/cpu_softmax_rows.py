@@ -123,6 +123,13 @@ def usable(z: torch.Tensor) -> bool:
             and z.stride(1) == 1 and not z.requires_grad)
 
 
+def _checked_shape(z: torch.Tensor, name: str) -> tuple[int, int]:
+    """``(C, V)`` of a tensor the passes take (:func:`usable`), else a ValueError."""
+    if not usable(z):
+        raise ValueError(f"{name}: z must be a 2-D fp32 CPU tensor with contiguous rows")
+    return z.shape
+
+
 def _split_rows(fn, n_rows: int) -> None:
     """``fn(r0, r1)`` over ``[0, n_rows)``, split across ``torch.get_num_threads()`` threads."""
     threads = min(torch.get_num_threads(), n_rows)
@@ -138,9 +145,7 @@ def row_stats(lib: ctypes.CDLL, z: torch.Tensor, store_exp: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(m, s, d)`` per row of ``z [C, V]``, each ``[C]`` fp32 (module docstring);
     ``store_exp``: ``z`` is overwritten with ``exp(z - m)``."""
-    if not usable(z):
-        raise ValueError("row_stats: z must be a 2-D fp32 CPU tensor with contiguous rows")
-    c, v = z.shape
+    c, v = _checked_shape(z, "row_stats")
     m, s, d = (torch.empty(c, dtype=torch.float32) for _ in range(3))
     ptrs = (z.data_ptr(), m.data_ptr(), s.data_ptr(), d.data_ptr())
     _split_rows(lambda r0, r1: lib.softmax_row_stats(ptrs[0], r0, r1, v, z.stride(0),
@@ -151,9 +156,7 @@ def row_stats(lib: ctypes.CDLL, z: torch.Tensor, store_exp: bool
 def row_dz(lib: ctypes.CDLL, z: torch.Tensor, m: torch.Tensor, a: torch.Tensor,
            b: torch.Tensor) -> None:
     """``z <- exp(t) (a t + b)`` in place, ``t = z - m`` per row; ``m, a, b`` ``[C]`` fp32."""
-    if not usable(z):
-        raise ValueError("row_dz: z must be a 2-D fp32 CPU tensor with contiguous rows")
-    c, v = z.shape
+    c, v = _checked_shape(z, "row_dz")
     m, a, b = (t.contiguous().float() for t in (m, a, b))
     if not all(t.shape == (c,) for t in (m, a, b)):
         raise ValueError(f"row_dz: m, a, b must be [C] = [{c}]")

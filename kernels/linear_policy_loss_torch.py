@@ -136,6 +136,29 @@ def _chunk_logits(x, w32, b_scaled, inv_t, buf):
     return torch.addmm(b_scaled, xs, w32.T, out=buf)
 
 
+def _rows_loss_and_dz_coeffs(lp, h, s, log_s, tok: TokenInputs, opts: LossOptions,
+                             inv_t: float):
+    """The rows' loss and the coefficients of their logit gradient, from the row statistics.
+
+    With ``t = z - max`` and ``e = exp(t)`` per row (``s = sum e``, ``log_s = log s``)::
+
+        dz = e (a t + b) + label_grad onehot_y      # a is None (no entropy bonus): dz = b e + ...
+
+    because ``dz = (g_lp (onehot - p) - g_H p (logp + H)) / T`` with ``p = e / s`` and
+    ``logp = t - log s``. Returns ``(loss fp64 scalar, a [C] or None, b [C], label_grad [C])``;
+    the loss is the rows' policy loss minus their entropy bonus."""
+    contribution, g_lp, g_h = policy_token_terms(lp, tok, opts)
+    if tok.entropy_weight is not None:
+        contribution = contribution - tok.entropy_weight * h
+    label_grad = g_lp * inv_t
+    if g_h is None:
+        a, b = None, -label_grad / s
+    else:
+        a = -g_h * inv_t / s
+        b = (-label_grad - g_h * inv_t * (h - log_s)) / s
+    return contribution.double().sum(), a, b, label_grad
+
+
 def _softmax_terms_and_dz(z, labels, tok: TokenInputs, opts: LossOptions, inv_t: float,
                           block_rows: int, e_buf, want_dz: bool):
     """Per block of rows of the chunk's logits ``z [C, V]``: the softmax statistics, ``lp``,
@@ -158,21 +181,16 @@ def _softmax_terms_and_dz(z, labels, tok: TokenInputs, opts: LossOptions, inv_t:
         h = log_s - torch.linalg.vecdot(e, zb) / s
         lp = zb[rows, y] - log_s
         lp_out[r0:r1], ent_out[r0:r1] = lp, h
-        tok_b = take_rows(tok, slice(r0, r1))
-        contribution, g_lp, g_h = policy_token_terms(lp, tok_b, opts)
-        if tok_b.entropy_weight is not None:
-            contribution = contribution - tok_b.entropy_weight * h
-        total += contribution.double().sum()
+        loss_b, a, b, label_grad = _rows_loss_and_dz_coeffs(
+            lp, h, s, log_s, take_rows(tok, slice(r0, r1)), opts, inv_t)
+        total += loss_b
         if not want_dz:
             continue
-        g_lp_t = g_lp * inv_t
-        if g_h is None:  # dz = -g_lp p (+ g_lp at the label)
-            torch.mul(e, (-g_lp_t / s)[:, None], out=zb)
-        else:  # dz = p (-g_lp - g_H (logp + H)) = e (a z + b), p = e / s, logp = z - log s
-            a = -g_h * inv_t / s
-            b = (-g_lp_t - g_h * inv_t * (h - log_s)) / s
+        if a is None:
+            torch.mul(e, b[:, None], out=zb)
+        else:
             zb.mul_(a[:, None]).add_(b[:, None]).mul_(e)
-        zb[rows, y] += g_lp_t
+        zb[rows, y] += label_grad
     return lp_out, ent_out, total
 
 
@@ -193,19 +211,13 @@ def _native_terms_and_dz(lib, z, labels, tok: TokenInputs, opts: LossOptions, in
     log_s = s.log()
     h = log_s - d / s
     lp = z_label - m - log_s
-    contribution, g_lp, g_h = policy_token_terms(lp, tok, opts)
-    if bonus:
-        contribution = contribution - tok.entropy_weight * h
-    total = contribution.double().sum()
+    total, a, b, label_grad = _rows_loss_and_dz_coeffs(lp, h, s, log_s, tok, opts, inv_t)
     if not want_dz:
         return lp, h, total, None
-    g_lp_t = g_lp * inv_t
-    if fold:  # dz = -g_lp p + g_lp onehot = (-g_lp / s) e + g_lp onehot
-        return lp, h, total, (-g_lp_t / s, g_lp_t)
-    a = -g_h * inv_t / s
-    b = (-g_lp_t - g_h * inv_t * (h - log_s)) / s
+    if fold:  # a is None: dz = b e + label_grad onehot
+        return lp, h, total, (b, label_grad)
     native_rows.row_dz(lib, z, m, a, b)
-    z[rows, labels] += g_lp_t
+    z[rows, labels] += label_grad
     return lp, h, total, None
 
 
